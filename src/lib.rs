@@ -1,0 +1,60 @@
+//! # cardvault
+//!
+//! A tokenised card vault. Merchant backends exchange card numbers (PANs)
+//! for tokens; only payment processors can exchange tokens back; CVVs are
+//! never persisted.
+//!
+//! ## Features
+//! * gRPC API (`cardvault.v1.TokenService`) over TLS with client
+//!   certificates, plus standard gRPC health and reflection.
+//! * PANs encrypted at rest with AES-256-GCM under per-tenant data keys,
+//!   themselves wrapped by a key-encrypting key (KEK). Every ciphertext is
+//!   bound to its tenant, token and key version by associated data.
+//! * Keyed (HMAC-SHA256) per-tenant fingerprints and optional de-duplication.
+//! * Opaque tokens (128 random bits) or format-preserving tokens that keep
+//!   the last four digits and always fail the Luhn check.
+//! * CVVs held in memory only: short TTL, single read, bounded, zeroized.
+//! * Secrets are types ([`card::Pan`], [`card::Cvv`], [`crypto::keys::SecretKey`])
+//!   that wipe themselves and print masked.
+//! * Embedded storage (sled) with group-committed, durable writes.
+//!
+//! ## Non-features
+//! * No card-network connectivity: the vault stores and returns cards, it
+//!   does not authorise payments.
+//! * No CVV persistence, ever, and no CVV survives a restart.
+//! * No plaintext (non-TLS) listener.
+//! * No web UI; operations use the `cardvault` CLI or any gRPC client.
+//!
+//! ## Design
+//! Requests flow one way: [`grpc`] (protobuf <-> domain types, errors ->
+//! status codes) -> [`vault::Vault`] (the domain core, no I/O types) ->
+//! [`crypto`], [`store`], [`cvv`]. Nothing below `grpc` knows about tonic.
+//! See `README.md` for the threat model and operations.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod card;
+
+
+pub mod crypto;
+pub mod cvv;
+pub mod error;
+
+
+
+pub mod store;
+pub mod token;
+pub mod vault;
+
+/// Generated protobuf and gRPC code for `cardvault.v1`.
+#[allow(missing_docs)]
+pub mod proto {
+    tonic::include_proto!("cardvault.v1");
+
+    /// Encoded descriptors of every message and service, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cardvault_descriptor");
+}
+
+pub use error::{Error, Result};
+pub use vault::Vault;

@@ -1,0 +1,218 @@
+//! The conformance suite every [`Store`] backend must pass, unchanged.
+//!
+//! Each check is a plain `async fn(&dyn Store)` that panics on failure; the
+//! [`store_conformance_tests!`](crate::store_conformance_tests) macro turns
+//! them into one `#[tokio::test]` per check for a given backend factory.
+//! Each check gets a fresh, empty store.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{InsertOutcome, Store, StoredRecord};
+
+/// A record with recognisable, non-secret contents.
+pub fn sample(tenant: &str, token: &str, fingerprint: u8) -> StoredRecord {
+    StoredRecord {
+        tenant: tenant.into(),
+        token: token.into(),
+        brand: "VISA".into(),
+        last4: "1111".into(),
+        bin: "411111".into(),
+        exp_month: 12,
+        exp_year: 2031,
+        fingerprint: vec![fingerprint; 32],
+        created_at_ms: 1_700_000_000_000,
+        key_version: 1,
+        envelope: vec![1, 2, 3, fingerprint],
+    }
+}
+
+/// Insert then get returns the same record; a missing token reads as `None`.
+pub async fn insert_and_get(store: &dyn Store) {
+    let r = sample("acme", "tok_a", 1);
+    assert_eq!(store.insert(&r, false).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
+    assert_eq!(store.get("acme", "tok_missing").await.unwrap(), None);
+}
+
+/// The same token in another tenant is a different record: tenants never see
+/// each other's rows.
+pub async fn tenants_are_isolated(store: &dyn Store) {
+    let a = sample("acme", "tok_same", 1);
+    let mut b = sample("globex", "tok_same", 1);
+    b.last4 = "4444".into();
+    assert_eq!(store.insert(&a, false).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(store.insert(&b, true).await.unwrap(), InsertOutcome::Inserted, "dedupe must not cross tenants");
+    assert_eq!(store.get("acme", "tok_same").await.unwrap().unwrap().last4, "1111");
+    assert_eq!(store.get("globex", "tok_same").await.unwrap().unwrap().last4, "4444");
+    assert_eq!(store.count(Some("acme")).await.unwrap(), 1);
+    assert_eq!(store.count(Some("globex")).await.unwrap(), 1);
+    assert_eq!(store.count(None).await.unwrap(), 2);
+    assert!(store.delete("acme", "tok_same").await.unwrap());
+    assert!(store.get("globex", "tok_same").await.unwrap().is_some());
+    // A tenant whose name is a prefix of another's must not see its rows.
+    assert_eq!(store.get("glob", "tok_same").await.unwrap(), None);
+    assert_eq!(store.count(Some("glob")).await.unwrap(), 0);
+}
+
+/// Inserting an existing token reports `TokenTaken` and changes nothing.
+pub async fn duplicate_token_is_refused(store: &dyn Store) {
+    let r = sample("acme", "tok_a", 1);
+    store.insert(&r, false).await.unwrap();
+    let other = sample("acme", "tok_a", 2);
+    assert_eq!(store.insert(&other, false).await.unwrap(), InsertOutcome::TokenTaken);
+    assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
+}
+
+/// With dedupe, the same fingerprint returns the first record; without it a
+/// second token is created and the index keeps pointing at the first.
+pub async fn dedupe_by_fingerprint(store: &dyn Store) {
+    let first = sample("acme", "tok_first", 7);
+    store.insert(&first, true).await.unwrap();
+    let again = sample("acme", "tok_second", 7);
+    assert_eq!(
+        store.insert(&again, true).await.unwrap(),
+        InsertOutcome::Deduplicated(first.clone())
+    );
+    assert_eq!(store.get("acme", "tok_second").await.unwrap(), None);
+    let third = sample("acme", "tok_third", 7);
+    assert_eq!(store.insert(&third, false).await.unwrap(), InsertOutcome::Inserted);
+    let fourth = sample("acme", "tok_fourth", 7);
+    assert_eq!(store.insert(&fourth, true).await.unwrap(), InsertOutcome::Deduplicated(first));
+}
+
+/// Deleting the indexed record frees the fingerprint for dedupe.
+pub async fn delete_removes_record_and_index(store: &dyn Store) {
+    let first = sample("acme", "tok_first", 9);
+    store.insert(&first, true).await.unwrap();
+    assert!(store.delete("acme", "tok_first").await.unwrap());
+    assert!(!store.delete("acme", "tok_first").await.unwrap(), "delete is idempotent");
+    assert_eq!(store.get("acme", "tok_first").await.unwrap(), None);
+    let next = sample("acme", "tok_next", 9);
+    assert_eq!(store.insert(&next, true).await.unwrap(), InsertOutcome::Inserted);
+}
+
+/// Update replaces an existing record and refuses a missing one.
+pub async fn update_replaces(store: &dyn Store) {
+    let mut r = sample("acme", "tok_a", 1);
+    store.insert(&r, false).await.unwrap();
+    r.key_version = 2;
+    r.envelope = vec![9, 9, 9];
+    assert!(store.update(&r).await.unwrap());
+    assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
+    assert!(!store.update(&sample("acme", "tok_none", 1)).await.unwrap());
+    assert_eq!(store.get("acme", "tok_none").await.unwrap(), None);
+}
+
+/// Key table: first writer wins, later writers get the winner's value;
+/// listing is by prefix and sorted.
+pub async fn key_table(store: &dyn Store) {
+    assert_eq!(store.get_key("tenant/a/dek/0000000001").await.unwrap(), None);
+    assert_eq!(store.put_key_if_absent("tenant/a/dek/0000000001", b"one").await.unwrap(), None);
+    assert_eq!(
+        store.put_key_if_absent("tenant/a/dek/0000000001", b"two").await.unwrap(),
+        Some(b"one".to_vec())
+    );
+    store.put_key_if_absent("tenant/a/dek/0000000002", b"2").await.unwrap();
+    store.put_key_if_absent("tenant/ab/dek/0000000001", b"x").await.unwrap();
+    let listed = store.list_keys("tenant/a/").await.unwrap();
+    assert_eq!(
+        listed,
+        vec![
+            ("tenant/a/dek/0000000001".to_string(), b"one".to_vec()),
+            ("tenant/a/dek/0000000002".to_string(), b"2".to_vec()),
+        ]
+    );
+    assert_eq!(store.get_key("tenant/ab/dek/0000000001").await.unwrap(), Some(b"x".to_vec()));
+}
+
+/// Many concurrent inserts (the group-commit path) all land, each exactly once;
+/// racing dedupe inserts of one fingerprint agree on a single token.
+pub async fn concurrent_writers(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = sample("acme", &format!("tok_{i:05}"), (i % 250) as u8);
+            s.insert(&r, false).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), InsertOutcome::Inserted);
+    }
+    assert_eq!(store.count(Some("acme")).await.unwrap(), 200);
+
+    let mut racers = Vec::new();
+    for i in 0..32u32 {
+        let s = store.clone();
+        racers.push(tokio::spawn(async move {
+            let r = sample("race", &format!("tok_r{i:03}"), 42);
+            match s.insert(&r, true).await.unwrap() {
+                InsertOutcome::Inserted => r.token,
+                InsertOutcome::Deduplicated(existing) => existing.token,
+                InsertOutcome::TokenTaken => panic!("distinct tokens cannot collide"),
+            }
+        }));
+    }
+    let mut winners = HashSet::new();
+    for t in racers {
+        winners.insert(t.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "dedupe race produced several tokens: {winners:?}");
+    assert_eq!(store.count(Some("race")).await.unwrap(), 1);
+}
+
+/// Generates one `#[tokio::test]` per conformance check.
+///
+/// `$factory` is an expression of type `fn() -> (Arc<dyn Store>, G)`, where
+/// `G` is a guard kept alive for the test (e.g. a temporary directory).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        mod store_conformance {
+            use super::*;
+            use $crate::store::conformance as c;
+
+            #[tokio::test]
+            async fn insert_and_get() {
+                let (s, _g) = ($factory)();
+                c::insert_and_get(&*s).await;
+            }
+            #[tokio::test]
+            async fn tenants_are_isolated() {
+                let (s, _g) = ($factory)();
+                c::tenants_are_isolated(&*s).await;
+            }
+            #[tokio::test]
+            async fn duplicate_token_is_refused() {
+                let (s, _g) = ($factory)();
+                c::duplicate_token_is_refused(&*s).await;
+            }
+            #[tokio::test]
+            async fn dedupe_by_fingerprint() {
+                let (s, _g) = ($factory)();
+                c::dedupe_by_fingerprint(&*s).await;
+            }
+            #[tokio::test]
+            async fn delete_removes_record_and_index() {
+                let (s, _g) = ($factory)();
+                c::delete_removes_record_and_index(&*s).await;
+            }
+            #[tokio::test]
+            async fn update_replaces() {
+                let (s, _g) = ($factory)();
+                c::update_replaces(&*s).await;
+            }
+            #[tokio::test]
+            async fn key_table() {
+                let (s, _g) = ($factory)();
+                c::key_table(&*s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_writers() {
+                let (s, _g) = ($factory)();
+                c::concurrent_writers(s).await;
+            }
+        }
+    };
+}

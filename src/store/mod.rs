@@ -1,0 +1,107 @@
+//! Storage behind one trait, so the vault core does not know which database
+//! it runs on. Every backend must pass [`conformance`], the same suite.
+//!
+//! A store only ever sees ciphertext envelopes, keyed fingerprints, wrapped
+//! keys and non-sensitive metadata; it never sees a PAN or CVV.
+
+pub mod conformance;
+pub mod sled;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+/// One card as stored: non-sensitive metadata in clear (so metadata reads
+/// need no decryption) and the secret part as an encrypted envelope.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredRecord {
+    /// Owning tenant.
+    #[prost(string, tag = "1")]
+    pub tenant: String,
+    /// The token (primary key within the tenant).
+    #[prost(string, tag = "2")]
+    pub token: String,
+    /// Card brand name, e.g. `VISA`.
+    #[prost(string, tag = "3")]
+    pub brand: String,
+    /// Last four PAN digits.
+    #[prost(string, tag = "4")]
+    pub last4: String,
+    /// First six PAN digits.
+    #[prost(string, tag = "5")]
+    pub bin: String,
+    /// Expiry month (clear copy for metadata).
+    #[prost(uint32, tag = "6")]
+    pub exp_month: u32,
+    /// Expiry year (clear copy for metadata).
+    #[prost(uint32, tag = "7")]
+    pub exp_year: u32,
+    /// Keyed fingerprint (HMAC-SHA256) of the PAN.
+    #[prost(bytes = "vec", tag = "8")]
+    pub fingerprint: Vec<u8>,
+    /// Creation time, milliseconds since the Unix epoch.
+    #[prost(int64, tag = "9")]
+    pub created_at_ms: i64,
+    /// Data key version the envelope is encrypted under.
+    #[prost(uint32, tag = "10")]
+    pub key_version: u32,
+    /// The record envelope (see `crypto::envelope`).
+    #[prost(bytes = "vec", tag = "11")]
+    pub envelope: Vec<u8>,
+}
+
+/// Result of [`Store::insert`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum InsertOutcome {
+    /// The record (and, if absent, its fingerprint index entry) was written.
+    Inserted,
+    /// The token already exists in the tenant; nothing was written. The
+    /// caller generates another token and retries.
+    TokenTaken,
+    /// `dedupe` was requested and the tenant already has a record with this
+    /// fingerprint; nothing was written. Carries the existing record.
+    Deduplicated(StoredRecord),
+}
+
+/// Persistence for the vault. Every method is atomic, and a write is durable
+/// (survives `kill -9` and power loss, as far as the backend can promise)
+/// when the method returns `Ok`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name for logs and status, e.g. `sled`.
+    fn backend(&self) -> &'static str;
+
+    /// Inserts a new record and its fingerprint index entry in one atomic step.
+    ///
+    /// * If `dedupe` and the index already maps this fingerprint to a live
+    ///   record, returns [`InsertOutcome::Deduplicated`] with that record.
+    /// * If the token exists, returns [`InsertOutcome::TokenTaken`].
+    /// * Otherwise writes the record; the index entry is written only if the
+    ///   fingerprint has none yet (the first token for a PAN stays canonical).
+    async fn insert(&self, record: &StoredRecord, dedupe: bool) -> Result<InsertOutcome>;
+
+    /// Reads one record.
+    async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>>;
+
+    /// Replaces an existing record (same tenant and token), e.g. after
+    /// re-encryption. Returns `false` if it does not exist.
+    async fn update(&self, record: &StoredRecord) -> Result<bool>;
+
+    /// Deletes a record and, if it points at this token, its fingerprint
+    /// index entry. Returns whether the record existed.
+    async fn delete(&self, tenant: &str, token: &str) -> Result<bool>;
+
+    /// Number of records, for one tenant or all.
+    async fn count(&self, tenant: Option<&str>) -> Result<u64>;
+
+    /// Reads a key-table entry (wrapped keys, KEK check value, ...).
+    async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Writes a key-table entry unless one exists. Returns `None` if written,
+    /// or the existing value, so concurrent creators (several vault replicas)
+    /// all end up using the same key.
+    async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// All key-table entries whose name starts with `prefix`, sorted by name.
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+}
