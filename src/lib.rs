@@ -35,11 +35,16 @@
 #![warn(missing_docs)]
 
 pub mod card;
+pub mod cli;
+pub mod config;
 
 
 pub mod crypto;
 pub mod cvv;
 pub mod error;
+pub mod grpc;
+pub mod pki;
+pub mod server;
 
 
 

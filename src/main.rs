@@ -1,1 +1,150 @@
-fn main(){}
+//! The `cardvault` binary: the server (`serve`, `dev`) and client
+//! subcommands for operators and testing.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cardvault::card::YearMonth;
+use cardvault::cli::{self, ClientOpts};
+use cardvault::config::{Config, LogFormat};
+use cardvault::pki::{DEV_CLIENTS, dev_principal, ensure_dev_pki};
+use cardvault::server;
+
+/// Tokenised card vault.
+#[derive(Parser)]
+#[command(name = "cardvault", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the vault in development mode: throwaway CA and certificates, a
+    /// KEK stored in the data directory (INSECURE), sled storage.
+    Dev {
+        /// Data directory (certificates, dev KEK, database).
+        #[arg(long, default_value = "./cardvault-dev")]
+        data_dir: PathBuf,
+        /// Listen address (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// Optional config file for other settings (CVV TTL, logging).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the vault in production mode from a config file.
+    Serve {
+        /// TOML configuration file (settings can be overridden by CARDVAULT_* variables).
+        #[arg(long, env = "CARDVAULT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Tokenize a card (role: merchant).
+    Tokenize(cli::token::TokenizeCmd),
+    /// Detokenize a token (role: processor).
+    Detokenize(cli::token::DetokenizeCmd),
+    /// Show a token's non-sensitive metadata.
+    Metadata(cli::token::TokenCmd),
+    /// Delete (redact) a token.
+    Delete(cli::token::TokenCmd),
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
+    let certs = data_dir.join("certs");
+    let c = certs.display();
+    let exp_year = YearMonth::now_utc().year + 3;
+    let port = addr.port();
+    let addr_flag = if port == 7443 { String::new() } else { format!(" --addr https://localhost:{port}") };
+    println!(
+        "\n=== cardvault DEV MODE: INSECURE ===\n\
+         The key-encrypting key is stored in {kek}. Anyone who can read that\n\
+         directory can decrypt every card. Never use dev mode for real cards.\n\n\
+         Client certificates in {c} (any of them is accepted until roles are enforced):",
+        kek = data_dir.join("dev-kek.hex").display()
+    );
+    for client in DEV_CLIENTS {
+        println!("  {:<16} {}  ({}.pem / {}.key)", client.name, dev_principal(client), client.name, client.name);
+    }
+    println!(
+        "\nTry it (from this directory):\n\
+         \x20 cardvault tokenize{addr_flag} --pan 4111111111111111 --exp 12/{exp_year} --cvv 123\n\
+         \x20 cardvault metadata{addr_flag} <token>\n\
+         \x20 cardvault detokenize{addr_flag} <token> --purpose authorization --include-cvv\n\
+         (or `cargo run --release --` in place of `cardvault`; --dev-dir selects another data dir)\n\n\
+         With grpcurl:\n\
+         \x20 grpcurl -cacert {c}/ca.pem -cert {c}/merchant.pem -key {c}/merchant.key \\\n\
+         \x20   -d '{{\"tenant\":\"demo\",\"pan\":\"4111111111111111\",\"exp_month\":12,\"exp_year\":{exp_year},\"cvv\":\"123\"}}' \\\n\
+         \x20   localhost:{port} cardvault.v1.TokenService/Tokenize\n\
+         \x20 grpcurl -cacert {c}/ca.pem -cert {c}/processor.pem -key {c}/processor.key \\\n\
+         \x20   -d '{{\"tenant\":\"demo\",\"token\":\"<token>\",\"purpose\":\"authorization\",\"include_cvv\":true}}' \\\n\
+         \x20   localhost:{port} cardvault.v1.TokenService/Detokenize\n\
+         \x20 grpcurl -cacert {c}/ca.pem -cert {c}/merchant.pem -key {c}/merchant.key localhost:{port} list\n"
+    );
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Dev { data_dir, listen, config } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            cfg.data_dir = data_dir.clone();
+            cfg.listen = listen;
+            let pki = ensure_dev_pki(&data_dir.join("certs"))?;
+            cfg.tls.cert = Some(pki.server_cert());
+            cfg.tls.key = Some(pki.server_key());
+            cfg.tls.client_ca = Some(pki.ca());
+            init_logging(&cfg);
+            let kek = server::dev_kek(&data_dir)?;
+            tracing::warn!("DEV MODE: the key-encrypting key is stored unprotected in the data directory");
+            server::serve(
+                &cfg,
+                kek,
+                |addr| {
+                    print_dev_banner(&data_dir, addr);
+                    // Tests and scripts wait for this exact line.
+                    println!("cardvault listening on {addr}");
+                },
+                server::shutdown_signal(),
+            )
+            .await
+        }
+        Command::Serve { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(&cfg);
+            let kek = server::load_kek(&cfg)?;
+            server::serve(&cfg, kek, |addr| println!("cardvault listening on {addr}"), server::shutdown_signal()).await
+        }
+        Command::Tokenize(cmd) => cli::token::tokenize(&cli.client, cmd).await,
+        Command::Detokenize(cmd) => cli::token::detokenize(&cli.client, cmd).await,
+        Command::Metadata(cmd) => cli::token::metadata(&cli.client, cmd).await,
+        Command::Delete(cmd) => cli::token::delete(&cli.client, cmd).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cardvault: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Command-line clients: thin gRPC callers used by operators and by people
+//! trying the vault out. They hold no key and do nothing the API does not.
+
+pub mod token;
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::proto::token_service_client::TokenServiceClient;
+
+/// How a CLI command reaches the vault.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOpts {
+    /// Vault address.
+    #[arg(long, env = "CARDVAULT_ADDR", default_value = "https://localhost:7443", global = true)]
+    pub addr: String,
+    /// CA certificate that signed the server certificate (PEM).
+    #[arg(long, env = "CARDVAULT_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, env = "CARDVAULT_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "CARDVAULT_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// Dev-mode data directory; certificates default to `<dev-dir>/certs`.
+    #[arg(long, default_value = "./cardvault-dev", global = true)]
+    pub dev_dir: PathBuf,
+    /// Dev identity to use when --cert/--key are not given (merchant,
+    /// processor, admin, auditor, other-merchant, other-processor).
+    #[arg(long = "as", global = true)]
+    pub identity: Option<String>,
+}
+
+impl ClientOpts {
+    /// Connects with mTLS. `default_identity` is the dev certificate used
+    /// when neither `--cert` nor `--as` is given.
+    pub async fn connect(&self, default_identity: &str) -> Result<Channel, String> {
+        let certs = self.dev_dir.join("certs");
+        let name = self.identity.as_deref().unwrap_or(default_identity);
+        let ca = self.ca.clone().unwrap_or_else(|| certs.join("ca.pem"));
+        let cert = self.cert.clone().unwrap_or_else(|| certs.join(format!("{name}.pem")));
+        let key = self.key.clone().unwrap_or_else(|| certs.join(format!("{name}.key")));
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&ca)?))
+            .identity(Identity::from_pem(read(&cert)?, read(&key)?))
+            .domain_name("localhost");
+        Channel::from_shared(self.addr.clone())
+            .map_err(|e| format!("bad --addr: {e}"))?
+            .tls_config(tls)
+            .map_err(|e| format!("TLS: {e}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.addr))
+    }
+
+    /// A `TokenService` client.
+    pub async fn token_client(&self, default_identity: &str) -> Result<TokenServiceClient<Channel>, String> {
+        Ok(TokenServiceClient::new(self.connect(default_identity).await?))
+    }
+}
+
+/// Renders a gRPC error for a terminal: code and message (never a secret:
+/// server messages are built not to contain any).
+pub fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,241 @@
+//! Configuration: a TOML file, then `CARDVAULT_*` environment overrides.
+//! Every setting has a safe default except the TLS files and the KEK, which
+//! production must supply (dev mode generates throwaway ones).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::vault::VaultConfig;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC listener binds (`CARDVAULT_LISTEN`).
+    pub listen: SocketAddr,
+    /// Directory for the embedded database and dev files (`CARDVAULT_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// TLS files.
+    pub tls: TlsConfig,
+    /// CVV holder limits.
+    pub cvv: CvvConfig,
+    /// Where the key-encrypting key comes from.
+    pub keys: KeysConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Server certificate, key and the CA that signs client certificates.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM server certificate chain (`CARDVAULT_TLS_CERT`).
+    pub cert: Option<PathBuf>,
+    /// PEM server private key (`CARDVAULT_TLS_KEY`).
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to (`CARDVAULT_TLS_CLIENT_CA`).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// CVV holder limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CvvConfig {
+    /// Seconds a CVV stays readable, 1-3600 (`CARDVAULT_CVV_TTL_SECS`).
+    pub ttl_secs: u64,
+    /// Most CVVs held at once (`CARDVAULT_CVV_MAX_ENTRIES`).
+    pub max_entries: usize,
+}
+
+impl Default for CvvConfig {
+    fn default() -> Self {
+        CvvConfig {
+            ttl_secs: 300,
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Source of the key-encrypting key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// File holding the KEK as 64 hex characters (`CARDVAULT_KEK_FILE`).
+    /// Without it, the KEK is read from the `CARDVAULT_KEK` variable.
+    pub kek_file: Option<PathBuf>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json` (`CARDVAULT_LOG_FORMAT`).
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info,cardvault=debug` (`CARDVAULT_LOG`).
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7443".parse().expect("valid default address"),
+            data_dir: PathBuf::from("./cardvault-data"),
+            tls: TlsConfig::default(),
+            cvv: CvvConfig::default(),
+            keys: KeysConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str, get: &impl Fn(&str) -> Option<String>) -> Result<Option<T>, String> {
+    match get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("environment variable {name} has an invalid value")),
+    }
+}
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, String> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                Config::from_toml(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(&|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment, no validation).
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies `CARDVAULT_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(v) = env_parse("CARDVAULT_LISTEN", get)? {
+            self.listen = v;
+        }
+        if let Some(v) = get("CARDVAULT_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("CARDVAULT_TLS_CERT") {
+            self.tls.cert = Some(v.into());
+        }
+        if let Some(v) = get("CARDVAULT_TLS_KEY") {
+            self.tls.key = Some(v.into());
+        }
+        if let Some(v) = get("CARDVAULT_TLS_CLIENT_CA") {
+            self.tls.client_ca = Some(v.into());
+        }
+        if let Some(v) = env_parse("CARDVAULT_CVV_TTL_SECS", get)? {
+            self.cvv.ttl_secs = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_CVV_MAX_ENTRIES", get)? {
+            self.cvv.max_entries = v;
+        }
+        if let Some(v) = get("CARDVAULT_KEK_FILE") {
+            self.keys.kek_file = Some(v.into());
+        }
+        if let Some(v) = get("CARDVAULT_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err("CARDVAULT_LOG_FORMAT must be text or json".into()),
+            };
+        }
+        if let Some(v) = get("CARDVAULT_LOG") {
+            self.log.filter = v;
+        }
+        Ok(())
+    }
+
+    /// Checks ranges that the types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=3600).contains(&self.cvv.ttl_secs) {
+            return Err("cvv.ttl_secs must be 1 to 3600".into());
+        }
+        if self.cvv.max_entries == 0 {
+            return Err("cvv.max_entries must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The vault tunables this configuration implies.
+    pub fn vault_config(&self) -> VaultConfig {
+        VaultConfig {
+            cvv_ttl: Duration::from_secs(self.cvv.ttl_secs),
+            cvv_max_entries: self.cvv.max_entries,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn toml_then_env() {
+        let mut cfg = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:9000"
+            data_dir = "/var/lib/cardvault"
+            [cvv]
+            ttl_secs = 60
+            [log]
+            format = "json"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.cvv.ttl_secs, 60);
+        assert_eq!(cfg.cvv.max_entries, 100_000);
+        assert_eq!(cfg.log.format, LogFormat::Json);
+        let env: HashMap<&str, &str> = [("CARDVAULT_CVV_TTL_SECS", "30"), ("CARDVAULT_LISTEN", "127.0.0.1:1")].into();
+        cfg.apply_env(&|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(cfg.cvv.ttl_secs, 30);
+        assert_eq!(cfg.listen.port(), 1);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Config::from_toml("unknown_key = 1").is_err());
+        let mut cfg = Config::default();
+        cfg.cvv.ttl_secs = 7200;
+        assert!(cfg.validate().is_err());
+        let env: HashMap<&str, &str> = [("CARDVAULT_CVV_TTL_SECS", "soon")].into();
+        assert!(cfg.apply_env(&|k| env.get(k).map(|v| v.to_string())).is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! Who is calling: the principal named by the client's TLS certificate,
+//! and a request id for correlating logs.
+
+use tonic::Request;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::vault::CallContext;
+
+/// The principal named by a DER certificate: its first SAN URI (e.g.
+/// `spiffe://cardvault.dev/demo/merchant`) if it has one, else its subject
+/// common name. `None` if the certificate names nothing usable.
+pub fn principal_from_cert(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                return Some((*uri).to_owned());
+            }
+        }
+    }
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+}
+
+/// A caller-supplied `x-request-id` if it is short and plain, otherwise a
+/// fresh random one (so a hostile id cannot inject text into logs).
+fn request_id<T>(req: &Request<T>) -> String {
+    if let Some(v) = req.metadata().get("x-request-id").and_then(|v| v.to_str().ok())
+        && !v.is_empty()
+        && v.len() <= 64
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return v.to_owned();
+    }
+    hex::encode(crate::crypto::random_array::<8>())
+}
+
+/// Builds the call context of a request: request id and the principal from
+/// the verified peer certificate (`anonymous` without one, which the TLS
+/// layer does not allow outside tests).
+pub fn context_of<T>(req: &Request<T>) -> CallContext {
+    let principal = req
+        .peer_certs()
+        .and_then(|certs| certs.first().and_then(|c| principal_from_cert(c.as_ref())))
+        .unwrap_or_else(|| "anonymous".to_owned());
+    CallContext {
+        request_id: request_id(req),
+        principal,
+    }
+}

@@ -1,0 +1,59 @@
+//! The gRPC edge: protobuf <-> domain types, domain errors -> `Status`,
+//! and the caller's identity from its TLS client certificate. All policy and
+//! crypto live below, in [`crate::vault`].
+
+pub mod identity;
+mod redact;
+pub mod token_service;
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+
+/// Maps a domain error to the one gRPC status the API contract promises.
+/// Messages come from [`Error`]'s `Display`, which never holds a secret.
+pub fn status_of(err: &Error) -> Status {
+    let msg = err.to_string();
+    match err {
+        Error::InvalidArgument { .. } => Status::invalid_argument(msg),
+        Error::NotFound => Status::not_found(msg),
+        Error::PermissionDenied(_) => Status::permission_denied(msg),
+        Error::Sealed => Status::unavailable(msg),
+        Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+        Error::DataLoss(_) => Status::data_loss(msg),
+        Error::Unavailable(_) => Status::unavailable(msg),
+        Error::Internal(_) => Status::internal(msg),
+    }
+}
+
+/// The gRPC code name of a domain error, e.g. `INVALID_ARGUMENT`, for
+/// per-item errors in batch responses.
+pub fn code_name(err: &Error) -> &'static str {
+    match status_of(err).code() {
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::NotFound => "NOT_FOUND",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unavailable => "UNAVAILABLE",
+        _ => "INTERNAL",
+    }
+}
+
+/// A batch item's error in protobuf form.
+pub fn item_error(err: &Error) -> crate::proto::ItemError {
+    crate::proto::ItemError {
+        code: code_name(err).to_owned(),
+        field: match err {
+            Error::InvalidArgument { field, .. } => field.clone(),
+            _ => String::new(),
+        },
+        message: err.to_string(),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        status_of(&err)
+    }
+}

@@ -1,0 +1,264 @@
+//! `cardvault.v1.TokenService`: validates and converts requests, calls the
+//! vault, converts results. Secrets copied out of a request are wiped from
+//! the request message as soon as they have been parsed.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroize;
+
+use super::identity::context_of;
+use super::item_error;
+use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
+use crate::error::Result;
+use crate::proto::{self, token_service_server::TokenService};
+use crate::token::{Purpose, Tenant, Token, TokenFormat};
+use crate::vault::{Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault};
+
+/// The service, holding the shared vault.
+pub struct TokenServiceImpl {
+    vault: Arc<Vault>,
+}
+
+impl TokenServiceImpl {
+    /// Serves `vault`.
+    pub fn new(vault: Arc<Vault>) -> Self {
+        TokenServiceImpl { vault }
+    }
+}
+
+/// Parses one card's fields. `cvv: Some("")` counts as absent, since many
+/// clients send empty strings for unset fields.
+fn parse_card(
+    pan: &str,
+    exp_month: u32,
+    exp_year: u32,
+    name: Option<&str>,
+    cvv: Option<&str>,
+    today: YearMonth,
+) -> Result<NewCard> {
+    let pan = Pan::parse(pan)?;
+    let expiry = Expiry::new(exp_month, exp_year, today)?;
+    let name = match name {
+        Some(n) => CardholderName::parse(n)?,
+        None => None,
+    };
+    let cvv = match cvv {
+        Some(c) if !c.is_empty() => Some(Cvv::parse(c, pan.brand())?),
+        _ => None,
+    };
+    Ok(NewCard { pan, expiry, name, cvv })
+}
+
+fn wipe(pan: &mut String, name: &mut Option<String>, cvv: &mut Option<String>) {
+    pan.zeroize();
+    if let Some(n) = name {
+        n.zeroize();
+    }
+    if let Some(c) = cvv {
+        c.zeroize();
+    }
+}
+
+fn format_of(value: i32) -> Result<TokenFormat> {
+    match proto::TokenFormat::try_from(value) {
+        Ok(proto::TokenFormat::Unspecified | proto::TokenFormat::Opaque) => Ok(TokenFormat::Opaque),
+        Ok(proto::TokenFormat::FormatPreserving) => Ok(TokenFormat::FormatPreserving { keep_bin: false }),
+        Ok(proto::TokenFormat::FormatPreservingKeepBin) => Ok(TokenFormat::FormatPreserving { keep_bin: true }),
+        Err(_) => Err(crate::Error::invalid("format", "unknown token format")),
+    }
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn tokenize_response(m: CardMetadata) -> proto::TokenizeResponse {
+    proto::TokenizeResponse {
+        token: m.token,
+        brand: m.brand,
+        last4: m.last4,
+        bin: m.bin,
+        exp_month: m.exp_month,
+        exp_year: m.exp_year,
+        fingerprint: m.fingerprint,
+        created_at: Some(timestamp(m.created_at_ms)),
+        existing: m.existing,
+        cvv_held: m.cvv_held,
+    }
+}
+
+fn detokenize_response(card: Card) -> proto::DetokenizeResponse {
+    let (cvv, cvv_status) = match card.cvv {
+        CvvOutcome::NotRequested => (None, proto::CvvStatus::CvvNotRequested),
+        CvvOutcome::Returned(c) => (Some(c.expose().to_owned()), proto::CvvStatus::CvvReturned),
+        CvvOutcome::NotAvailable => (None, proto::CvvStatus::CvvNotAvailable),
+    };
+    proto::DetokenizeResponse {
+        token: card.token.as_str().to_owned(),
+        pan: card.pan.expose().to_owned(),
+        exp_month: card.exp_month,
+        exp_year: card.exp_year,
+        cardholder_name: card.name.as_ref().map(|n| n.expose().to_owned()).unwrap_or_default(),
+        cvv,
+        cvv_status: cvv_status as i32,
+        brand: card.brand.as_str().to_owned(),
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenServiceImpl {
+    async fn tokenize(&self, request: Request<proto::TokenizeRequest>) -> Result<Response<proto::TokenizeResponse>, Status> {
+        let ctx = context_of(&request);
+        let mut req = request.into_inner();
+        let parsed = parse_card(
+            &req.pan,
+            req.exp_month,
+            req.exp_year,
+            req.cardholder_name.as_deref(),
+            req.cvv.as_deref(),
+            YearMonth::now_utc(),
+        );
+        wipe(&mut req.pan, &mut req.cardholder_name, &mut req.cvv);
+        let tenant = Tenant::parse(&req.tenant)?;
+        let card = parsed?;
+        let opts = TokenizeOptions {
+            format: format_of(req.format)?,
+            dedupe: req.dedupe,
+        };
+        let meta = self.vault.tokenize(&ctx, &tenant, card, opts).await?;
+        Ok(Response::new(tokenize_response(meta)))
+    }
+
+    async fn tokenize_batch(
+        &self,
+        request: Request<proto::TokenizeBatchRequest>,
+    ) -> Result<Response<proto::TokenizeBatchResponse>, Status> {
+        let ctx = context_of(&request);
+        let mut req = request.into_inner();
+        let today = YearMonth::now_utc();
+        let mut references = Vec::with_capacity(req.items.len());
+        let mut cards = Vec::with_capacity(req.items.len());
+        for (i, item) in req.items.iter_mut().enumerate() {
+            let parsed = parse_card(
+                &item.pan,
+                item.exp_month,
+                item.exp_year,
+                item.cardholder_name.as_deref(),
+                item.cvv.as_deref(),
+                today,
+            )
+            .map_err(|e| e.in_field(&format!("items[{i}]")));
+            wipe(&mut item.pan, &mut item.cardholder_name, &mut item.cvv);
+            references.push(std::mem::take(&mut item.reference));
+            cards.push(parsed);
+        }
+        let tenant = Tenant::parse(&req.tenant)?;
+        let opts = TokenizeOptions {
+            format: format_of(req.format)?,
+            dedupe: req.dedupe,
+        };
+        let results = self.vault.tokenize_batch(&ctx, &tenant, cards, opts).await?;
+        let results = references
+            .into_iter()
+            .zip(results)
+            .map(|(reference, r)| proto::TokenizeBatchResult {
+                reference,
+                result: Some(match r {
+                    Ok(m) => proto::tokenize_batch_result::Result::Ok(tokenize_response(m)),
+                    Err(e) => proto::tokenize_batch_result::Result::Error(item_error(&e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(proto::TokenizeBatchResponse { results }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<proto::DetokenizeRequest>,
+    ) -> Result<Response<proto::DetokenizeResponse>, Status> {
+        let ctx = context_of(&request);
+        let req = request.into_inner();
+        let tenant = Tenant::parse(&req.tenant)?;
+        let token = Token::parse(&req.token)?;
+        let purpose = Purpose::parse(&req.purpose)?;
+        let card = self
+            .vault
+            .detokenize(&ctx, &tenant, &token, &purpose, req.include_cvv)
+            .await?;
+        Ok(Response::new(detokenize_response(card)))
+    }
+
+    async fn detokenize_batch(
+        &self,
+        request: Request<proto::DetokenizeBatchRequest>,
+    ) -> Result<Response<proto::DetokenizeBatchResponse>, Status> {
+        let ctx = context_of(&request);
+        let req = request.into_inner();
+        let tenant = Tenant::parse(&req.tenant)?;
+        let purpose = Purpose::parse(&req.purpose)?;
+        let (references, tokens): (Vec<_>, Vec<_>) = req
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let token = Token::parse(&item.token).map_err(|e| e.in_field(&format!("items[{i}]")));
+                (item.reference, token)
+            })
+            .unzip();
+        let results = self
+            .vault
+            .detokenize_batch(&ctx, &tenant, tokens, &purpose, req.include_cvv)
+            .await?;
+        let results = references
+            .into_iter()
+            .zip(results)
+            .map(|(reference, r)| proto::DetokenizeBatchResult {
+                reference,
+                result: Some(match r {
+                    Ok(card) => proto::detokenize_batch_result::Result::Ok(detokenize_response(card)),
+                    Err(e) => proto::detokenize_batch_result::Result::Error(item_error(&e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(proto::DetokenizeBatchResponse { results }))
+    }
+
+    async fn get_metadata(
+        &self,
+        request: Request<proto::GetMetadataRequest>,
+    ) -> Result<Response<proto::CardMetadata>, Status> {
+        let ctx = context_of(&request);
+        let req = request.into_inner();
+        let tenant = Tenant::parse(&req.tenant)?;
+        let token = Token::parse(&req.token)?;
+        let m = self.vault.metadata(&ctx, &tenant, &token).await?;
+        Ok(Response::new(proto::CardMetadata {
+            token: m.token,
+            brand: m.brand,
+            last4: m.last4,
+            bin: m.bin,
+            exp_month: m.exp_month,
+            exp_year: m.exp_year,
+            fingerprint: m.fingerprint,
+            created_at: Some(timestamp(m.created_at_ms)),
+            cvv_held: m.cvv_held,
+            key_version: m.key_version,
+        }))
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<proto::DeleteTokenRequest>,
+    ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
+        let ctx = context_of(&request);
+        let req = request.into_inner();
+        let tenant = Tenant::parse(&req.tenant)?;
+        let token = Token::parse(&req.token)?;
+        let deleted = self.vault.delete(&ctx, &tenant, &token).await?;
+        Ok(Response::new(proto::DeleteTokenResponse { deleted }))
+    }
+}
