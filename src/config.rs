@@ -111,7 +111,10 @@ impl Default for Config {
     }
 }
 
-fn env_parse<T: std::str::FromStr>(name: &str, get: &impl Fn(&str) -> Option<String>) -> Result<Option<T>, String> {
+fn env_parse<T: std::str::FromStr>(
+    name: &str,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<T>, String> {
     match get(name) {
         None => Ok(None),
         Some(v) => v
@@ -126,7 +129,8 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, String> {
         let mut cfg = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 Config::from_toml(&text).map_err(|e| format!("{}: {e}", p.display()))?
             }
             None => Config::default(),
@@ -222,8 +226,13 @@ mod tests {
         assert_eq!(cfg.cvv.ttl_secs, 60);
         assert_eq!(cfg.cvv.max_entries, 100_000);
         assert_eq!(cfg.log.format, LogFormat::Json);
-        let env: HashMap<&str, &str> = [("CARDVAULT_CVV_TTL_SECS", "30"), ("CARDVAULT_LISTEN", "127.0.0.1:1")].into();
-        cfg.apply_env(&|k| env.get(k).map(|v| v.to_string())).unwrap();
+        let env: HashMap<&str, &str> = [
+            ("CARDVAULT_CVV_TTL_SECS", "30"),
+            ("CARDVAULT_LISTEN", "127.0.0.1:1"),
+        ]
+        .into();
+        cfg.apply_env(&|k| env.get(k).map(|v| v.to_string()))
+            .unwrap();
         assert_eq!(cfg.cvv.ttl_secs, 30);
         assert_eq!(cfg.listen.port(), 1);
         cfg.validate().unwrap();
@@ -236,6 +245,9 @@ mod tests {
         cfg.cvv.ttl_secs = 7200;
         assert!(cfg.validate().is_err());
         let env: HashMap<&str, &str> = [("CARDVAULT_CVV_TTL_SECS", "soon")].into();
-        assert!(cfg.apply_env(&|k| env.get(k).map(|v| v.to_string())).is_err());
+        assert!(
+            cfg.apply_env(&|k| env.get(k).map(|v| v.to_string()))
+                .is_err()
+        );
     }
 }

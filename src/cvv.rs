@@ -163,7 +163,10 @@ mod tests {
         let h = CvvHolder::new(Duration::from_secs(60), 2);
         h.put("t", "a", cvv("111")).unwrap();
         h.put("t", "b", cvv("222")).unwrap();
-        assert!(matches!(h.put("t", "c", cvv("333")), Err(Error::ResourceExhausted(_))));
+        assert!(matches!(
+            h.put("t", "c", cvv("333")),
+            Err(Error::ResourceExhausted(_))
+        ));
         // Replacing an existing entry is allowed when full.
         h.put("t", "a", cvv("444")).unwrap();
         h.remove("t", "b");

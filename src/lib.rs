@@ -38,15 +38,12 @@ pub mod card;
 pub mod cli;
 pub mod config;
 
-
 pub mod crypto;
 pub mod cvv;
 pub mod error;
 pub mod grpc;
 pub mod pki;
 pub mod server;
-
-
 
 pub mod store;
 pub mod token;
@@ -58,7 +55,8 @@ pub mod proto {
     tonic::include_proto!("cardvault.v1");
 
     /// Encoded descriptors of every message and service, for reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cardvault_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("cardvault_descriptor");
 }
 
 pub use error::{Error, Result};

@@ -59,7 +59,9 @@ enum Command {
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -71,7 +73,11 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
     let c = certs.display();
     let exp_year = YearMonth::now_utc().year + 3;
     let port = addr.port();
-    let addr_flag = if port == 7443 { String::new() } else { format!(" --addr https://localhost:{port}") };
+    let addr_flag = if port == 7443 {
+        String::new()
+    } else {
+        format!(" --addr https://localhost:{port}")
+    };
     println!(
         "\n=== cardvault DEV MODE: INSECURE ===\n\
          The key-encrypting key is stored in {kek}. Anyone who can read that\n\
@@ -80,7 +86,13 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
         kek = data_dir.join("dev-kek.hex").display()
     );
     for client in DEV_CLIENTS {
-        println!("  {:<16} {}  ({}.pem / {}.key)", client.name, dev_principal(client), client.name, client.name);
+        println!(
+            "  {:<16} {}  ({}.pem / {}.key)",
+            client.name,
+            dev_principal(client),
+            client.name,
+            client.name
+        );
     }
     println!(
         "\nTry it (from this directory):\n\
@@ -101,7 +113,11 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Dev { data_dir, listen, config } => {
+        Command::Dev {
+            data_dir,
+            listen,
+            config,
+        } => {
             let mut cfg = Config::load(config.as_deref())?;
             cfg.data_dir = data_dir.clone();
             cfg.listen = listen;
@@ -111,7 +127,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             cfg.tls.client_ca = Some(pki.ca());
             init_logging(&cfg);
             let kek = server::dev_kek(&data_dir)?;
-            tracing::warn!("DEV MODE: the key-encrypting key is stored unprotected in the data directory");
+            tracing::warn!(
+                "DEV MODE: the key-encrypting key is stored unprotected in the data directory"
+            );
             server::serve(
                 &cfg,
                 kek,
@@ -128,7 +146,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             let cfg = Config::load(config.as_deref())?;
             init_logging(&cfg);
             let kek = server::load_kek(&cfg)?;
-            server::serve(&cfg, kek, |addr| println!("cardvault listening on {addr}"), server::shutdown_signal()).await
+            server::serve(
+                &cfg,
+                kek,
+                |addr| println!("cardvault listening on {addr}"),
+                server::shutdown_signal(),
+            )
+            .await
         }
         Command::Tokenize(cmd) => cli::token::tokenize(&cli.client, cmd).await,
         Command::Detokenize(cmd) => cli::token::detokenize(&cli.client, cmd).await,

@@ -24,12 +24,36 @@ pub struct DevClient {
 
 /// Every client certificate `cardvault dev` creates.
 pub const DEV_CLIENTS: &[DevClient] = &[
-    DevClient { name: "merchant", tenant: "demo", role: "merchant" },
-    DevClient { name: "processor", tenant: "demo", role: "processor" },
-    DevClient { name: "admin", tenant: "", role: "admin" },
-    DevClient { name: "auditor", tenant: "", role: "auditor" },
-    DevClient { name: "other-merchant", tenant: "other", role: "merchant" },
-    DevClient { name: "other-processor", tenant: "other", role: "processor" },
+    DevClient {
+        name: "merchant",
+        tenant: "demo",
+        role: "merchant",
+    },
+    DevClient {
+        name: "processor",
+        tenant: "demo",
+        role: "processor",
+    },
+    DevClient {
+        name: "admin",
+        tenant: "",
+        role: "admin",
+    },
+    DevClient {
+        name: "auditor",
+        tenant: "",
+        role: "auditor",
+    },
+    DevClient {
+        name: "other-merchant",
+        tenant: "other",
+        role: "merchant",
+    },
+    DevClient {
+        name: "other-processor",
+        tenant: "other",
+        role: "processor",
+    },
 ];
 
 /// The principal (SAN URI) of a dev client.
@@ -90,7 +114,9 @@ fn rc(e: rcgen::Error) -> String {
 
 /// Creates the dev PKI in `dir` unless it is already complete; returns its paths.
 pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, String> {
-    let pki = DevPki { dir: dir.to_owned() };
+    let pki = DevPki {
+        dir: dir.to_owned(),
+    };
     let mut wanted = vec![pki.ca(), pki.server_cert(), pki.server_key()];
     for c in DEV_CLIENTS {
         wanted.push(pki.client_cert(c.name));
@@ -103,7 +129,9 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, String> {
 
     let ca_key = KeyPair::generate().map_err(rc)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
-    ca_params.distinguished_name.push(DnType::CommonName, "cardvault dev CA (INSECURE)");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "cardvault dev CA (INSECURE)");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(rc)?;
@@ -113,10 +141,12 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, String> {
 
     let server_key = KeyPair::generate().map_err(rc)?;
     let mut sp = CertificateParams::new(vec!["localhost".to_string()]).map_err(rc)?;
-    sp.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+    sp.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
     sp.subject_alt_names
         .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
-    sp.distinguished_name.push(DnType::CommonName, "cardvault dev server");
+    sp.distinguished_name
+        .push(DnType::CommonName, "cardvault dev server");
     sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = sp.signed_by(&server_key, &issuer).map_err(rc)?;
     write_file(&pki.server_cert(), &server_cert.pem(), false)?;
@@ -125,10 +155,16 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, String> {
     for c in DEV_CLIENTS {
         let key = KeyPair::generate().map_err(rc)?;
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
-        let cn = if c.tenant.is_empty() { c.role.to_string() } else { format!("{}-{}", c.tenant, c.role) };
+        let cn = if c.tenant.is_empty() {
+            c.role.to_string()
+        } else {
+            format!("{}-{}", c.tenant, c.role)
+        };
         p.distinguished_name.push(DnType::CommonName, cn);
         p.subject_alt_names.push(SanType::URI(
-            dev_principal(c).try_into().map_err(|e: rcgen::Error| rc(e))?,
+            dev_principal(c)
+                .try_into()
+                .map_err(|e: rcgen::Error| rc(e))?,
         ));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, &issuer).map_err(rc)?;

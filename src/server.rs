@@ -18,6 +18,9 @@ use crate::store::Store;
 use crate::store::sled::SledStore;
 use crate::vault::Vault;
 
+/// How long shutdown waits for in-flight calls before closing connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
@@ -26,13 +29,16 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
 pub fn load_kek(cfg: &Config) -> Result<SecretKey, String> {
     let text = match &cfg.keys.kek_file {
         Some(p) => zeroize::Zeroizing::new(
-            String::from_utf8(read(p, "KEK file")?).map_err(|_| format!("KEK file {} is not text", p.display()))?,
+            String::from_utf8(read(p, "KEK file")?)
+                .map_err(|_| format!("KEK file {} is not text", p.display()))?,
         ),
         None => zeroize::Zeroizing::new(std::env::var("CARDVAULT_KEK").map_err(|_| {
-            "no key-encrypting key: set keys.kek_file or CARDVAULT_KEK (64 hex characters)".to_string()
+            "no key-encrypting key: set keys.kek_file or CARDVAULT_KEK (64 hex characters)"
+                .to_string()
         })?),
     };
-    SecretKey::from_hex(&text).ok_or_else(|| "the KEK must be exactly 64 hex characters (256 bits)".to_string())
+    SecretKey::from_hex(&text)
+        .ok_or_else(|| "the KEK must be exactly 64 hex characters (256 bits)".to_string())
 }
 
 /// Dev mode only: the KEK kept in `dev-kek.hex` in the data directory,
@@ -43,10 +49,12 @@ pub fn dev_kek(data_dir: &Path) -> Result<SecretKey, String> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("dev-kek.hex");
     if path.exists() {
-        let text = zeroize::Zeroizing::new(String::from_utf8(read(&path, "dev KEK")?).unwrap_or_default());
+        let text =
+            zeroize::Zeroizing::new(String::from_utf8(read(&path, "dev KEK")?).unwrap_or_default());
         return SecretKey::from_hex(&text).ok_or_else(|| format!("{} is corrupt", path.display()));
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let key = SecretKey::generate();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -67,14 +75,26 @@ pub fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
 }
 
 fn tls_config(cfg: &Config) -> Result<ServerTlsConfig, String> {
-    let missing = |name: &str| format!("tls.{name} is required (or CARDVAULT_TLS_{})", name.to_uppercase());
+    let missing = |name: &str| {
+        format!(
+            "tls.{name} is required (or CARDVAULT_TLS_{})",
+            name.to_uppercase()
+        )
+    };
     let cert = cfg.tls.cert.as_deref().ok_or_else(|| missing("cert"))?;
     let key = cfg.tls.key.as_deref().ok_or_else(|| missing("key"))?;
-    let ca = cfg.tls.client_ca.as_deref().ok_or_else(|| missing("client_ca"))?;
+    let ca = cfg
+        .tls
+        .client_ca
+        .as_deref()
+        .ok_or_else(|| missing("client_ca"))?;
     // Client certificates are mandatory: tonic rejects a handshake without
     // one when a client CA is set (client_auth_optional stays false).
     Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS key")?))
+        .identity(Identity::from_pem(
+            read(cert, "TLS certificate")?,
+            read(key, "TLS key")?,
+        ))
         .client_ca_root(Certificate::from_pem(read(ca, "client CA")?)))
 }
 
@@ -90,7 +110,10 @@ pub async fn serve(
     let tls = tls_config(cfg)?;
     let store = open_store(cfg)?;
     let vault = Arc::new(Vault::new(store.clone(), cfg.vault_config()));
-    vault.unseal(kek).await.map_err(|e| format!("cannot unseal: {e}"))?;
+    vault
+        .unseal(kek)
+        .await
+        .map_err(|e| format!("cannot unseal: {e}"))?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -98,7 +121,9 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TokenServiceServer<TokenServiceImpl>>().await;
+    health
+        .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -123,17 +148,37 @@ pub async fn serve(
 
     tracing::info!(%addr, store = store.backend(), "cardvault listening");
     on_ready(addr);
-    let result = Server::builder()
+    // Graceful shutdown waits for clients to finish; a client that never
+    // does must not keep the vault (and its keys) alive forever.
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = fired_tx.send(());
+    };
+    let drain_deadline = async move {
+        match fired_rx.await {
+            Ok(()) => tokio::time::sleep(DRAIN_TIMEOUT).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let server = Server::builder()
         .tls_config(tls)
         .map_err(|e| format!("TLS configuration: {e}"))?
         .timeout(Duration::from_secs(30))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(TokenServiceServer::new(TokenServiceImpl::new(vault.clone())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-        .await
-        .map_err(|e| format!("server error: {e}"));
+        .add_service(TokenServiceServer::new(TokenServiceImpl::new(
+            vault.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
+    let result = tokio::select! {
+        r = server => r.map_err(|e| format!("server error: {e}")),
+        _ = drain_deadline => {
+            tracing::warn!(timeout_secs = DRAIN_TIMEOUT.as_secs(), "drain timeout; closing remaining connections");
+            Ok(())
+        }
+    };
     purger.abort();
     // In-flight calls have drained; wipe keys and CVVs before the store closes.
     vault.seal();

@@ -45,7 +45,9 @@ impl Token {
         }
         if let Some(rest) = input.strip_prefix(OPAQUE_PREFIX) {
             let ok = input.len() == OPAQUE_LEN
-                && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             return if ok {
                 Ok(Token(input.to_owned()))
             } else {
@@ -164,13 +166,19 @@ impl Purpose {
     pub fn parse(input: &str) -> Result<Purpose> {
         let t = input.trim();
         if t.is_empty() {
-            return Err(Error::invalid("purpose", "is required (e.g. \"authorization\")"));
+            return Err(Error::invalid(
+                "purpose",
+                "is required (e.g. \"authorization\")",
+            ));
         }
         if t.chars().count() > 200 {
             return Err(Error::invalid("purpose", "must be at most 200 characters"));
         }
         if t.chars().any(char::is_control) {
-            return Err(Error::invalid("purpose", "must not contain control characters"));
+            return Err(Error::invalid(
+                "purpose",
+                "must not contain control characters",
+            ));
         }
         if contains_card_number(t) {
             return Err(Error::invalid("purpose", "must not contain a card number"));
@@ -217,7 +225,12 @@ mod tests {
 
     #[test]
     fn format_preserving_keeps_length_last4_and_fails_luhn() {
-        for pan in ["4111111111111111", "378282246310005", "36227206271667", "6200000000000005"] {
+        for pan in [
+            "4111111111111111",
+            "378282246310005",
+            "36227206271667",
+            "6200000000000005",
+        ] {
             let pan = Pan::parse(pan).unwrap();
             for keep_bin in [false, true] {
                 for _ in 0..200 {
@@ -237,7 +250,14 @@ mod tests {
 
     #[test]
     fn token_parse_rejects_garbage_and_pans() {
-        for bad in ["", "tok_", "tok_!!!!!!!!!!!!!!!!!!!!!!", "abc", "12345", "tok_aaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+        for bad in [
+            "",
+            "tok_",
+            "tok_!!!!!!!!!!!!!!!!!!!!!!",
+            "abc",
+            "12345",
+            "tok_aaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
             assert!(Token::parse(bad).is_err(), "{bad}");
         }
         let e = Token::parse("4111111111111111").unwrap_err();
@@ -250,18 +270,29 @@ mod tests {
         assert!(Tenant::parse("demo").is_ok());
         assert!(Tenant::parse("acme-eu_2").is_ok());
         for bad in ["", "Demo", "a b", "a/b", &"x".repeat(65)] {
-            assert!(matches!(Tenant::parse(bad), Err(Error::InvalidArgument { field, .. }) if field == "tenant"));
+            assert!(
+                matches!(Tenant::parse(bad), Err(Error::InvalidArgument { field, .. }) if field == "tenant")
+            );
         }
     }
 
     #[test]
     fn purpose_rules() {
-        assert_eq!(Purpose::parse(" authorization ").unwrap().as_str(), "authorization");
+        assert_eq!(
+            Purpose::parse(" authorization ").unwrap().as_str(),
+            "authorization"
+        );
         assert!(Purpose::parse("").is_err());
         assert!(Purpose::parse("a\nb").is_err());
         assert!(Purpose::parse(&"x".repeat(201)).is_err());
         let e = Purpose::parse("refund for 4111 1111 1111 1111").unwrap_err();
-        assert_eq!(e, Error::invalid("purpose", "must not contain a card number"));
-        assert!(Purpose::parse("order 123456789012").is_ok(), "non-Luhn digits are fine");
+        assert_eq!(
+            e,
+            Error::invalid("purpose", "must not contain a card number")
+        );
+        assert!(
+            Purpose::parse("order 123456789012").is_ok(),
+            "non-Luhn digits are fine"
+        );
     }
 }

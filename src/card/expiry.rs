@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(Expiry::new(5, 2026, TODAY), Err(err.clone()));
         assert_eq!(Expiry::new(12, 2025, TODAY), Err(err.clone()));
         assert_eq!(Expiry::new(12, 25, TODAY), Err(err.clone()));
-        assert_eq!(Expiry::new(1, 0, TODAY), Err(Error::invalid("exp_year", "is required")));
+        assert_eq!(
+            Expiry::new(1, 0, TODAY),
+            Err(Error::invalid("exp_year", "is required"))
+        );
         assert_eq!(Expiry::new(1, 2000, TODAY), Err(err));
     }
 

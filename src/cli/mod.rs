@@ -14,7 +14,12 @@ use crate::proto::token_service_client::TokenServiceClient;
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// Vault address.
-    #[arg(long, env = "CARDVAULT_ADDR", default_value = "https://localhost:7443", global = true)]
+    #[arg(
+        long,
+        env = "CARDVAULT_ADDR",
+        default_value = "https://localhost:7443",
+        global = true
+    )]
     pub addr: String,
     /// CA certificate that signed the server certificate (PEM).
     #[arg(long, env = "CARDVAULT_CA", global = true)]
@@ -41,9 +46,16 @@ impl ClientOpts {
         let certs = self.dev_dir.join("certs");
         let name = self.identity.as_deref().unwrap_or(default_identity);
         let ca = self.ca.clone().unwrap_or_else(|| certs.join("ca.pem"));
-        let cert = self.cert.clone().unwrap_or_else(|| certs.join(format!("{name}.pem")));
-        let key = self.key.clone().unwrap_or_else(|| certs.join(format!("{name}.key")));
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let cert = self
+            .cert
+            .clone()
+            .unwrap_or_else(|| certs.join(format!("{name}.pem")));
+        let key = self
+            .key
+            .clone()
+            .unwrap_or_else(|| certs.join(format!("{name}.key")));
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&ca)?))
             .identity(Identity::from_pem(read(&cert)?, read(&key)?))
@@ -58,8 +70,13 @@ impl ClientOpts {
     }
 
     /// A `TokenService` client.
-    pub async fn token_client(&self, default_identity: &str) -> Result<TokenServiceClient<Channel>, String> {
-        Ok(TokenServiceClient::new(self.connect(default_identity).await?))
+    pub async fn token_client(
+        &self,
+        default_identity: &str,
+    ) -> Result<TokenServiceClient<Channel>, String> {
+        Ok(TokenServiceClient::new(
+            self.connect(default_identity).await?,
+        ))
     }
 }
 

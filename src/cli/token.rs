@@ -77,13 +77,18 @@ pub struct TokenCmd {
 
 fn parse_exp(exp: &str) -> Result<(u32, u32), String> {
     let (m, y) = exp.split_once('/').ok_or("--exp must look like MM/YYYY")?;
-    let m = m.trim().parse().map_err(|_| "--exp month is not a number")?;
+    let m = m
+        .trim()
+        .parse()
+        .map_err(|_| "--exp month is not a number")?;
     let y = y.trim().parse().map_err(|_| "--exp year is not a number")?;
     Ok((m, y))
 }
 
 fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref().map(|t| t.seconds.to_string()).unwrap_or_default()
+    t.as_ref()
+        .map(|t| t.seconds.to_string())
+        .unwrap_or_default()
 }
 
 /// Runs `tokenize`; prints the result as JSON.
@@ -92,7 +97,10 @@ pub async fn tokenize(opts: &ClientOpts, cmd: TokenizeCmd) -> Result<(), String>
         (Some(p), _) => Zeroizing::new(p),
         (None, true) => {
             let mut line = Zeroizing::new(String::new());
-            std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
             Zeroizing::new(line.trim().to_owned())
         }
         (None, false) => return Err("give --pan or --pan-stdin".into()),

@@ -43,7 +43,12 @@ pub fn key_id(envelope: &[u8]) -> Result<u32, EnvelopeError> {
     if envelope.len() < HEADER_LEN + NONCE_LEN + TAG_LEN || envelope[0] != ENVELOPE_VERSION {
         return Err(EnvelopeError::Malformed);
     }
-    Ok(u32::from_be_bytes([envelope[1], envelope[2], envelope[3], envelope[4]]))
+    Ok(u32::from_be_bytes([
+        envelope[1],
+        envelope[2],
+        envelope[3],
+        envelope[4],
+    ]))
 }
 
 /// Encrypts `secret` for (`tenant`, `token`) under data key `key_id`.
@@ -58,7 +63,12 @@ pub fn seal(dek: &Aead, key_id: u32, tenant: &str, token: &str, secret: &CardSec
 }
 
 /// Decrypts an envelope. The caller picks `dek` by [`key_id`].
-pub fn open(dek: &Aead, tenant: &str, token: &str, envelope: &[u8]) -> Result<CardSecret, EnvelopeError> {
+pub fn open(
+    dek: &Aead,
+    tenant: &str,
+    token: &str,
+    envelope: &[u8],
+) -> Result<CardSecret, EnvelopeError> {
     let kid = key_id(envelope)?;
     let plain = dek
         .open(&aad(tenant, token, kid), &envelope[HEADER_LEN..])
@@ -138,13 +148,22 @@ mod tests {
     fn bound_to_tenant_token_and_key_id() {
         let dek = Aead::new(&SecretKey::generate());
         let env = seal(&dek, 1, "acme", "tok_x", &secret());
-        assert_eq!(open(&dek, "other", "tok_x", &env).err(), Some(EnvelopeError::Authentication));
-        assert_eq!(open(&dek, "acme", "tok_y", &env).err(), Some(EnvelopeError::Authentication));
+        assert_eq!(
+            open(&dek, "other", "tok_x", &env).err(),
+            Some(EnvelopeError::Authentication)
+        );
+        assert_eq!(
+            open(&dek, "acme", "tok_y", &env).err(),
+            Some(EnvelopeError::Authentication)
+        );
         // Ambiguity check: moving a byte between tenant and token changes the AAD.
         assert!(open(&dek, "acm", "etok_x", &env).is_err());
         let mut relabelled = env.clone();
         relabelled[4] = 2;
-        assert_eq!(open(&dek, "acme", "tok_x", &relabelled).err(), Some(EnvelopeError::Authentication));
+        assert_eq!(
+            open(&dek, "acme", "tok_x", &relabelled).err(),
+            Some(EnvelopeError::Authentication)
+        );
     }
 
     #[test]
@@ -154,7 +173,10 @@ mod tests {
         for i in 0..env.len() {
             let mut bad = env.clone();
             bad[i] ^= 0x01;
-            assert!(open(&dek, "acme", "tok_x", &bad).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                open(&dek, "acme", "tok_x", &bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
         assert_eq!(key_id(&env[..10]), Err(EnvelopeError::Malformed));
     }

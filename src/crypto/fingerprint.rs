@@ -36,8 +36,17 @@ mod tests {
     fn deterministic_per_key_and_different_across_keys() {
         let a = FingerprintKey::new(&SecretKey::generate());
         let b = FingerprintKey::new(&SecretKey::generate());
-        assert_eq!(a.fingerprint("4111111111111111"), a.fingerprint("4111111111111111"));
-        assert_ne!(a.fingerprint("4111111111111111"), a.fingerprint("4012888888881881"));
-        assert_ne!(a.fingerprint("4111111111111111"), b.fingerprint("4111111111111111"));
+        assert_eq!(
+            a.fingerprint("4111111111111111"),
+            a.fingerprint("4111111111111111")
+        );
+        assert_ne!(
+            a.fingerprint("4111111111111111"),
+            a.fingerprint("4012888888881881")
+        );
+        assert_ne!(
+            a.fingerprint("4111111111111111"),
+            b.fingerprint("4111111111111111")
+        );
     }
 }

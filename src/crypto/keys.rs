@@ -169,7 +169,10 @@ mod tests {
         let kek = Aead::new(&SecretKey::generate());
         let dek = SecretKey::generate();
         let w = wrap_key(&kek, "tenant/a/dek/1", &dek);
-        assert_eq!(unwrap_key(&kek, "tenant/a/dek/1", &w).unwrap().expose(), dek.expose());
+        assert_eq!(
+            unwrap_key(&kek, "tenant/a/dek/1", &w).unwrap().expose(),
+            dek.expose()
+        );
         assert!(unwrap_key(&kek, "tenant/b/dek/1", &w).is_err());
         let other = Aead::new(&SecretKey::generate());
         assert!(unwrap_key(&other, "tenant/a/dek/1", &w).is_err());

@@ -29,10 +29,14 @@ pub fn principal_from_cert(der: &[u8]) -> Option<String> {
 /// A caller-supplied `x-request-id` if it is short and plain, otherwise a
 /// fresh random one (so a hostile id cannot inject text into logs).
 fn request_id<T>(req: &Request<T>) -> String {
-    if let Some(v) = req.metadata().get("x-request-id").and_then(|v| v.to_str().ok())
+    if let Some(v) = req
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
         && !v.is_empty()
         && v.len() <= 64
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
         return v.to_owned();
     }

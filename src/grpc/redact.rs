@@ -12,7 +12,11 @@ use crate::proto::{
 
 /// A field's presence, never its value.
 fn secret(s: &str) -> &'static str {
-    if s.is_empty() { "<empty>" } else { "<redacted>" }
+    if s.is_empty() {
+        "<empty>"
+    } else {
+        "<redacted>"
+    }
 }
 
 fn opt_secret(s: &Option<String>) -> &'static str {
@@ -134,7 +138,11 @@ mod tests {
                 })),
             }],
         };
-        for text in [format!("{req:?}"), format!("{batch:?}"), format!("{resp:?}")] {
+        for text in [
+            format!("{req:?}"),
+            format!("{batch:?}"),
+            format!("{resp:?}"),
+        ] {
             assert!(!text.contains("4111"), "{text}");
             assert!(!text.contains("737"), "{text}");
             assert!(!text.contains("Lovelace"), "{text}");

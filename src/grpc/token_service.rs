@@ -47,7 +47,12 @@ fn parse_card(
         Some(c) if !c.is_empty() => Some(Cvv::parse(c, pan.brand())?),
         _ => None,
     };
-    Ok(NewCard { pan, expiry, name, cvv })
+    Ok(NewCard {
+        pan,
+        expiry,
+        name,
+        cvv,
+    })
 }
 
 fn wipe(pan: &mut String, name: &mut Option<String>, cvv: &mut Option<String>) {
@@ -63,8 +68,12 @@ fn wipe(pan: &mut String, name: &mut Option<String>, cvv: &mut Option<String>) {
 fn format_of(value: i32) -> Result<TokenFormat> {
     match proto::TokenFormat::try_from(value) {
         Ok(proto::TokenFormat::Unspecified | proto::TokenFormat::Opaque) => Ok(TokenFormat::Opaque),
-        Ok(proto::TokenFormat::FormatPreserving) => Ok(TokenFormat::FormatPreserving { keep_bin: false }),
-        Ok(proto::TokenFormat::FormatPreservingKeepBin) => Ok(TokenFormat::FormatPreserving { keep_bin: true }),
+        Ok(proto::TokenFormat::FormatPreserving) => {
+            Ok(TokenFormat::FormatPreserving { keep_bin: false })
+        }
+        Ok(proto::TokenFormat::FormatPreservingKeepBin) => {
+            Ok(TokenFormat::FormatPreserving { keep_bin: true })
+        }
         Err(_) => Err(crate::Error::invalid("format", "unknown token format")),
     }
 }
@@ -102,7 +111,11 @@ fn detokenize_response(card: Card) -> proto::DetokenizeResponse {
         pan: card.pan.expose().to_owned(),
         exp_month: card.exp_month,
         exp_year: card.exp_year,
-        cardholder_name: card.name.as_ref().map(|n| n.expose().to_owned()).unwrap_or_default(),
+        cardholder_name: card
+            .name
+            .as_ref()
+            .map(|n| n.expose().to_owned())
+            .unwrap_or_default(),
         cvv,
         cvv_status: cvv_status as i32,
         brand: card.brand.as_str().to_owned(),
@@ -111,7 +124,10 @@ fn detokenize_response(card: Card) -> proto::DetokenizeResponse {
 
 #[tonic::async_trait]
 impl TokenService for TokenServiceImpl {
-    async fn tokenize(&self, request: Request<proto::TokenizeRequest>) -> Result<Response<proto::TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        request: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
         let ctx = context_of(&request);
         let mut req = request.into_inner();
         let parsed = parse_card(
@@ -161,7 +177,10 @@ impl TokenService for TokenServiceImpl {
             format: format_of(req.format)?,
             dedupe: req.dedupe,
         };
-        let results = self.vault.tokenize_batch(&ctx, &tenant, cards, opts).await?;
+        let results = self
+            .vault
+            .tokenize_batch(&ctx, &tenant, cards, opts)
+            .await?;
         let results = references
             .into_iter()
             .zip(results)
@@ -205,7 +224,8 @@ impl TokenService for TokenServiceImpl {
             .into_iter()
             .enumerate()
             .map(|(i, item)| {
-                let token = Token::parse(&item.token).map_err(|e| e.in_field(&format!("items[{i}]")));
+                let token =
+                    Token::parse(&item.token).map_err(|e| e.in_field(&format!("items[{i}]")));
                 (item.reference, token)
             })
             .unzip();
@@ -219,7 +239,9 @@ impl TokenService for TokenServiceImpl {
             .map(|(reference, r)| proto::DetokenizeBatchResult {
                 reference,
                 result: Some(match r {
-                    Ok(card) => proto::detokenize_batch_result::Result::Ok(detokenize_response(card)),
+                    Ok(card) => {
+                        proto::detokenize_batch_result::Result::Ok(detokenize_response(card))
+                    }
                     Err(e) => proto::detokenize_batch_result::Result::Error(item_error(&e)),
                 }),
             })

@@ -30,7 +30,10 @@ pub fn sample(tenant: &str, token: &str, fingerprint: u8) -> StoredRecord {
 /// Insert then get returns the same record; a missing token reads as `None`.
 pub async fn insert_and_get(store: &dyn Store) {
     let r = sample("acme", "tok_a", 1);
-    assert_eq!(store.insert(&r, false).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(
+        store.insert(&r, false).await.unwrap(),
+        InsertOutcome::Inserted
+    );
     assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
     assert_eq!(store.get("acme", "tok_missing").await.unwrap(), None);
 }
@@ -41,10 +44,28 @@ pub async fn tenants_are_isolated(store: &dyn Store) {
     let a = sample("acme", "tok_same", 1);
     let mut b = sample("globex", "tok_same", 1);
     b.last4 = "4444".into();
-    assert_eq!(store.insert(&a, false).await.unwrap(), InsertOutcome::Inserted);
-    assert_eq!(store.insert(&b, true).await.unwrap(), InsertOutcome::Inserted, "dedupe must not cross tenants");
-    assert_eq!(store.get("acme", "tok_same").await.unwrap().unwrap().last4, "1111");
-    assert_eq!(store.get("globex", "tok_same").await.unwrap().unwrap().last4, "4444");
+    assert_eq!(
+        store.insert(&a, false).await.unwrap(),
+        InsertOutcome::Inserted
+    );
+    assert_eq!(
+        store.insert(&b, true).await.unwrap(),
+        InsertOutcome::Inserted,
+        "dedupe must not cross tenants"
+    );
+    assert_eq!(
+        store.get("acme", "tok_same").await.unwrap().unwrap().last4,
+        "1111"
+    );
+    assert_eq!(
+        store
+            .get("globex", "tok_same")
+            .await
+            .unwrap()
+            .unwrap()
+            .last4,
+        "4444"
+    );
     assert_eq!(store.count(Some("acme")).await.unwrap(), 1);
     assert_eq!(store.count(Some("globex")).await.unwrap(), 1);
     assert_eq!(store.count(None).await.unwrap(), 2);
@@ -60,7 +81,10 @@ pub async fn duplicate_token_is_refused(store: &dyn Store) {
     let r = sample("acme", "tok_a", 1);
     store.insert(&r, false).await.unwrap();
     let other = sample("acme", "tok_a", 2);
-    assert_eq!(store.insert(&other, false).await.unwrap(), InsertOutcome::TokenTaken);
+    assert_eq!(
+        store.insert(&other, false).await.unwrap(),
+        InsertOutcome::TokenTaken
+    );
     assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
 }
 
@@ -76,9 +100,15 @@ pub async fn dedupe_by_fingerprint(store: &dyn Store) {
     );
     assert_eq!(store.get("acme", "tok_second").await.unwrap(), None);
     let third = sample("acme", "tok_third", 7);
-    assert_eq!(store.insert(&third, false).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(
+        store.insert(&third, false).await.unwrap(),
+        InsertOutcome::Inserted
+    );
     let fourth = sample("acme", "tok_fourth", 7);
-    assert_eq!(store.insert(&fourth, true).await.unwrap(), InsertOutcome::Deduplicated(first));
+    assert_eq!(
+        store.insert(&fourth, true).await.unwrap(),
+        InsertOutcome::Deduplicated(first)
+    );
 }
 
 /// Deleting the indexed record frees the fingerprint for dedupe.
@@ -86,10 +116,16 @@ pub async fn delete_removes_record_and_index(store: &dyn Store) {
     let first = sample("acme", "tok_first", 9);
     store.insert(&first, true).await.unwrap();
     assert!(store.delete("acme", "tok_first").await.unwrap());
-    assert!(!store.delete("acme", "tok_first").await.unwrap(), "delete is idempotent");
+    assert!(
+        !store.delete("acme", "tok_first").await.unwrap(),
+        "delete is idempotent"
+    );
     assert_eq!(store.get("acme", "tok_first").await.unwrap(), None);
     let next = sample("acme", "tok_next", 9);
-    assert_eq!(store.insert(&next, true).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(
+        store.insert(&next, true).await.unwrap(),
+        InsertOutcome::Inserted
+    );
 }
 
 /// Update replaces an existing record and refuses a missing one.
@@ -107,14 +143,32 @@ pub async fn update_replaces(store: &dyn Store) {
 /// Key table: first writer wins, later writers get the winner's value;
 /// listing is by prefix and sorted.
 pub async fn key_table(store: &dyn Store) {
-    assert_eq!(store.get_key("tenant/a/dek/0000000001").await.unwrap(), None);
-    assert_eq!(store.put_key_if_absent("tenant/a/dek/0000000001", b"one").await.unwrap(), None);
     assert_eq!(
-        store.put_key_if_absent("tenant/a/dek/0000000001", b"two").await.unwrap(),
+        store.get_key("tenant/a/dek/0000000001").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .put_key_if_absent("tenant/a/dek/0000000001", b"one")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .put_key_if_absent("tenant/a/dek/0000000001", b"two")
+            .await
+            .unwrap(),
         Some(b"one".to_vec())
     );
-    store.put_key_if_absent("tenant/a/dek/0000000002", b"2").await.unwrap();
-    store.put_key_if_absent("tenant/ab/dek/0000000001", b"x").await.unwrap();
+    store
+        .put_key_if_absent("tenant/a/dek/0000000002", b"2")
+        .await
+        .unwrap();
+    store
+        .put_key_if_absent("tenant/ab/dek/0000000001", b"x")
+        .await
+        .unwrap();
     let listed = store.list_keys("tenant/a/").await.unwrap();
     assert_eq!(
         listed,
@@ -123,7 +177,10 @@ pub async fn key_table(store: &dyn Store) {
             ("tenant/a/dek/0000000002".to_string(), b"2".to_vec()),
         ]
     );
-    assert_eq!(store.get_key("tenant/ab/dek/0000000001").await.unwrap(), Some(b"x".to_vec()));
+    assert_eq!(
+        store.get_key("tenant/ab/dek/0000000001").await.unwrap(),
+        Some(b"x".to_vec())
+    );
 }
 
 /// Many concurrent inserts (the group-commit path) all land, each exactly once;
@@ -158,7 +215,11 @@ pub async fn concurrent_writers(store: Arc<dyn Store>) {
     for t in racers {
         winners.insert(t.await.unwrap());
     }
-    assert_eq!(winners.len(), 1, "dedupe race produced several tokens: {winners:?}");
+    assert_eq!(
+        winners.len(),
+        1,
+        "dedupe race produced several tokens: {winners:?}"
+    );
     assert_eq!(store.count(Some("race")).await.unwrap(), 1);
 }
 

@@ -58,7 +58,8 @@ fn fingerprint_key(tenant: &str, fp: &[u8]) -> Vec<u8> {
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredRecord> {
-    StoredRecord::decode(bytes).map_err(|_| Error::DataLoss("stored record could not be decoded".into()))
+    StoredRecord::decode(bytes)
+        .map_err(|_| Error::DataLoss("stored record could not be decoded".into()))
 }
 
 impl SledStore {
@@ -135,11 +136,15 @@ impl Store for SledStore {
         let value = record.encode_to_vec();
         let res = (&self.records, &self.fingerprints).transaction(|(records, fps)| {
             let indexed = match fps.get(&fkey)? {
-                Some(tok) => records.get(record_key(&record.tenant, &String::from_utf8_lossy(&tok)))?,
+                Some(tok) => {
+                    records.get(record_key(&record.tenant, &String::from_utf8_lossy(&tok)))?
+                }
                 None => None,
             };
             if dedupe && let Some(existing) = indexed.clone() {
-                return Err(ConflictableTransactionError::Abort(Abort::Deduplicated(existing.to_vec())));
+                return Err(ConflictableTransactionError::Abort(Abort::Deduplicated(
+                    existing.to_vec(),
+                )));
             }
             if records.get(&rkey)?.is_some() {
                 return Err(ConflictableTransactionError::Abort(Abort::TokenTaken));
@@ -164,7 +169,11 @@ impl Store for SledStore {
     }
 
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
-        match self.records.get(record_key(tenant, token)).map_err(unavailable)? {
+        match self
+            .records
+            .get(record_key(tenant, token))
+            .map_err(unavailable)?
+        {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
@@ -198,7 +207,10 @@ impl Store for SledStore {
             // (harmless: lookups through it find no record).
             if let Ok(rec) = StoredRecord::decode(&old[..]) {
                 let fkey = fingerprint_key(tenant, &rec.fingerprint);
-                if fps.get(&fkey)?.is_some_and(|t| t.as_ref() == token.as_bytes()) {
+                if fps
+                    .get(&fkey)?
+                    .is_some_and(|t| t.as_ref() == token.as_bytes())
+                {
                     fps.remove(fkey)?;
                 }
             }
@@ -222,7 +234,11 @@ impl Store for SledStore {
     }
 
     async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.keys.get(name).map_err(unavailable)?.map(|v| v.to_vec()))
+        Ok(self
+            .keys
+            .get(name)
+            .map_err(unavailable)?
+            .map(|v| v.to_vec()))
     }
 
     async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {

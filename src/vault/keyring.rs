@@ -75,13 +75,21 @@ impl Keyring {
     /// Forgets a tenant's cached keys so the next use reloads them from the
     /// store (another replica may have added a version).
     pub fn invalidate(&self, tenant: &str) {
-        self.tenants.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
     }
 
     /// The tenant's keys. With `create`, a tenant without keys gets its first
     /// data key and fingerprint key; without it, such a tenant is `NotFound`
     /// (it cannot own any record).
-    pub async fn tenant(&self, store: &dyn Store, tenant: &str, create: bool) -> Result<Arc<TenantKeys>> {
+    pub async fn tenant(
+        &self,
+        store: &dyn Store,
+        tenant: &str,
+        create: bool,
+    ) -> Result<Arc<TenantKeys>> {
         if let Some(k) = self.cached(tenant) {
             return Ok(k);
         }
@@ -95,10 +103,16 @@ impl Keyring {
             // race here; put_key_if_absent makes them all adopt the winner's key.
             let name = dek_name(tenant, 1);
             let fresh = wrap_key(&self.kek, &name, &SecretKey::generate());
-            let dek = store.put_key_if_absent(&name, &fresh).await?.unwrap_or(fresh);
+            let dek = store
+                .put_key_if_absent(&name, &fresh)
+                .await?
+                .unwrap_or(fresh);
             let fname = fpk_name(tenant);
             let fresh = wrap_key(&self.kek, &fname, &SecretKey::generate());
-            let fpk = store.put_key_if_absent(&fname, &fresh).await?.unwrap_or(fresh);
+            let fpk = store
+                .put_key_if_absent(&fname, &fresh)
+                .await?
+                .unwrap_or(fresh);
             if wrapped.is_empty() {
                 wrapped.push((name, dek));
             }
@@ -115,10 +129,17 @@ impl Keyring {
             deks.insert(version, Aead::new(&key));
         }
         let fname = fpk_name(tenant);
-        let fpk = unwrap_key(&self.kek, &fname, wrapped_fpk.as_deref().unwrap_or_default())
-            .map_err(|_| corrupt_key(&fname))?;
+        let fpk = unwrap_key(
+            &self.kek,
+            &fname,
+            wrapped_fpk.as_deref().unwrap_or_default(),
+        )
+        .map_err(|_| corrupt_key(&fname))?;
         let keys = Arc::new(TenantKeys {
-            active: *deks.keys().next_back().ok_or_else(|| corrupt_key(&dek_prefix(tenant)))?,
+            active: *deks
+                .keys()
+                .next_back()
+                .ok_or_else(|| corrupt_key(&dek_prefix(tenant)))?,
             deks,
             fingerprint: FingerprintKey::new(&fpk),
         });

@@ -187,7 +187,10 @@ impl Vault {
 
     /// Whether the vault holds no keys.
     pub fn is_sealed(&self) -> bool {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 
     fn keyring(&self) -> Result<Arc<Keyring>> {
@@ -242,7 +245,12 @@ impl Vault {
             pan: zeroize::Zeroizing::new(card.pan.expose().to_owned()),
             exp_month: card.expiry.month(),
             exp_year: card.expiry.year(),
-            name: zeroize::Zeroizing::new(card.name.as_ref().map(|n| n.expose().to_owned()).unwrap_or_default()),
+            name: zeroize::Zeroizing::new(
+                card.name
+                    .as_ref()
+                    .map(|n| n.expose().to_owned())
+                    .unwrap_or_default(),
+            ),
         };
         for _ in 0..TOKEN_ATTEMPTS {
             let token = Token::generate(opts.format, &card.pan);
@@ -257,7 +265,13 @@ impl Vault {
                 fingerprint: fingerprint.to_vec(),
                 created_at_ms: now_ms(),
                 key_version: keys.active,
-                envelope: envelope::seal(dek, keys.active, tenant.as_str(), token.as_str(), &secret),
+                envelope: envelope::seal(
+                    dek,
+                    keys.active,
+                    tenant.as_str(),
+                    token.as_str(),
+                    &secret,
+                ),
             };
             // The CVV is held before the record is written, so a full holder
             // fails the call before it leaves a token behind.
@@ -311,9 +325,11 @@ impl Vault {
     ) -> Result<Vec<Result<CardMetadata>>> {
         check_batch_size(items.len())?;
         self.keyring()?;
-        Ok(join_all(items.into_iter().map(|item| async move {
-            self.tokenize(ctx, tenant, item?, opts).await
-        }))
+        Ok(join_all(
+            items
+                .into_iter()
+                .map(|item| async move { self.tokenize(ctx, tenant, item?, opts).await }),
+        )
         .await)
     }
 
@@ -342,7 +358,13 @@ impl Vault {
         result
     }
 
-    async fn read_card(&self, keyring: &Keyring, tenant: &Tenant, token: &Token, include_cvv: bool) -> Result<Card> {
+    async fn read_card(
+        &self,
+        keyring: &Keyring,
+        tenant: &Tenant,
+        token: &Token,
+        include_cvv: bool,
+    ) -> Result<Card> {
         let rec = self
             .store
             .get(tenant.as_str(), token.as_str())
@@ -362,7 +384,8 @@ impl Vault {
         let secret = envelope::open(dek, tenant.as_str(), token.as_str(), &rec.envelope)
             .map_err(|_| integrity("failed authentication"))?;
         let pan = Pan::parse(&secret.pan).map_err(|_| integrity("holds an invalid card number"))?;
-        let name = CardholderName::parse(&secret.name).map_err(|_| integrity("holds an invalid name"))?;
+        let name =
+            CardholderName::parse(&secret.name).map_err(|_| integrity("holds an invalid name"))?;
         let cvv = if include_cvv {
             match self.cvv.take(tenant.as_str(), token.as_str()) {
                 Some(c) => CvvOutcome::Returned(c),
@@ -394,13 +417,19 @@ impl Vault {
         check_batch_size(tokens.len())?;
         self.keyring()?;
         Ok(join_all(tokens.into_iter().map(|t| async move {
-            self.detokenize(ctx, tenant, &t?, purpose, include_cvv).await
+            self.detokenize(ctx, tenant, &t?, purpose, include_cvv)
+                .await
         }))
         .await)
     }
 
     /// Non-sensitive facts about a token; no decryption.
-    pub async fn metadata(&self, ctx: &CallContext, tenant: &Tenant, token: &Token) -> Result<CardMetadata> {
+    pub async fn metadata(
+        &self,
+        ctx: &CallContext,
+        tenant: &Tenant,
+        token: &Token,
+    ) -> Result<CardMetadata> {
         self.keyring()?;
         let rec = self
             .store
@@ -408,7 +437,11 @@ impl Vault {
             .await?
             .ok_or(Error::NotFound)?;
         tracing::debug!(request_id = %ctx.request_id, principal = %ctx.principal, tenant = %tenant, token = %token, "metadata");
-        Ok(metadata_of(&rec, self.cvv.is_held(tenant.as_str(), token.as_str()), false))
+        Ok(metadata_of(
+            &rec,
+            self.cvv.is_held(tenant.as_str(), token.as_str()),
+            false,
+        ))
     }
 
     /// Deletes (redacts) a token: the record, its index entry and any held
@@ -427,7 +460,10 @@ fn check_batch_size(n: usize) -> Result<()> {
         return Err(Error::invalid("items", "must not be empty"));
     }
     if n > MAX_BATCH {
-        return Err(Error::invalid("items", format!("at most {MAX_BATCH} items per call, got {n}")));
+        return Err(Error::invalid(
+            "items",
+            format!("at most {MAX_BATCH} items per call, got {n}"),
+        ));
     }
     Ok(())
 }

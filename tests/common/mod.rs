@@ -1,0 +1,182 @@
+//! Test harness: runs the real `cardvault` binary in dev mode on a free
+//! loopback port with its own data directory, and builds mTLS clients from
+//! the certificates it generates.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cardvault::proto::token_service_client::TokenServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// A running vault process.
+pub struct VaultProcess {
+    pub child: Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub stderr_log: PathBuf,
+    pub stdout_log: PathBuf,
+}
+
+/// Options for starting a vault.
+#[derive(Default, Clone)]
+pub struct Opts {
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl VaultProcess {
+    /// Starts `cardvault dev` on `data_dir` (created if missing).
+    pub fn start(data_dir: &Path, opts: &Opts) -> VaultProcess {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let n = std::fs::read_dir(data_dir).unwrap().count();
+        let stderr_log = data_dir.with_extension(format!("stderr.{n}.log"));
+        let stdout_log = data_dir.with_extension(format!("stdout.{n}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardvault"));
+        cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("CARDVAULT_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn cardvault");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_path = stdout_log.clone();
+        std::thread::spawn(move || {
+            let mut log = std::fs::File::create(log_path).unwrap();
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(log, "{line}");
+                if !sent && let Some(addr) = line.strip_prefix("cardvault listening on ") {
+                    let _ = tx.send(addr.to_string());
+                    sent = true;
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "vault did not start; stderr:\n{}",
+                    std::fs::read_to_string(&stderr_log).unwrap_or_default()
+                );
+            }
+        };
+        VaultProcess {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            stderr_log,
+            stdout_log,
+        }
+    }
+
+    /// mTLS channel using the dev certificate `identity` (e.g. "merchant").
+    pub async fn channel(&self, identity: &str) -> Channel {
+        let certs = self.data_dir.join("certs");
+        let read = |n: &str| std::fs::read(certs.join(n)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")))
+            .identity(Identity::from_pem(
+                read(&format!("{identity}.pem")),
+                read(&format!("{identity}.key")),
+            ))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A TokenService client as `identity`.
+    pub async fn client(&self, identity: &str) -> TokenServiceClient<Channel> {
+        TokenServiceClient::new(self.channel(identity).await)
+    }
+
+    /// Graceful stop (SIGTERM) and wait. Async so the test's runtime keeps
+    /// driving client connections while the server drains them.
+    pub async fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = self.wait().await;
+        assert!(status.success(), "vault exited with {status}");
+    }
+
+    async fn wait(&mut self) -> std::process::ExitStatus {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("vault did not exit within 30 s");
+    }
+
+    /// Abrupt stop (SIGKILL) and wait.
+    pub async fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.wait().await;
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+            + &std::fs::read_to_string(&self.stdout_log).unwrap_or_default()
+    }
+}
+
+impl Drop for VaultProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A future expiry year, so tests do not rot.
+pub fn exp_year() -> u32 {
+    cardvault::card::YearMonth::now_utc().year + 3
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// True when `needle` occurs in `hay`.
+pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// True when `needle` occurs in `hay` not adjacent to another letter or
+/// digit (for short numbers such as a CVV, which could otherwise match
+/// inside timestamps or hex ids).
+pub fn contains_standalone(hay: &str, needle: &str) -> bool {
+    hay.match_indices(needle).any(|(i, _)| {
+        let before = hay[..i].chars().next_back();
+        let after = hay[i + needle.len()..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_alphanumeric())
+            && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+    })
+}

@@ -1,0 +1,14 @@
+//! The Store conformance suite against the sled backend.
+
+use std::sync::Arc;
+
+use cardvault::store::Store;
+use cardvault::store::sled::SledStore;
+
+fn sled_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    (Arc::new(store), dir)
+}
+
+cardvault::store_conformance_tests!(sled_store);

@@ -1,0 +1,181 @@
+//! The Vault core without gRPC: sealing, KEK checks and tenant binding.
+
+use std::sync::Arc;
+
+use cardvault::card::{Expiry, Pan, YearMonth};
+use cardvault::crypto::keys::SecretKey;
+use cardvault::store::Store;
+use cardvault::store::sled::SledStore;
+use cardvault::token::{Purpose, Tenant, Token};
+use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig};
+use cardvault::{Error, card::Cvv};
+
+fn new_card(pan: &str) -> NewCard {
+    let today = YearMonth::now_utc();
+    NewCard {
+        pan: Pan::parse(pan).unwrap(),
+        expiry: Expiry::new(12, today.year + 2, today).unwrap(),
+        name: None,
+        cvv: None,
+    }
+}
+
+fn vault(dir: &std::path::Path) -> (Vault, Arc<dyn Store>) {
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).unwrap());
+    (Vault::new(store.clone(), VaultConfig::default()), store)
+}
+
+fn t(name: &str) -> Tenant {
+    Tenant::parse(name).unwrap()
+}
+
+#[tokio::test]
+async fn sealed_vault_refuses_every_data_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, _) = vault(dir.path());
+    let ctx = CallContext::default();
+    assert!(v.is_sealed());
+    let tok = Token::parse("tok_AAAAAAAAAAAAAAAAAAAAAA").unwrap();
+    let purpose = Purpose::parse("test").unwrap();
+    assert_eq!(
+        v.tokenize(
+            &ctx,
+            &t("a"),
+            new_card("4111111111111111"),
+            TokenizeOptions::default()
+        )
+        .await
+        .err(),
+        Some(Error::Sealed)
+    );
+    assert!(matches!(
+        v.detokenize(&ctx, &t("a"), &tok, &purpose, false).await,
+        Err(Error::Sealed)
+    ));
+    assert_eq!(
+        v.metadata(&ctx, &t("a"), &tok).await.err(),
+        Some(Error::Sealed)
+    );
+    assert_eq!(
+        v.delete(&ctx, &t("a"), &tok).await.err(),
+        Some(Error::Sealed)
+    );
+    assert_eq!(
+        v.tokenize_batch(
+            &ctx,
+            &t("a"),
+            vec![Ok(new_card("4111111111111111"))],
+            TokenizeOptions::default()
+        )
+        .await
+        .err(),
+        Some(Error::Sealed)
+    );
+}
+
+#[tokio::test]
+async fn a_different_kek_is_refused_and_seal_wipes_cvvs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, _) = vault(dir.path());
+    let kek = SecretKey::generate();
+    v.unseal(kek.clone()).await.unwrap();
+    let ctx = CallContext::default();
+    let mut card = new_card("4111111111111111");
+    card.cvv = Some(Cvv::parse("123", cardvault::card::Brand::Visa).unwrap());
+    v.tokenize(&ctx, &t("a"), card, TokenizeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(v.cvv_holder().len(), 1);
+    v.seal();
+    assert!(v.is_sealed());
+    assert!(v.cvv_holder().is_empty(), "seal must wipe held CVVs");
+    let err = v.unseal(SecretKey::generate()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref field, .. } if field == "key"),
+        "{err:?}"
+    );
+    assert!(v.is_sealed());
+    v.unseal(kek).await.unwrap();
+    assert!(!v.is_sealed());
+}
+
+/// Even if the policy layer were bypassed and a record were copied under
+/// another tenant's storage key, the AEAD associated data (tenant | token |
+/// key id) and the per-tenant data key make decryption fail.
+#[tokio::test]
+async fn a_record_copied_into_another_tenant_does_not_decrypt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = vault(dir.path());
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let ctx = CallContext::default();
+    let a = v
+        .tokenize(
+            &ctx,
+            &t("alpha"),
+            new_card("4111111111111111"),
+            TokenizeOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Give tenant beta keys of its own.
+    v.tokenize(
+        &ctx,
+        &t("beta"),
+        new_card("5555555555554444"),
+        TokenizeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut copied = store.get("alpha", &a.token).await.unwrap().unwrap();
+    copied.tenant = "beta".into();
+    store.insert(&copied, false).await.unwrap();
+    let tok = Token::parse(&a.token).unwrap();
+    let purpose = Purpose::parse("attack").unwrap();
+    let err = v
+        .detokenize(&ctx, &t("beta"), &tok, &purpose, false)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::DataLoss(_)), "{err}");
+    // The original still reads in its own tenant.
+    let card = v
+        .detokenize(&ctx, &t("alpha"), &tok, &purpose, false)
+        .await
+        .unwrap();
+    assert_eq!(card.pan.expose(), "4111111111111111");
+    // And a tenant that never had keys cannot own a record at all.
+    let err = v
+        .detokenize(&ctx, &t("gamma"), &tok, &purpose, false)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err, Error::NotFound);
+}
+
+#[tokio::test]
+async fn concurrent_first_use_of_a_tenant_agrees_on_one_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = vault(dir.path());
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let v = Arc::new(v);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            v.tokenize(
+                &CallContext::default(),
+                &t("fresh"),
+                new_card("4111111111111111"),
+                TokenizeOptions::default(),
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut fps = std::collections::HashSet::new();
+    for task in tasks {
+        fps.insert(task.await.unwrap().fingerprint);
+    }
+    assert_eq!(fps.len(), 1, "one fingerprint key per tenant");
+    assert_eq!(store.list_keys("tenant/fresh/dek/").await.unwrap().len(), 1);
+}
