@@ -20,6 +20,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// TLS files.
     pub tls: TlsConfig,
+    /// Policy file mapping principals to roles and tenants (`CARDVAULT_POLICY`).
+    /// Required: the vault refuses to start without one.
+    pub policy: Option<PathBuf>,
     /// CVV holder limits.
     pub cvv: CvvConfig,
     /// Where the key-encrypting key comes from.
@@ -104,6 +107,7 @@ impl Default for Config {
             listen: "127.0.0.1:7443".parse().expect("valid default address"),
             data_dir: PathBuf::from("./cardvault-data"),
             tls: TlsConfig::default(),
+            policy: None,
             cvv: CvvConfig::default(),
             keys: KeysConfig::default(),
             log: LogConfig::default(),
@@ -161,6 +165,9 @@ impl Config {
         }
         if let Some(v) = get("CARDVAULT_TLS_CLIENT_CA") {
             self.tls.client_ca = Some(v.into());
+        }
+        if let Some(v) = get("CARDVAULT_POLICY") {
+            self.policy = Some(v.into());
         }
         if let Some(v) = env_parse("CARDVAULT_CVV_TTL_SECS", get)? {
             self.cvv.ttl_secs = v;

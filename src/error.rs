@@ -19,6 +19,9 @@ pub enum Error {
     /// The token does not exist *for this tenant*. Deliberately the same for a
     /// missing token and another tenant's token, so there is no existence oracle.
     NotFound,
+    /// The caller could not be identified (no certificate, or a principal
+    /// the policy does not know).
+    Unauthenticated(String),
     /// The caller is not allowed to perform this operation.
     PermissionDenied(String),
     /// The vault holds no keys (sealed); data operations cannot run.
@@ -61,6 +64,7 @@ impl fmt::Display for Error {
         match self {
             Error::InvalidArgument { field, reason } => write!(f, "{field}: {reason}"),
             Error::NotFound => f.write_str("token not found"),
+            Error::Unauthenticated(m) => write!(f, "unauthenticated: {m}"),
             Error::PermissionDenied(m) => write!(f, "permission denied: {m}"),
             Error::Sealed => f.write_str("vault is sealed"),
             Error::ResourceExhausted(m) => write!(f, "resource exhausted: {m}"),

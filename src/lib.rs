@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod card;
 pub mod cli;
 pub mod config;
@@ -46,6 +47,7 @@ pub mod pki;
 pub mod server;
 
 pub mod store;
+pub mod tls;
 pub mod token;
 pub mod vault;
 

@@ -82,7 +82,8 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
         "\n=== cardvault DEV MODE: INSECURE ===\n\
          The key-encrypting key is stored in {kek}. Anyone who can read that\n\
          directory can decrypt every card. Never use dev mode for real cards.\n\n\
-         Client certificates in {c} (any of them is accepted until roles are enforced):",
+         Client certificates in {c}, with roles from {policy}:",
+        policy = data_dir.join("policy.toml").display(),
         kek = data_dir.join("dev-kek.hex").display()
     );
     for client in DEV_CLIENTS {
@@ -125,6 +126,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             cfg.tls.cert = Some(pki.server_cert());
             cfg.tls.key = Some(pki.server_key());
             cfg.tls.client_ca = Some(pki.ca());
+            let policy = data_dir.join("policy.toml");
+            if !policy.exists() {
+                std::fs::write(&policy, cardvault::pki::dev_policy_toml())
+                    .map_err(|e| format!("cannot write {}: {e}", policy.display()))?;
+            }
+            cfg.policy = Some(policy);
             init_logging(&cfg);
             let kek = server::dev_kek(&data_dir)?;
             tracing::warn!(

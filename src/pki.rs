@@ -173,3 +173,26 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, String> {
     }
     Ok(pki)
 }
+
+/// The policy `cardvault dev` writes (once) for the dev identities: each
+/// gets exactly its role and tenant; budgets are generous so benchmarks run.
+pub fn dev_policy_toml() -> String {
+    let mut out = String::from(
+        "# cardvault dev policy (generated). Edit and send SIGHUP to reload.\n\
+         [defaults]\ndetokenize_per_second = 100000\ndetokenize_burst = 100000\n",
+    );
+    for c in DEV_CLIENTS {
+        let tenants = if c.tenant.is_empty() {
+            "\"*\"".to_string()
+        } else {
+            format!("\"{}\"", c.tenant)
+        };
+        out.push_str(&format!(
+            "\n[[principal]]\nname = \"{}\"\nroles = [\"{}\"]\ntenants = [{}]\n",
+            dev_principal(c),
+            c.role,
+            tenants
+        ));
+    }
+    out
+}

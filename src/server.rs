@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
+use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::crypto::keys::SecretKey;
 use crate::grpc::token_service::TokenServiceImpl;
@@ -74,7 +74,7 @@ pub fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
     Ok(Arc::new(store))
 }
 
-fn tls_config(cfg: &Config) -> Result<ServerTlsConfig, String> {
+fn tls_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
     let missing = |name: &str| {
         format!(
             "tls.{name} is required (or CARDVAULT_TLS_{})",
@@ -88,14 +88,36 @@ fn tls_config(cfg: &Config) -> Result<ServerTlsConfig, String> {
         .client_ca
         .as_deref()
         .ok_or_else(|| missing("client_ca"))?;
-    // Client certificates are mandatory: tonic rejects a handshake without
-    // one when a client CA is set (client_auth_optional stays false).
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(cert, "TLS certificate")?,
-            read(key, "TLS key")?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(ca, "client CA")?)))
+    crate::tls::server_config(cert, key, ca)
+}
+
+fn authorizer(cfg: &Config) -> Result<Arc<Authorizer>, String> {
+    // Fail closed: without a policy nobody would be authorised, and an
+    // "allow all" default is exactly what the threat model rules out.
+    let path = cfg.policy.clone().ok_or(
+        "policy is required (or CARDVAULT_POLICY): the file mapping principals to roles and tenants",
+    )?;
+    Ok(Arc::new(Authorizer::from_file(path)?))
+}
+
+/// Reloads the policy on every SIGHUP; a bad file keeps the old policy.
+fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let kind = tokio::signal::unix::SignalKind::hangup();
+        let Ok(mut hup) = tokio::signal::unix::signal(kind) else {
+            tracing::warn!("cannot listen for SIGHUP; policy reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(n) => tracing::info!(principals = n, "policy reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "policy reload failed; the previous policy stays in force"
+                ),
+            }
+        }
+    })
 }
 
 /// Runs the vault until `shutdown` resolves: binds, unseals with `kek`,
@@ -108,6 +130,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let tls = tls_config(cfg)?;
+    let auth = authorizer(cfg)?;
     let store = open_store(cfg)?;
     let vault = Arc::new(Vault::new(store.clone(), cfg.vault_config()));
     vault
@@ -146,6 +169,8 @@ pub async fn serve(
         }
     });
 
+    let reloader = reload_policy_on_sighup(auth.clone());
+
     tracing::info!(%addr, store = store.backend(), "cardvault listening");
     on_ready(addr);
     // Graceful shutdown waits for clients to finish; a client that never
@@ -162,16 +187,15 @@ pub async fn serve(
         }
     };
     let server = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| format!("TLS configuration: {e}"))?
         .timeout(Duration::from_secs(30))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(TokenServiceServer::new(TokenServiceImpl::new(
             vault.clone(),
+            auth,
         )))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
+        .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal);
     let result = tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}")),
         _ = drain_deadline => {
@@ -180,6 +204,7 @@ pub async fn serve(
         }
     };
     purger.abort();
+    reloader.abort();
     // In-flight calls have drained; wipe keys and CVVs before the store closes.
     vault.seal();
     tracing::info!("cardvault stopped; keys and CVVs wiped");

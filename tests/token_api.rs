@@ -181,13 +181,6 @@ async fn validation_errors_name_the_field_and_never_echo_it() {
         ),
         (
             TokenizeRequest {
-                tenant: "".into(),
-                ..card("4111111111111111")
-            },
-            "tenant: is required",
-        ),
-        (
-            TokenizeRequest {
                 tenant: "Bad Tenant".into(),
                 ..card("4111111111111111")
             },
@@ -241,13 +234,6 @@ async fn validation_errors_name_the_field_and_never_echo_it() {
                 ..detok("tok_AAAAAAAAAAAAAAAAAAAAAA")
             },
             "purpose: must not contain a card number",
-        ),
-        (
-            DetokenizeRequest {
-                tenant: "".into(),
-                ..detok("tok_AAAAAAAAAAAAAAAAAAAAAA")
-            },
-            "tenant: is required",
         ),
     ];
     for (req, expected) in dcases {
@@ -751,4 +737,31 @@ async fn client_without_certificate_is_rejected() {
         let mut c = cardvault::proto::token_service_client::TokenServiceClient::new(ch);
         assert!(c.tokenize(card("4111111111111111")).await.is_err());
     }
+}
+
+/// A request without a tenant acts for the caller's only tenant.
+#[tokio::test]
+async fn empty_tenant_means_the_callers_tenant() {
+    let (_d, v) = start();
+    let t = v
+        .client("merchant")
+        .await
+        .tokenize(TokenizeRequest {
+            tenant: String::new(),
+            ..card("4111111111111111")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = v
+        .client("processor")
+        .await
+        .detokenize(DetokenizeRequest {
+            tenant: String::new(),
+            ..detok(&t.token)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.pan, "4111111111111111");
 }

@@ -43,16 +43,20 @@ fn request_id<T>(req: &Request<T>) -> String {
     hex::encode(crate::crypto::random_array::<8>())
 }
 
-/// Builds the call context of a request: request id and the principal from
-/// the verified peer certificate (`anonymous` without one, which the TLS
-/// layer does not allow outside tests).
-pub fn context_of<T>(req: &Request<T>) -> CallContext {
-    let principal = req
-        .peer_certs()
+/// The principal named by the request's verified client certificate, if any.
+pub fn peer_principal<T>(req: &Request<T>) -> Option<String> {
+    req.peer_certs()
         .and_then(|certs| certs.first().and_then(|c| principal_from_cert(c.as_ref())))
-        .unwrap_or_else(|| "anonymous".to_owned());
-    CallContext {
+}
+
+/// Builds the call context of a request: request id and the principal from
+/// the verified peer certificate (`anonymous` without one; authorisation
+/// refuses such calls).
+pub fn context_of<T>(req: &Request<T>) -> (CallContext, Option<String>) {
+    let principal = peer_principal(req);
+    let ctx = CallContext {
         request_id: request_id(req),
-        principal,
-    }
+        principal: principal.clone().unwrap_or_else(|| "anonymous".to_owned()),
+    };
+    (ctx, principal)
 }

@@ -17,6 +17,7 @@ pub fn status_of(err: &Error) -> Status {
     match err {
         Error::InvalidArgument { .. } => Status::invalid_argument(msg),
         Error::NotFound => Status::not_found(msg),
+        Error::Unauthenticated(_) => Status::unauthenticated(msg),
         Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::Sealed => Status::unavailable(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
@@ -33,6 +34,7 @@ pub fn code_name(err: &Error) -> &'static str {
         Code::InvalidArgument => "INVALID_ARGUMENT",
         Code::NotFound => "NOT_FOUND",
         Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::Unauthenticated => "UNAUTHENTICATED",
         Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
         Code::DataLoss => "DATA_LOSS",
         Code::Unavailable => "UNAVAILABLE",

@@ -9,21 +9,56 @@ use zeroize::Zeroize;
 
 use super::identity::context_of;
 use super::item_error;
+use crate::auth::{Action, Authorized, Authorizer};
 use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
 use crate::error::Result;
 use crate::proto::{self, token_service_server::TokenService};
-use crate::token::{Purpose, Tenant, Token, TokenFormat};
-use crate::vault::{Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault};
+use crate::token::{Purpose, Token, TokenFormat};
+use crate::vault::{CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault};
 
-/// The service, holding the shared vault.
+/// The service, holding the shared vault and the authorizer.
 pub struct TokenServiceImpl {
+    /// The domain core.
     vault: Arc<Vault>,
+    /// Decides who may call what, for which tenant.
+    auth: Arc<Authorizer>,
 }
 
 impl TokenServiceImpl {
-    /// Serves `vault`.
-    pub fn new(vault: Arc<Vault>) -> Self {
-        TokenServiceImpl { vault }
+    /// Serves `vault`, checking every call with `auth`.
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
+        TokenServiceImpl { vault, auth }
+    }
+
+    /// Authorises a call; denials are logged with the caller and reason.
+    fn authorize(
+        &self,
+        ctx: &CallContext,
+        principal: Option<&str>,
+        action: Action,
+        tenant: &str,
+    ) -> Result<Authorized> {
+        self.auth
+            .authorize(principal, action, tenant)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    request_id = %ctx.request_id,
+                    principal = %ctx.principal,
+                    action = action.as_str(),
+                    error = %e,
+                    "denied"
+                );
+            })
+    }
+
+    /// Charges a detokenize budget, logging a refusal.
+    fn charge(&self, ctx: &CallContext, authz: &Authorized, cards: usize) -> Result<()> {
+        let cards = u32::try_from(cards).unwrap_or(u32::MAX);
+        self.auth
+            .charge_detokenize(&ctx.principal, &authz.grant, cards)
+            .inspect_err(|e| {
+                tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, error = %e, "rate limited");
+            })
     }
 }
 
@@ -128,19 +163,23 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        let ctx = context_of(&request);
+        let (ctx, principal) = context_of(&request);
         let mut req = request.into_inner();
-        let parsed = parse_card(
-            &req.pan,
-            req.exp_month,
-            req.exp_year,
-            req.cardholder_name.as_deref(),
-            req.cvv.as_deref(),
-            YearMonth::now_utc(),
-        );
+        let authz = self.authorize(&ctx, principal.as_deref(), Action::Tokenize, &req.tenant);
+        // Parse only for authorised callers, but wipe the secrets either way.
+        let parsed = authz.as_ref().ok().map(|_| {
+            parse_card(
+                &req.pan,
+                req.exp_month,
+                req.exp_year,
+                req.cardholder_name.as_deref(),
+                req.cvv.as_deref(),
+                YearMonth::now_utc(),
+            )
+        });
         wipe(&mut req.pan, &mut req.cardholder_name, &mut req.cvv);
-        let tenant = Tenant::parse(&req.tenant)?;
-        let card = parsed?;
+        let tenant = authz?.tenant;
+        let card = parsed.expect("parsed when authorised")?;
         let opts = TokenizeOptions {
             format: format_of(req.format)?,
             dedupe: req.dedupe,
@@ -153,8 +192,20 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeBatchRequest>,
     ) -> Result<Response<proto::TokenizeBatchResponse>, Status> {
-        let ctx = context_of(&request);
+        let (ctx, principal) = context_of(&request);
         let mut req = request.into_inner();
+        let authz = self.authorize(
+            &ctx,
+            principal.as_deref(),
+            Action::TokenizeBatch,
+            &req.tenant,
+        );
+        if authz.is_err() {
+            for item in &mut req.items {
+                wipe(&mut item.pan, &mut item.cardholder_name, &mut item.cvv);
+            }
+        }
+        let tenant = authz?.tenant;
         let today = YearMonth::now_utc();
         let mut references = Vec::with_capacity(req.items.len());
         let mut cards = Vec::with_capacity(req.items.len());
@@ -172,7 +223,6 @@ impl TokenService for TokenServiceImpl {
             references.push(std::mem::take(&mut item.reference));
             cards.push(parsed);
         }
-        let tenant = Tenant::parse(&req.tenant)?;
         let opts = TokenizeOptions {
             format: format_of(req.format)?,
             dedupe: req.dedupe,
@@ -199,14 +249,16 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
-        let ctx = context_of(&request);
+        let (ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let tenant = Tenant::parse(&req.tenant)?;
+        let authz = self.authorize(&ctx, principal.as_deref(), Action::Detokenize, &req.tenant)?;
+        let tenant = &authz.tenant;
         let token = Token::parse(&req.token)?;
         let purpose = Purpose::parse(&req.purpose)?;
+        self.charge(&ctx, &authz, 1)?;
         let card = self
             .vault
-            .detokenize(&ctx, &tenant, &token, &purpose, req.include_cvv)
+            .detokenize(&ctx, tenant, &token, &purpose, req.include_cvv)
             .await?;
         Ok(Response::new(detokenize_response(card)))
     }
@@ -215,10 +267,21 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DetokenizeBatchRequest>,
     ) -> Result<Response<proto::DetokenizeBatchResponse>, Status> {
-        let ctx = context_of(&request);
+        let (ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let tenant = Tenant::parse(&req.tenant)?;
+        let authz = self.authorize(
+            &ctx,
+            principal.as_deref(),
+            Action::DetokenizeBatch,
+            &req.tenant,
+        )?;
+        let tenant = &authz.tenant;
         let purpose = Purpose::parse(&req.purpose)?;
+        // The whole batch is charged up front: a budget bounds cards read,
+        // however they are packaged.
+        if !req.items.is_empty() && req.items.len() <= crate::vault::MAX_BATCH {
+            self.charge(&ctx, &authz, req.items.len())?;
+        }
         let (references, tokens): (Vec<_>, Vec<_>) = req
             .items
             .into_iter()
@@ -231,7 +294,7 @@ impl TokenService for TokenServiceImpl {
             .unzip();
         let results = self
             .vault
-            .detokenize_batch(&ctx, &tenant, tokens, &purpose, req.include_cvv)
+            .detokenize_batch(&ctx, tenant, tokens, &purpose, req.include_cvv)
             .await?;
         let results = references
             .into_iter()
@@ -253,11 +316,11 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::GetMetadataRequest>,
     ) -> Result<Response<proto::CardMetadata>, Status> {
-        let ctx = context_of(&request);
+        let (ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let tenant = Tenant::parse(&req.tenant)?;
+        let authz = self.authorize(&ctx, principal.as_deref(), Action::GetMetadata, &req.tenant)?;
         let token = Token::parse(&req.token)?;
-        let m = self.vault.metadata(&ctx, &tenant, &token).await?;
+        let m = self.vault.metadata(&ctx, &authz.tenant, &token).await?;
         Ok(Response::new(proto::CardMetadata {
             token: m.token,
             brand: m.brand,
@@ -276,11 +339,11 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DeleteTokenRequest>,
     ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
-        let ctx = context_of(&request);
+        let (ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let tenant = Tenant::parse(&req.tenant)?;
+        let authz = self.authorize(&ctx, principal.as_deref(), Action::DeleteToken, &req.tenant)?;
         let token = Token::parse(&req.token)?;
-        let deleted = self.vault.delete(&ctx, &tenant, &token).await?;
+        let deleted = self.vault.delete(&ctx, &authz.tenant, &token).await?;
         Ok(Response::new(proto::DeleteTokenResponse { deleted }))
     }
 }

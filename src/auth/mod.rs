@@ -1,0 +1,306 @@
+//! Identity and authorisation: who may call what, for which tenant, how fast.
+//!
+//! The rule set is deliberately small: an action is allowed to a fixed set
+//! of roles ([`Action::roles`]); a principal acts only for the tenants it is
+//! granted; no role implies another. A merchant credential (what a
+//! compromised app tier holds) can tokenize but never read a PAN.
+
+pub mod policy;
+pub mod rate;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::token::Tenant;
+use policy::{Grant, Policy};
+use rate::RateLimiter;
+
+/// A role a principal can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Merchant backends: create tokens, read metadata, delete.
+    Merchant,
+    /// Payment processors: read cards (detokenize) and metadata.
+    Processor,
+    /// Operators: key management and status. Never reads cards.
+    Admin,
+    /// Auditors: read and verify the audit log only.
+    Auditor,
+}
+
+impl Role {
+    /// Lower-case name, as in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Merchant => "merchant",
+            Role::Processor => "processor",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+/// Every operation subject to authorisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `TokenService.Tokenize`
+    Tokenize,
+    /// `TokenService.TokenizeBatch`
+    TokenizeBatch,
+    /// `TokenService.Detokenize`
+    Detokenize,
+    /// `TokenService.DetokenizeBatch`
+    DetokenizeBatch,
+    /// `TokenService.GetMetadata`
+    GetMetadata,
+    /// `TokenService.DeleteToken`
+    DeleteToken,
+}
+
+impl Action {
+    /// The roles allowed to perform the action. The single source of truth
+    /// for the authorisation matrix in the README.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Action::Tokenize | Action::TokenizeBatch | Action::DeleteToken => &[Role::Merchant],
+            Action::Detokenize | Action::DetokenizeBatch => &[Role::Processor],
+            Action::GetMetadata => &[Role::Merchant, Role::Processor],
+        }
+    }
+
+    /// RPC-style name for logs and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Tokenize => "Tokenize",
+            Action::TokenizeBatch => "TokenizeBatch",
+            Action::Detokenize => "Detokenize",
+            Action::DetokenizeBatch => "DetokenizeBatch",
+            Action::GetMetadata => "GetMetadata",
+            Action::DeleteToken => "DeleteToken",
+        }
+    }
+}
+
+/// The outcome of a successful check: the principal's grant and the tenant
+/// the call acts for.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    /// The caller's grant (roles, tenants, budget).
+    pub grant: Grant,
+    /// The tenant the request acts for.
+    pub tenant: Tenant,
+}
+
+/// Decides every call. The policy can be swapped at run time (SIGHUP)
+/// without touching connections.
+pub struct Authorizer {
+    /// Current policy; replaced whole on reload.
+    policy: RwLock<Arc<Policy>>,
+    /// Policy file to reload from (`None` for a fixed in-memory policy).
+    path: Option<PathBuf>,
+    /// Detokenize budgets.
+    limiter: RateLimiter,
+    /// Calls refused by a budget, for metrics.
+    rate_limited: AtomicU64,
+}
+
+impl Authorizer {
+    /// An authorizer with a fixed policy.
+    pub fn new(policy: Policy) -> Self {
+        Authorizer {
+            policy: RwLock::new(Arc::new(policy)),
+            path: None,
+            limiter: RateLimiter::default(),
+            rate_limited: AtomicU64::new(0),
+        }
+    }
+
+    /// Loads the policy file at `path` (and remembers it for [`reload`](Self::reload)).
+    pub fn from_file(path: PathBuf) -> std::result::Result<Self, String> {
+        let policy = read_policy(&path)?;
+        let mut a = Authorizer::new(policy);
+        a.path = Some(path);
+        Ok(a)
+    }
+
+    /// Re-reads the policy file. On any error the old policy stays in force.
+    pub fn reload(&self) -> std::result::Result<usize, String> {
+        let path = self.path.as_ref().ok_or("no policy file to reload")?;
+        let policy = read_policy(path)?;
+        let n = policy.principals.len();
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        Ok(n)
+    }
+
+    fn current(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Checks that `principal` may perform `action` for `requested_tenant`
+    /// (empty: the principal's only tenant). Order matters: identity, then
+    /// role, then tenant, so an unauthorised caller learns nothing about
+    /// request validation or tenants.
+    pub fn authorize(
+        &self,
+        principal: Option<&str>,
+        action: Action,
+        requested_tenant: &str,
+    ) -> Result<Authorized> {
+        let name =
+            principal.ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+        let policy = self.current();
+        let grant = policy.principals.get(name).ok_or_else(|| {
+            Error::Unauthenticated("the client certificate names no known principal".into())
+        })?;
+        if !action.roles().iter().any(|r| grant.roles.contains(r)) {
+            let need: Vec<&str> = action.roles().iter().map(|r| r.as_str()).collect();
+            return Err(Error::PermissionDenied(format!(
+                "{} requires role {}",
+                action.as_str(),
+                need.join(" or ")
+            )));
+        }
+        let tenant = if requested_tenant.is_empty() {
+            match &grant.tenants {
+                Some(t) if t.len() == 1 => Tenant::parse(t.iter().next().expect("one tenant"))?,
+                _ => {
+                    return Err(Error::invalid(
+                        "tenant",
+                        "is required (the caller acts for several tenants)",
+                    ));
+                }
+            }
+        } else {
+            Tenant::parse(requested_tenant)?
+        };
+        if !grant.covers(tenant.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "not authorised for tenant {tenant}"
+            )));
+        }
+        Ok(Authorized {
+            grant: grant.clone(),
+            tenant,
+        })
+    }
+
+    /// Charges `cards` detokenized cards to the principal's budget.
+    pub fn charge_detokenize(&self, principal: &str, grant: &Grant, cards: u32) -> Result<()> {
+        self.limiter
+            .take(principal, grant.rate, cards)
+            .map_err(|wait| {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Error::ResourceExhausted(format!(
+                    "detokenize budget exceeded ({} cards/s, burst {}); retry in {:.0} ms",
+                    grant.rate.per_second,
+                    grant.rate.burst,
+                    (wait * 1000.0).ceil()
+                ))
+            })
+    }
+
+    /// How many calls budgets have refused since start.
+    pub fn rate_limited_total(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+}
+
+fn read_policy(path: &std::path::Path) -> std::result::Result<Policy, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read policy {}: {e}", path.display()))?;
+    Policy::from_toml(&text).map_err(|e| format!("policy {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authz() -> Authorizer {
+        Authorizer::new(
+            Policy::from_toml(
+                r#"
+                [[principal]]
+                name = "m"
+                roles = ["merchant"]
+                tenants = ["demo"]
+                [[principal]]
+                name = "multi"
+                roles = ["merchant", "processor"]
+                tenants = ["a", "b"]
+                [[principal]]
+                name = "admin"
+                roles = ["admin"]
+                tenants = ["*"]
+                "#,
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn roles_tenants_and_identity() {
+        let a = authz();
+        assert_eq!(
+            a.authorize(Some("m"), Action::Tokenize, "")
+                .unwrap()
+                .tenant
+                .as_str(),
+            "demo"
+        );
+        assert!(matches!(
+            a.authorize(Some("m"), Action::Detokenize, "demo"),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            a.authorize(Some("m"), Action::Tokenize, "other"),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            a.authorize(None, Action::Tokenize, "demo"),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            a.authorize(Some("who"), Action::Tokenize, "demo"),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            a.authorize(Some("multi"), Action::Tokenize, ""),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(a.authorize(Some("multi"), Action::Detokenize, "b").is_ok());
+        // Admin holds every tenant but no data role.
+        assert!(matches!(
+            a.authorize(Some("admin"), Action::Detokenize, "demo"),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            a.authorize(Some("admin"), Action::GetMetadata, "demo"),
+            Err(Error::PermissionDenied(_))
+        ));
+    }
+
+    #[test]
+    fn no_role_implies_another() {
+        for action in [
+            Action::Tokenize,
+            Action::TokenizeBatch,
+            Action::Detokenize,
+            Action::DetokenizeBatch,
+            Action::GetMetadata,
+            Action::DeleteToken,
+        ] {
+            assert!(!action.roles().contains(&Role::Admin));
+            assert!(!action.roles().contains(&Role::Auditor));
+        }
+        assert!(!Action::Detokenize.roles().contains(&Role::Merchant));
+        assert!(!Action::Tokenize.roles().contains(&Role::Processor));
+    }
+}
