@@ -180,3 +180,87 @@ pub fn contains_standalone(hay: &str, needle: &str) -> bool {
             && !after.is_some_and(|c| c.is_ascii_alphanumeric())
     })
 }
+
+impl VaultProcess {
+    /// Sends a signal (e.g. "HUP") to the vault process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+    }
+
+    /// Waits until the logs contain `needle` `count` times (polling, bounded).
+    pub async fn wait_for_log(&self, needle: &str, count: usize) {
+        for _ in 0..100 {
+            if self.logs().matches(needle).count() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("log line {needle:?} did not appear");
+    }
+
+    /// A channel with an arbitrary client identity (PEM cert and key) and
+    /// optionally another trust anchor. `Err` if the connection fails.
+    pub async fn channel_with(
+        &self,
+        identity: Option<(String, String)>,
+    ) -> Result<Channel, String> {
+        let ca = std::fs::read(self.data_dir.join("certs/ca.pem")).unwrap();
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A client certificate signed by this vault's dev CA for `principal`
+    /// (a SAN URI), which the policy may or may not know.
+    pub fn issue_client_cert(&self, principal: &str) -> (String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let certs = self.data_dir.join("certs");
+        let ca_key =
+            KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).unwrap()).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "cardvault dev CA (INSECURE)");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "stranger");
+        p.subject_alt_names
+            .push(SanType::URI(principal.try_into().unwrap()));
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A client certificate from a CA the vault has never seen.
+pub fn foreign_client_cert() -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "cardvault dev CA (INSECURE)");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(DnType::CommonName, "demo-merchant");
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}

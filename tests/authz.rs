@@ -1,0 +1,490 @@
+//! Role separation and tenant isolation over real gRPC + mTLS.
+//!
+//! The matrix below is the contract; README.md shows the same table.
+
+mod common;
+
+use cardvault::proto::token_service_client::TokenServiceClient;
+use cardvault::proto::{
+    DeleteTokenRequest, DetokenizeBatchItem, DetokenizeBatchRequest, DetokenizeRequest,
+    GetMetadataRequest, TokenizeBatchItem, TokenizeBatchRequest, TokenizeRequest,
+    detokenize_batch_result, tokenize_batch_result,
+};
+use common::{Opts, VaultProcess, exp_year, foreign_client_cert};
+use tonic::transport::Channel;
+
+const RPCS: [&str; 6] = [
+    "Tokenize",
+    "TokenizeBatch",
+    "Detokenize",
+    "DetokenizeBatch",
+    "GetMetadata",
+    "DeleteToken",
+];
+
+/// Caller identities (columns). `stranger` has a certificate from the right
+/// CA that the policy does not name; `foreign-ca` one from another CA;
+/// `no-cert` none at all.
+const CALLERS: [&str; 9] = [
+    "merchant",
+    "processor",
+    "other-merchant",
+    "other-processor",
+    "admin",
+    "auditor",
+    "stranger",
+    "foreign-ca",
+    "no-cert",
+];
+
+// Outcome abbreviations.
+const OK: &str = "OK";
+const PD: &str = "PERMISSION_DENIED";
+const NF: &str = "NOT_FOUND";
+const UA: &str = "UNAUTHENTICATED";
+const HS: &str = "HANDSHAKE_REFUSED";
+/// DeleteToken of a token the tenant does not have: OK with deleted=false,
+/// the same answer as for a missing token.
+const ABSENT: &str = "OK_NOT_DELETED";
+
+/// Expected outcome per RPC, per caller, for a request naming tenant `demo`
+/// (where the token lives) and tenant `other`. The token is always one of
+/// tenant `demo`. Batch RPCs report their single item's outcome.
+fn expected(rpc: &str) -> [[&'static str; 2]; 9] {
+    match rpc {
+        //                 merchant   processor  other-merchant other-processor admin     auditor   stranger  foreign   no-cert
+        "Tokenize" | "TokenizeBatch" => [
+            [OK, PD],
+            [PD, PD],
+            [PD, OK],
+            [PD, PD],
+            [PD, PD],
+            [PD, PD],
+            [UA, UA],
+            [HS, HS],
+            [HS, HS],
+        ],
+        "Detokenize" | "DetokenizeBatch" => [
+            [PD, PD],
+            [OK, PD],
+            [PD, PD],
+            [PD, NF],
+            [PD, PD],
+            [PD, PD],
+            [UA, UA],
+            [HS, HS],
+            [HS, HS],
+        ],
+        "GetMetadata" => [
+            [OK, PD],
+            [OK, PD],
+            [PD, NF],
+            [PD, NF],
+            [PD, PD],
+            [PD, PD],
+            [UA, UA],
+            [HS, HS],
+            [HS, HS],
+        ],
+        "DeleteToken" => [
+            [OK, PD],
+            [PD, PD],
+            [PD, ABSENT],
+            [PD, PD],
+            [PD, PD],
+            [PD, PD],
+            [UA, UA],
+            [HS, HS],
+            [HS, HS],
+        ],
+        _ => unreachable!(),
+    }
+}
+
+fn code_name(s: &tonic::Status) -> &'static str {
+    match s.code() {
+        tonic::Code::PermissionDenied => PD,
+        tonic::Code::NotFound => NF,
+        tonic::Code::Unauthenticated => UA,
+        // TLS 1.3 clients learn of a refused certificate only after the
+        // handshake, so it surfaces on the first call in one of these forms.
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Internal
+        | tonic::Code::Cancelled => HS,
+        other => panic!("unexpected status {other:?}: {}", s.message()),
+    }
+}
+
+async fn channel_for(v: &VaultProcess, caller: &str) -> Option<Channel> {
+    let ch = match caller {
+        "stranger" => {
+            v.channel_with(Some(
+                v.issue_client_cert("spiffe://cardvault.dev/demo/stranger"),
+            ))
+            .await
+        }
+        "foreign-ca" => v.channel_with(Some(foreign_client_cert())).await,
+        "no-cert" => v.channel_with(None).await,
+        dev => Ok(v.channel(dev).await),
+    };
+    ch.ok()
+}
+
+async fn fresh_token(v: &VaultProcess) -> String {
+    v.client("merchant")
+        .await
+        .tokenize(card("demo"))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+fn card(tenant: &str) -> TokenizeRequest {
+    TokenizeRequest {
+        tenant: tenant.into(),
+        pan: "4111111111111111".into(),
+        exp_month: 1,
+        exp_year: exp_year(),
+        ..Default::default()
+    }
+}
+
+/// Runs one cell; returns its outcome name.
+async fn call(
+    c: &mut TokenServiceClient<Channel>,
+    rpc: &str,
+    tenant: &str,
+    token: &str,
+) -> &'static str {
+    let t = tenant.to_string();
+    let res = match rpc {
+        "Tokenize" => c.tokenize(card(tenant)).await.map(|_| OK),
+        "TokenizeBatch" => c
+            .tokenize_batch(TokenizeBatchRequest {
+                tenant: t,
+                items: vec![TokenizeBatchItem {
+                    reference: "1".into(),
+                    pan: "4111111111111111".into(),
+                    exp_month: 1,
+                    exp_year: exp_year(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .map(|r| match &r.get_ref().results[0].result {
+                Some(tokenize_batch_result::Result::Ok(_)) => OK,
+                other => panic!("{other:?}"),
+            }),
+        "Detokenize" => c
+            .detokenize(DetokenizeRequest {
+                tenant: t,
+                token: token.into(),
+                purpose: "matrix".into(),
+                include_cvv: false,
+            })
+            .await
+            .map(|_| OK),
+        "DetokenizeBatch" => c
+            .detokenize_batch(DetokenizeBatchRequest {
+                tenant: t,
+                items: vec![DetokenizeBatchItem {
+                    reference: "1".into(),
+                    token: token.into(),
+                }],
+                purpose: "matrix".into(),
+                include_cvv: true,
+            })
+            .await
+            .map(|r| match &r.get_ref().results[0].result {
+                Some(detokenize_batch_result::Result::Ok(_)) => OK,
+                Some(detokenize_batch_result::Result::Error(e)) if e.code == "NOT_FOUND" => NF,
+                other => panic!("{other:?}"),
+            }),
+        "GetMetadata" => c
+            .get_metadata(GetMetadataRequest {
+                tenant: t,
+                token: token.into(),
+            })
+            .await
+            .map(|_| OK),
+        "DeleteToken" => c
+            .delete_token(DeleteTokenRequest {
+                tenant: t,
+                token: token.into(),
+            })
+            .await
+            .map(|r| if r.get_ref().deleted { OK } else { ABSENT }),
+        _ => unreachable!(),
+    };
+    match res {
+        Ok(o) => o,
+        Err(s) => code_name(&s),
+    }
+}
+
+#[tokio::test]
+async fn authorisation_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let mut failures = Vec::new();
+    let mut cells = 0;
+    for (ci, caller) in CALLERS.iter().enumerate() {
+        let channel = channel_for(&v, caller).await;
+        for rpc in RPCS {
+            for (ti, tenant) in ["demo", "other"].iter().enumerate() {
+                let token = fresh_token(&v).await;
+                let got = match &channel {
+                    None => HS,
+                    Some(ch) => {
+                        call(
+                            &mut TokenServiceClient::new(ch.clone()),
+                            rpc,
+                            tenant,
+                            &token,
+                        )
+                        .await
+                    }
+                };
+                let want = expected(rpc)[ci][ti];
+                cells += 1;
+                if got != want {
+                    failures.push(format!(
+                        "{rpc} as {caller} for tenant {tenant}: want {want}, got {got}"
+                    ));
+                }
+                // Nothing but the demo merchant may remove a demo token.
+                let still_there = v
+                    .client("merchant")
+                    .await
+                    .get_metadata(GetMetadataRequest {
+                        tenant: "demo".into(),
+                        token: token.clone(),
+                    })
+                    .await
+                    .is_ok();
+                let removed_by_owner =
+                    rpc == "DeleteToken" && *caller == "merchant" && *tenant == "demo";
+                assert_eq!(
+                    still_there, !removed_by_owner,
+                    "{rpc} as {caller} for {tenant}"
+                );
+            }
+        }
+    }
+    assert_eq!(cells, 6 * 9 * 2);
+    assert!(
+        failures.is_empty(),
+        "authorisation matrix mismatches:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// The credential a compromised app tier holds can never read a PAN, by
+/// any path, even with a valid token of its own tenant.
+#[tokio::test]
+async fn merchant_credential_cannot_detokenize_by_any_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let mut m = v.client("merchant").await;
+    let t = m
+        .tokenize(TokenizeRequest {
+            cvv: Some("123".into()),
+            ..card("demo")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    for include_cvv in [false, true] {
+        let e = m
+            .detokenize(DetokenizeRequest {
+                tenant: "demo".into(),
+                token: t.clone(),
+                purpose: "x".into(),
+                include_cvv,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let e = m
+            .detokenize_batch(DetokenizeBatchRequest {
+                tenant: "demo".into(),
+                items: vec![DetokenizeBatchItem {
+                    reference: "r".into(),
+                    token: t.clone(),
+                }],
+                purpose: "x".into(),
+                include_cvv,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+    // Denied calls did not consume the CVV: the processor still gets it.
+    let c = v
+        .client("processor")
+        .await
+        .detokenize(DetokenizeRequest {
+            tenant: "demo".into(),
+            token: t,
+            purpose: "auth".into(),
+            include_cvv: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.cvv.as_deref(), Some("123"));
+    assert!(v.logs().contains("denied"), "denials are logged");
+}
+
+#[tokio::test]
+async fn tls_1_2_is_refused() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let certs = v.data_dir.join("certs");
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_file(certs.join("merchant.pem")).unwrap()],
+            PrivateKeyDer::from_pem_file(certs.join("merchant.key")).unwrap(),
+        )
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(&v.addr).await.unwrap();
+    let res = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await;
+    assert!(res.is_err(), "a TLS 1.2 handshake must fail");
+}
+
+fn write_policy(data: &std::path::Path, text: &str) {
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("policy.toml"), text).unwrap();
+}
+
+const BASE_POLICY: &str = r#"
+[[principal]]
+name = "spiffe://cardvault.dev/demo/merchant"
+roles = ["merchant"]
+tenants = ["demo"]
+
+[[principal]]
+name = "spiffe://cardvault.dev/demo/processor"
+roles = ["processor"]
+tenants = ["demo"]
+detokenize_per_second = 5
+detokenize_burst = 3
+"#;
+
+#[tokio::test]
+async fn detokenize_budget_trips_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_policy(&data, BASE_POLICY);
+    let v = VaultProcess::start(&data, &Opts::default());
+    let t = v
+        .client("merchant")
+        .await
+        .tokenize(card("demo"))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut p = v.client("processor").await;
+    let req = || DetokenizeRequest {
+        tenant: "demo".into(),
+        token: t.clone(),
+        purpose: "auth".into(),
+        include_cvv: false,
+    };
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..6 {
+        match p.detokenize(req()).await {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(e.message().contains("budget"), "{}", e.message());
+                limited += 1;
+            }
+        }
+    }
+    // The burst is 3; a slow machine may refill at most one more meanwhile.
+    assert!((3..=4).contains(&ok), "ok = {ok}");
+    assert!(limited >= 2);
+    // A batch larger than the burst is refused whole.
+    let big = DetokenizeBatchRequest {
+        tenant: "demo".into(),
+        items: (0..4)
+            .map(|i| DetokenizeBatchItem {
+                reference: i.to_string(),
+                token: t.clone(),
+            })
+            .collect(),
+        purpose: "auth".into(),
+        include_cvv: false,
+    };
+    assert_eq!(
+        p.detokenize_batch(big).await.unwrap_err().code(),
+        tonic::Code::ResourceExhausted
+    );
+    // It recovers as the bucket refills (5 cards/s).
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    p.detokenize(req()).await.expect("budget refilled");
+    assert!(v.logs().contains("rate limited"));
+}
+
+#[tokio::test]
+async fn policy_reload_on_sighup_applies_without_reconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_policy(&data, BASE_POLICY);
+    let v = VaultProcess::start(&data, &Opts::default());
+    let mut m = v.client("merchant").await;
+    m.tokenize(card("demo")).await.unwrap();
+    assert_eq!(
+        m.tokenize(card("other")).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+
+    // Grant tenant "other" as well; same connection.
+    write_policy(
+        &data,
+        &BASE_POLICY.replacen(r#"tenants = ["demo"]"#, r#"tenants = ["demo", "other"]"#, 1),
+    );
+    v.signal("HUP");
+    v.wait_for_log("policy reloaded", 1).await;
+    m.tokenize(card("other")).await.expect("new grant applies");
+
+    // A broken file keeps the previous policy.
+    write_policy(&data, "this is not toml [");
+    v.signal("HUP");
+    v.wait_for_log("policy reload failed", 1).await;
+    m.tokenize(card("other"))
+        .await
+        .expect("previous policy still in force");
+
+    // Revoking the role takes effect on the open connection.
+    write_policy(
+        &data,
+        &BASE_POLICY.replacen(r#"roles = ["merchant"]"#, r#"roles = ["auditor"]"#, 1),
+    );
+    v.signal("HUP");
+    v.wait_for_log("policy reloaded", 2).await;
+    assert_eq!(
+        m.tokenize(card("demo")).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+}
