@@ -20,7 +20,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.skip_debug(secret_messages);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("cardvault_descriptor.bin"))
-        .compile_with_config(config, &["proto/cardvault/v1/token.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/cardvault/v1/token.proto",
+                "proto/cardvault/v1/audit.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use crate::vault::VaultConfig;
+use crate::vault::audit_log::AuditSink;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +32,31 @@ pub struct Config {
     pub keys: KeysConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Audit log checkpoints and SIEM copy.
+    pub audit: AuditConfig,
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Sign a checkpoint every this many records (`CARDVAULT_AUDIT_CHECKPOINT_EVERY`).
+    pub checkpoint_every: u64,
+    /// Also sign one every this many seconds if records were added (`CARDVAULT_AUDIT_CHECKPOINT_SECS`).
+    pub checkpoint_secs: u64,
+    /// Append every record as a JSON line to this file, or `-` for stdout
+    /// (`CARDVAULT_AUDIT_SIEM_FILE`). Off by default.
+    pub siem_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_every: 1000,
+            checkpoint_secs: 60,
+            siem_file: None,
+        }
+    }
 }
 
 /// Server certificate, key and the CA that signs client certificates.
@@ -111,6 +139,7 @@ impl Default for Config {
             cvv: CvvConfig::default(),
             keys: KeysConfig::default(),
             log: LogConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -185,6 +214,15 @@ impl Config {
                 _ => return Err("CARDVAULT_LOG_FORMAT must be text or json".into()),
             };
         }
+        if let Some(v) = env_parse("CARDVAULT_AUDIT_CHECKPOINT_EVERY", get)? {
+            self.audit.checkpoint_every = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_AUDIT_CHECKPOINT_SECS", get)? {
+            self.audit.checkpoint_secs = v;
+        }
+        if let Some(v) = get("CARDVAULT_AUDIT_SIEM_FILE") {
+            self.audit.siem_file = Some(v.into());
+        }
         if let Some(v) = get("CARDVAULT_LOG") {
             self.log.filter = v;
         }
@@ -196,18 +234,39 @@ impl Config {
         if !(1..=3600).contains(&self.cvv.ttl_secs) {
             return Err("cvv.ttl_secs must be 1 to 3600".into());
         }
+        if self.audit.checkpoint_every == 0 || self.audit.checkpoint_secs == 0 {
+            return Err(
+                "audit.checkpoint_every and audit.checkpoint_secs must be at least 1".into(),
+            );
+        }
         if self.cvv.max_entries == 0 {
             return Err("cvv.max_entries must be at least 1".into());
         }
         Ok(())
     }
 
-    /// The vault tunables this configuration implies.
-    pub fn vault_config(&self) -> VaultConfig {
-        VaultConfig {
+    /// The vault tunables this configuration implies (opens the SIEM file).
+    pub fn vault_config(&self) -> Result<VaultConfig, String> {
+        let audit_sink = match &self.audit.siem_file {
+            None => None,
+            Some(p) if p.as_os_str() == "-" => {
+                Some(Arc::new(AuditSink::new(Box::new(std::io::stdout()))))
+            }
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| format!("cannot open audit SIEM file {}: {e}", p.display()))?;
+                Some(Arc::new(AuditSink::new(Box::new(f))))
+            }
+        };
+        Ok(VaultConfig {
             cvv_ttl: Duration::from_secs(self.cvv.ttl_secs),
             cvv_max_entries: self.cvv.max_entries,
-        }
+            checkpoint_every: self.audit.checkpoint_every,
+            audit_sink,
+        })
     }
 }
 

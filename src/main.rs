@@ -54,6 +54,9 @@ enum Command {
     Metadata(cli::token::TokenCmd),
     /// Delete (redact) a token.
     Delete(cli::token::TokenCmd),
+    /// Query and verify the audit log (role: auditor).
+    #[command(subcommand)]
+    Audit(cli::audit::AuditCmd),
 }
 
 fn init_logging(cfg: &Config) {
@@ -165,6 +168,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Detokenize(cmd) => cli::token::detokenize(&cli.client, cmd).await,
         Command::Metadata(cmd) => cli::token::metadata(&cli.client, cmd).await,
         Command::Delete(cmd) => cli::token::delete(&cli.client, cmd).await,
+        Command::Audit(cmd) => cli::audit::run(&cli.client, cmd).await,
     }
 }
 

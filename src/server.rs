@@ -12,7 +12,9 @@ use tonic::transport::Server;
 use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::crypto::keys::SecretKey;
+use crate::grpc::audit_service::AuditServiceImpl;
 use crate::grpc::token_service::TokenServiceImpl;
+use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::store::Store;
 use crate::store::sled::SledStore;
@@ -132,7 +134,7 @@ pub async fn serve(
     let tls = tls_config(cfg)?;
     let auth = authorizer(cfg)?;
     let store = open_store(cfg)?;
-    let vault = Arc::new(Vault::new(store.clone(), cfg.vault_config()));
+    let vault = Arc::new(Vault::new(store.clone(), cfg.vault_config()?));
     vault
         .unseal(kek)
         .await
@@ -170,6 +172,19 @@ pub async fn serve(
     });
 
     let reloader = reload_policy_on_sighup(auth.clone());
+    // A quiet log still gets its tail signed within checkpoint_secs.
+    let cp_vault = vault.clone();
+    let cp_every = Duration::from_secs(cfg.audit.checkpoint_secs);
+    let checkpointer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cp_every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = cp_vault.checkpoint_now().await {
+                tracing::warn!(error = %e, "periodic audit checkpoint failed");
+            }
+        }
+    });
 
     tracing::info!(%addr, store = store.backend(), "cardvault listening");
     on_ready(addr);
@@ -193,6 +208,10 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(TokenServiceServer::new(TokenServiceImpl::new(
             vault.clone(),
+            auth.clone(),
+        )))
+        .add_service(AuditServiceServer::new(AuditServiceImpl::new(
+            vault.clone(),
             auth,
         )))
         .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal);
@@ -205,6 +224,11 @@ pub async fn serve(
     };
     purger.abort();
     reloader.abort();
+    checkpointer.abort();
+    // Seal the tail of the audit log before the signing key is wiped.
+    if let Err(e) = vault.checkpoint_now().await {
+        tracing::warn!(error = %e, "final audit checkpoint failed");
+    }
     // In-flight calls have drained; wipe keys and CVVs before the store closes.
     vault.seal();
     tracing::info!("cardvault stopped; keys and CVVs wiped");

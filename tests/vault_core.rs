@@ -128,7 +128,10 @@ async fn a_record_copied_into_another_tenant_does_not_decrypt() {
     .unwrap();
     let mut copied = store.get("alpha", &a.token).await.unwrap().unwrap();
     copied.tenant = "beta".into();
-    store.insert(&copied, false).await.unwrap();
+    store
+        .insert(&copied, false, &Default::default())
+        .await
+        .unwrap();
     let tok = Token::parse(&a.token).unwrap();
     let purpose = Purpose::parse("attack").unwrap();
     let err = v

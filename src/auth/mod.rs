@@ -60,6 +60,12 @@ pub enum Action {
     GetMetadata,
     /// `TokenService.DeleteToken`
     DeleteToken,
+    /// `AuditService.Query`
+    AuditQuery,
+    /// `AuditService.BlastRadius`
+    AuditBlastRadius,
+    /// `AuditService.Verify`
+    AuditVerify,
 }
 
 impl Action {
@@ -70,6 +76,7 @@ impl Action {
             Action::Tokenize | Action::TokenizeBatch | Action::DeleteToken => &[Role::Merchant],
             Action::Detokenize | Action::DetokenizeBatch => &[Role::Processor],
             Action::GetMetadata => &[Role::Merchant, Role::Processor],
+            Action::AuditQuery | Action::AuditBlastRadius | Action::AuditVerify => &[Role::Auditor],
         }
     }
 
@@ -82,6 +89,9 @@ impl Action {
             Action::DetokenizeBatch => "DetokenizeBatch",
             Action::GetMetadata => "GetMetadata",
             Action::DeleteToken => "DeleteToken",
+            Action::AuditQuery => "AuditQuery",
+            Action::AuditBlastRadius => "AuditBlastRadius",
+            Action::AuditVerify => "AuditVerify",
         }
     }
 }
@@ -144,16 +154,21 @@ impl Authorizer {
             .clone()
     }
 
-    /// Checks that `principal` may perform `action` for `requested_tenant`
-    /// (empty: the principal's only tenant). Order matters: identity, then
-    /// role, then tenant, so an unauthorised caller learns nothing about
-    /// request validation or tenants.
-    pub fn authorize(
-        &self,
-        principal: Option<&str>,
-        action: Action,
-        requested_tenant: &str,
-    ) -> Result<Authorized> {
+    /// Checks a call that is not scoped to one tenant (audit verify, blast
+    /// radius, an unfiltered query): the caller needs the role *and* a
+    /// grant for every tenant (`"*"`).
+    pub fn authorize_global(&self, principal: Option<&str>, action: Action) -> Result<Grant> {
+        let grant = self.grant_for(principal, action)?;
+        if grant.tenants.is_some() {
+            return Err(Error::PermissionDenied(format!(
+                "{} across tenants requires a grant for all tenants (\"*\")",
+                action.as_str()
+            )));
+        }
+        Ok(grant)
+    }
+
+    fn grant_for(&self, principal: Option<&str>, action: Action) -> Result<Grant> {
         let name =
             principal.ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
         let policy = self.current();
@@ -168,6 +183,20 @@ impl Authorizer {
                 need.join(" or ")
             )));
         }
+        Ok(grant.clone())
+    }
+
+    /// Checks that `principal` may perform `action` for `requested_tenant`
+    /// (empty: the principal's only tenant). Order matters: identity, then
+    /// role, then tenant, so an unauthorised caller learns nothing about
+    /// request validation or tenants.
+    pub fn authorize(
+        &self,
+        principal: Option<&str>,
+        action: Action,
+        requested_tenant: &str,
+    ) -> Result<Authorized> {
+        let grant = self.grant_for(principal, action)?;
         let tenant = if requested_tenant.is_empty() {
             match &grant.tenants {
                 Some(t) if t.len() == 1 => Tenant::parse(t.iter().next().expect("one tenant"))?,
@@ -186,10 +215,7 @@ impl Authorizer {
                 "not authorised for tenant {tenant}"
             )));
         }
-        Ok(Authorized {
-            grant: grant.clone(),
-            tenant,
-        })
+        Ok(Authorized { grant, tenant })
     }
 
     /// Charges `cards` detokenized cards to the principal's budget.

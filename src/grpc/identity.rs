@@ -57,6 +57,8 @@ pub fn context_of<T>(req: &Request<T>) -> (CallContext, Option<String>) {
     let ctx = CallContext {
         request_id: request_id(req),
         principal: principal.clone().unwrap_or_else(|| "anonymous".to_owned()),
+        roles: Vec::new(),
+        peer: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
     };
     (ctx, principal)
 }

@@ -2,6 +2,7 @@
 //! and the caller's identity from its TLS client certificate. All policy and
 //! crypto live below, in [`crate::vault`].
 
+pub mod audit_service;
 pub mod identity;
 mod redact;
 pub mod token_service;

@@ -13,7 +13,7 @@ use crate::auth::{Action, Authorized, Authorizer};
 use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
 use crate::error::Result;
 use crate::proto::{self, token_service_server::TokenService};
-use crate::token::{Purpose, Token, TokenFormat};
+use crate::token::{Purpose, Tenant, Token, TokenFormat};
 use crate::vault::{CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault};
 
 /// The service, holding the shared vault and the authorizer.
@@ -30,17 +30,26 @@ impl TokenServiceImpl {
         TokenServiceImpl { vault, auth }
     }
 
-    /// Authorises a call; denials are logged with the caller and reason.
-    fn authorize(
+    /// Authorises a call and records the caller's roles in `ctx`. Denials
+    /// are logged and audited.
+    async fn authorize(
         &self,
-        ctx: &CallContext,
+        ctx: &mut CallContext,
         principal: Option<&str>,
         action: Action,
         tenant: &str,
     ) -> Result<Authorized> {
-        self.auth
-            .authorize(principal, action, tenant)
-            .inspect_err(|e| {
+        match self.auth.authorize(principal, action, tenant) {
+            Ok(a) => {
+                ctx.roles = a
+                    .grant
+                    .roles
+                    .iter()
+                    .map(|r| r.as_str().to_owned())
+                    .collect();
+                Ok(a)
+            }
+            Err(e) => {
                 tracing::warn!(
                     request_id = %ctx.request_id,
                     principal = %ctx.principal,
@@ -48,17 +57,54 @@ impl TokenServiceImpl {
                     error = %e,
                     "denied"
                 );
-            })
+                // The requested tenant is recorded only if it is well-formed.
+                let t = Tenant::parse(tenant)
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default();
+                self.vault
+                    .audit_rejected(ctx, action.as_str(), &t, "", &e)
+                    .await;
+                Err(e)
+            }
+        }
     }
 
-    /// Charges a detokenize budget, logging a refusal.
-    fn charge(&self, ctx: &CallContext, authz: &Authorized, cards: usize) -> Result<()> {
+    /// Passes a validation result through, auditing a failure. The raw
+    /// input is never recorded (a malformed token may be a PAN).
+    async fn validated<T>(
+        &self,
+        ctx: &CallContext,
+        action: Action,
+        tenant: &Tenant,
+        parsed: Result<T>,
+    ) -> Result<T> {
+        if let Err(e) = &parsed {
+            self.vault
+                .audit_rejected(ctx, action.as_str(), tenant.as_str(), "", e)
+                .await;
+        }
+        parsed
+    }
+
+    /// Charges a detokenize budget; a refusal is logged and audited.
+    async fn charge(
+        &self,
+        ctx: &CallContext,
+        action: Action,
+        authz: &Authorized,
+        cards: usize,
+    ) -> Result<()> {
         let cards = u32::try_from(cards).unwrap_or(u32::MAX);
-        self.auth
-            .charge_detokenize(&ctx.principal, &authz.grant, cards)
-            .inspect_err(|e| {
-                tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, error = %e, "rate limited");
-            })
+        let res = self
+            .auth
+            .charge_detokenize(&ctx.principal, &authz.grant, cards);
+        if let Err(e) = &res {
+            tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, error = %e, "rate limited");
+            self.vault
+                .audit_rejected(ctx, action.as_str(), authz.tenant.as_str(), "", e)
+                .await;
+        }
+        res
     }
 }
 
@@ -163,25 +209,36 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        let (ctx, principal) = context_of(&request);
+        let (mut ctx, principal) = context_of(&request);
         let mut req = request.into_inner();
-        let authz = self.authorize(&ctx, principal.as_deref(), Action::Tokenize, &req.tenant);
+        let authz = self
+            .authorize(
+                &mut ctx,
+                principal.as_deref(),
+                Action::Tokenize,
+                &req.tenant,
+            )
+            .await;
         // Parse only for authorised callers, but wipe the secrets either way.
         let parsed = authz.as_ref().ok().map(|_| {
-            parse_card(
+            let card = parse_card(
                 &req.pan,
                 req.exp_month,
                 req.exp_year,
                 req.cardholder_name.as_deref(),
                 req.cvv.as_deref(),
                 YearMonth::now_utc(),
-            )
+            )?;
+            Ok((card, format_of(req.format)?))
         });
         wipe(&mut req.pan, &mut req.cardholder_name, &mut req.cvv);
         let tenant = authz?.tenant;
-        let card = parsed.expect("parsed when authorised")?;
+        let parsed = parsed.expect("parsed when authorised");
+        let (card, format) = self
+            .validated(&ctx, Action::Tokenize, &tenant, parsed)
+            .await?;
         let opts = TokenizeOptions {
-            format: format_of(req.format)?,
+            format,
             dedupe: req.dedupe,
         };
         let meta = self.vault.tokenize(&ctx, &tenant, card, opts).await?;
@@ -192,14 +249,16 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeBatchRequest>,
     ) -> Result<Response<proto::TokenizeBatchResponse>, Status> {
-        let (ctx, principal) = context_of(&request);
+        let (mut ctx, principal) = context_of(&request);
         let mut req = request.into_inner();
-        let authz = self.authorize(
-            &ctx,
-            principal.as_deref(),
-            Action::TokenizeBatch,
-            &req.tenant,
-        );
+        let authz = self
+            .authorize(
+                &mut ctx,
+                principal.as_deref(),
+                Action::TokenizeBatch,
+                &req.tenant,
+            )
+            .await;
         if authz.is_err() {
             for item in &mut req.items {
                 wipe(&mut item.pan, &mut item.cardholder_name, &mut item.cvv);
@@ -223,8 +282,11 @@ impl TokenService for TokenServiceImpl {
             references.push(std::mem::take(&mut item.reference));
             cards.push(parsed);
         }
+        let format = self
+            .validated(&ctx, Action::TokenizeBatch, &tenant, format_of(req.format))
+            .await?;
         let opts = TokenizeOptions {
-            format: format_of(req.format)?,
+            format,
             dedupe: req.dedupe,
         };
         let results = self
@@ -249,16 +311,18 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
-        let (ctx, principal) = context_of(&request);
+        let (mut ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let authz = self.authorize(&ctx, principal.as_deref(), Action::Detokenize, &req.tenant)?;
-        let tenant = &authz.tenant;
-        let token = Token::parse(&req.token)?;
-        let purpose = Purpose::parse(&req.purpose)?;
-        self.charge(&ctx, &authz, 1)?;
+        let action = Action::Detokenize;
+        let authz = self
+            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .await?;
+        let parsed = Token::parse(&req.token).and_then(|t| Ok((t, Purpose::parse(&req.purpose)?)));
+        let (token, purpose) = self.validated(&ctx, action, &authz.tenant, parsed).await?;
+        self.charge(&ctx, action, &authz, 1).await?;
         let card = self
             .vault
-            .detokenize(&ctx, tenant, &token, &purpose, req.include_cvv)
+            .detokenize(&ctx, &authz.tenant, &token, &purpose, req.include_cvv)
             .await?;
         Ok(Response::new(detokenize_response(card)))
     }
@@ -267,20 +331,19 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DetokenizeBatchRequest>,
     ) -> Result<Response<proto::DetokenizeBatchResponse>, Status> {
-        let (ctx, principal) = context_of(&request);
+        let (mut ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let authz = self.authorize(
-            &ctx,
-            principal.as_deref(),
-            Action::DetokenizeBatch,
-            &req.tenant,
-        )?;
-        let tenant = &authz.tenant;
-        let purpose = Purpose::parse(&req.purpose)?;
+        let action = Action::DetokenizeBatch;
+        let authz = self
+            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .await?;
+        let purpose = self
+            .validated(&ctx, action, &authz.tenant, Purpose::parse(&req.purpose))
+            .await?;
         // The whole batch is charged up front: a budget bounds cards read,
         // however they are packaged.
         if !req.items.is_empty() && req.items.len() <= crate::vault::MAX_BATCH {
-            self.charge(&ctx, &authz, req.items.len())?;
+            self.charge(&ctx, action, &authz, req.items.len()).await?;
         }
         let (references, tokens): (Vec<_>, Vec<_>) = req
             .items
@@ -294,7 +357,7 @@ impl TokenService for TokenServiceImpl {
             .unzip();
         let results = self
             .vault
-            .detokenize_batch(&ctx, tenant, tokens, &purpose, req.include_cvv)
+            .detokenize_batch(&ctx, &authz.tenant, tokens, &purpose, req.include_cvv)
             .await?;
         let results = references
             .into_iter()
@@ -316,10 +379,15 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::GetMetadataRequest>,
     ) -> Result<Response<proto::CardMetadata>, Status> {
-        let (ctx, principal) = context_of(&request);
+        let (mut ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let authz = self.authorize(&ctx, principal.as_deref(), Action::GetMetadata, &req.tenant)?;
-        let token = Token::parse(&req.token)?;
+        let action = Action::GetMetadata;
+        let authz = self
+            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .await?;
+        let token = self
+            .validated(&ctx, action, &authz.tenant, Token::parse(&req.token))
+            .await?;
         let m = self.vault.metadata(&ctx, &authz.tenant, &token).await?;
         Ok(Response::new(proto::CardMetadata {
             token: m.token,
@@ -339,10 +407,15 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DeleteTokenRequest>,
     ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
-        let (ctx, principal) = context_of(&request);
+        let (mut ctx, principal) = context_of(&request);
         let req = request.into_inner();
-        let authz = self.authorize(&ctx, principal.as_deref(), Action::DeleteToken, &req.tenant)?;
-        let token = Token::parse(&req.token)?;
+        let action = Action::DeleteToken;
+        let authz = self
+            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .await?;
+        let token = self
+            .validated(&ctx, action, &authz.tenant, Token::parse(&req.token))
+            .await?;
         let deleted = self.vault.delete(&ctx, &authz.tenant, &token).await?;
         Ok(Response::new(proto::DeleteTokenResponse { deleted }))
     }

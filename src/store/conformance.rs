@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{InsertOutcome, Store, StoredRecord};
+use crate::audit::{AuditBody, Verifier};
 
 /// A record with recognisable, non-secret contents.
 pub fn sample(tenant: &str, token: &str, fingerprint: u8) -> StoredRecord {
@@ -27,13 +28,46 @@ pub fn sample(tenant: &str, token: &str, fingerprint: u8) -> StoredRecord {
     }
 }
 
+/// An audit body for conformance writes.
+pub fn audit_body(action: &str) -> AuditBody {
+    AuditBody {
+        time_ms: 1_700_000_000_000,
+        principal: "spiffe://test/principal".into(),
+        action: action.into(),
+        outcome: "OK".into(),
+        ..Default::default()
+    }
+}
+
+/// Reads the whole audit chain and checks its links (no checkpoints).
+pub async fn assert_chain_intact(store: &dyn Store) -> u64 {
+    let mut v = Verifier::new(Vec::new(), Vec::new());
+    let mut after = 0;
+    loop {
+        let page = store.audit_records(after, 500).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for (k, r) in &page {
+            v.record(*k, r);
+            after = *k;
+        }
+    }
+    let report = v.finish(store.audit_head().await.unwrap());
+    assert!(report.ok(), "{report:?}");
+    report.records
+}
+
 /// Insert then get returns the same record; a missing token reads as `None`.
 pub async fn insert_and_get(store: &dyn Store) {
     let r = sample("acme", "tok_a", 1);
-    assert_eq!(
-        store.insert(&r, false).await.unwrap(),
-        InsertOutcome::Inserted
-    );
+    assert!(matches!(
+        store
+            .insert(&r, false, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
     assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
     assert_eq!(store.get("acme", "tok_missing").await.unwrap(), None);
 }
@@ -44,13 +78,21 @@ pub async fn tenants_are_isolated(store: &dyn Store) {
     let a = sample("acme", "tok_same", 1);
     let mut b = sample("globex", "tok_same", 1);
     b.last4 = "4444".into();
-    assert_eq!(
-        store.insert(&a, false).await.unwrap(),
-        InsertOutcome::Inserted
-    );
-    assert_eq!(
-        store.insert(&b, true).await.unwrap(),
-        InsertOutcome::Inserted,
+    assert!(matches!(
+        store
+            .insert(&a, false, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
+    assert!(
+        matches!(
+            store
+                .insert(&b, true, &audit_body("Tokenize"))
+                .await
+                .unwrap(),
+            InsertOutcome::Inserted(_)
+        ),
         "dedupe must not cross tenants"
     );
     assert_eq!(
@@ -69,7 +111,13 @@ pub async fn tenants_are_isolated(store: &dyn Store) {
     assert_eq!(store.count(Some("acme")).await.unwrap(), 1);
     assert_eq!(store.count(Some("globex")).await.unwrap(), 1);
     assert_eq!(store.count(None).await.unwrap(), 2);
-    assert!(store.delete("acme", "tok_same").await.unwrap());
+    assert!(
+        store
+            .delete("acme", "tok_same", &audit_body("DeleteToken"))
+            .await
+            .unwrap()
+            .0
+    );
     assert!(store.get("globex", "tok_same").await.unwrap().is_some());
     // A tenant whose name is a prefix of another's must not see its rows.
     assert_eq!(store.get("glob", "tok_same").await.unwrap(), None);
@@ -79,10 +127,16 @@ pub async fn tenants_are_isolated(store: &dyn Store) {
 /// Inserting an existing token reports `TokenTaken` and changes nothing.
 pub async fn duplicate_token_is_refused(store: &dyn Store) {
     let r = sample("acme", "tok_a", 1);
-    store.insert(&r, false).await.unwrap();
+    store
+        .insert(&r, false, &audit_body("Tokenize"))
+        .await
+        .unwrap();
     let other = sample("acme", "tok_a", 2);
     assert_eq!(
-        store.insert(&other, false).await.unwrap(),
+        store
+            .insert(&other, false, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
         InsertOutcome::TokenTaken
     );
     assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
@@ -92,21 +146,33 @@ pub async fn duplicate_token_is_refused(store: &dyn Store) {
 /// second token is created and the index keeps pointing at the first.
 pub async fn dedupe_by_fingerprint(store: &dyn Store) {
     let first = sample("acme", "tok_first", 7);
-    store.insert(&first, true).await.unwrap();
+    store
+        .insert(&first, true, &audit_body("Tokenize"))
+        .await
+        .unwrap();
     let again = sample("acme", "tok_second", 7);
     assert_eq!(
-        store.insert(&again, true).await.unwrap(),
+        store
+            .insert(&again, true, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
         InsertOutcome::Deduplicated(first.clone())
     );
     assert_eq!(store.get("acme", "tok_second").await.unwrap(), None);
     let third = sample("acme", "tok_third", 7);
-    assert_eq!(
-        store.insert(&third, false).await.unwrap(),
-        InsertOutcome::Inserted
-    );
+    assert!(matches!(
+        store
+            .insert(&third, false, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
     let fourth = sample("acme", "tok_fourth", 7);
     assert_eq!(
-        store.insert(&fourth, true).await.unwrap(),
+        store
+            .insert(&fourth, true, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
         InsertOutcome::Deduplicated(first)
     );
 }
@@ -114,24 +180,43 @@ pub async fn dedupe_by_fingerprint(store: &dyn Store) {
 /// Deleting the indexed record frees the fingerprint for dedupe.
 pub async fn delete_removes_record_and_index(store: &dyn Store) {
     let first = sample("acme", "tok_first", 9);
-    store.insert(&first, true).await.unwrap();
-    assert!(store.delete("acme", "tok_first").await.unwrap());
+    store
+        .insert(&first, true, &audit_body("Tokenize"))
+        .await
+        .unwrap();
     assert!(
-        !store.delete("acme", "tok_first").await.unwrap(),
+        store
+            .delete("acme", "tok_first", &audit_body("DeleteToken"))
+            .await
+            .unwrap()
+            .0
+    );
+    assert!(
+        !store
+            .delete("acme", "tok_first", &audit_body("DeleteToken"))
+            .await
+            .unwrap()
+            .0,
         "delete is idempotent"
     );
     assert_eq!(store.get("acme", "tok_first").await.unwrap(), None);
     let next = sample("acme", "tok_next", 9);
-    assert_eq!(
-        store.insert(&next, true).await.unwrap(),
-        InsertOutcome::Inserted
-    );
+    assert!(matches!(
+        store
+            .insert(&next, true, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
 }
 
 /// Update replaces an existing record and refuses a missing one.
 pub async fn update_replaces(store: &dyn Store) {
     let mut r = sample("acme", "tok_a", 1);
-    store.insert(&r, false).await.unwrap();
+    store
+        .insert(&r, false, &audit_body("Tokenize"))
+        .await
+        .unwrap();
     r.key_version = 2;
     r.envelope = vec![9, 9, 9];
     assert!(store.update(&r).await.unwrap());
@@ -191,11 +276,11 @@ pub async fn concurrent_writers(store: Arc<dyn Store>) {
         let s = store.clone();
         tasks.push(tokio::spawn(async move {
             let r = sample("acme", &format!("tok_{i:05}"), (i % 250) as u8);
-            s.insert(&r, false).await.unwrap()
+            s.insert(&r, false, &audit_body("Tokenize")).await.unwrap()
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), InsertOutcome::Inserted);
+        assert!(matches!(t.await.unwrap(), InsertOutcome::Inserted(_)));
     }
     assert_eq!(store.count(Some("acme")).await.unwrap(), 200);
 
@@ -204,8 +289,8 @@ pub async fn concurrent_writers(store: Arc<dyn Store>) {
         let s = store.clone();
         racers.push(tokio::spawn(async move {
             let r = sample("race", &format!("tok_r{i:03}"), 42);
-            match s.insert(&r, true).await.unwrap() {
-                InsertOutcome::Inserted => r.token,
+            match s.insert(&r, true, &audit_body("Tokenize")).await.unwrap() {
+                InsertOutcome::Inserted(_) => r.token,
                 InsertOutcome::Deduplicated(existing) => existing.token,
                 InsertOutcome::TokenTaken => panic!("distinct tokens cannot collide"),
             }
@@ -221,6 +306,103 @@ pub async fn concurrent_writers(store: Arc<dyn Store>) {
         "dedupe race produced several tokens: {winners:?}"
     );
     assert_eq!(store.count(Some("race")).await.unwrap(), 1);
+}
+
+/// Writes that succeed append exactly one linked audit record; writes that
+/// do not happen (token taken, deduplicated) append none; delete appends one
+/// even for a missing token.
+pub async fn audit_is_written_with_the_operation(store: &dyn Store) {
+    assert_eq!(store.audit_head().await.unwrap(), None);
+    let first = sample("acme", "tok_a", 1);
+    let InsertOutcome::Inserted(l1) = store
+        .insert(&first, true, &audit_body("Tokenize"))
+        .await
+        .unwrap()
+    else {
+        panic!("not inserted")
+    };
+    assert_eq!(l1.seq, 1);
+    store
+        .insert(&first, false, &audit_body("Tokenize"))
+        .await
+        .unwrap();
+    store
+        .insert(&sample("acme", "tok_b", 1), true, &audit_body("Tokenize"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.audit_head().await.unwrap(),
+        Some((1, l1.hash.clone()))
+    );
+    let l2 = store.append_audit(&audit_body("Detokenize")).await.unwrap();
+    assert_eq!(l2.seq, 2);
+    let (deleted, l3) = store
+        .delete("acme", "tok_a", &audit_body("DeleteToken"))
+        .await
+        .unwrap();
+    assert!(deleted);
+    let (deleted, l4) = store
+        .delete("acme", "tok_a", &audit_body("DeleteToken"))
+        .await
+        .unwrap();
+    assert!(!deleted);
+    assert_eq!((l3.seq, l4.seq), (3, 4));
+    let recs = store.audit_records(0, 100).await.unwrap();
+    let actions: Vec<String> = recs
+        .iter()
+        .map(|(_, r)| r.decode_body().unwrap().action)
+        .collect();
+    assert_eq!(
+        actions,
+        ["Tokenize", "Detokenize", "DeleteToken", "DeleteToken"]
+    );
+    assert_eq!(
+        store.audit_records(2, 1).await.unwrap()[0].0,
+        3,
+        "paging by seq"
+    );
+    assert_eq!(assert_chain_intact(store).await, 4);
+}
+
+/// Checkpoints are stored and listed by seq.
+pub async fn checkpoints_round_trip(store: &dyn Store) {
+    for seq in [20u64, 10, 30] {
+        let cp = crate::audit::Checkpoint {
+            seq,
+            hash: vec![seq as u8; 32],
+            time_ms: 1,
+            signature: vec![1; 64],
+        };
+        store.put_checkpoint(&cp).await.unwrap();
+    }
+    let seqs: Vec<u64> = store
+        .checkpoints()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(seqs, [10, 20, 30]);
+}
+
+/// Concurrent appends from many tasks still form one unbroken chain.
+pub async fn concurrent_audit_appends_form_one_chain(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for i in 0..100u32 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 3 == 0 {
+                let r = sample("acme", &format!("tok_c{i:04}"), i as u8);
+                s.insert(&r, false, &audit_body("Tokenize")).await.unwrap();
+            } else {
+                s.append_audit(&audit_body("Detokenize")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(assert_chain_intact(&*store).await, 100);
 }
 
 /// Generates one `#[tokio::test]` per conformance check.
@@ -268,6 +450,21 @@ macro_rules! store_conformance_tests {
             async fn key_table() {
                 let (s, _g) = ($factory)();
                 c::key_table(&*s).await;
+            }
+            #[tokio::test]
+            async fn audit_is_written_with_the_operation() {
+                let (s, _g) = ($factory)();
+                c::audit_is_written_with_the_operation(&*s).await;
+            }
+            #[tokio::test]
+            async fn checkpoints_round_trip() {
+                let (s, _g) = ($factory)();
+                c::checkpoints_round_trip(&*s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_audit_appends_form_one_chain() {
+                let (s, _g) = ($factory)();
+                c::concurrent_audit_appends_form_one_chain(s).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_writers() {

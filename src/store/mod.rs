@@ -9,7 +9,18 @@ pub mod sled;
 
 use async_trait::async_trait;
 
+use crate::audit::{AuditBody, AuditRecord, Checkpoint};
 use crate::error::Result;
+
+/// Position of a record in the audit chain, returned by every write that
+/// appends one (the vault signs checkpoints from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditLink {
+    /// Sequence number of the appended audit record.
+    pub seq: u64,
+    /// Its chain hash.
+    pub hash: Vec<u8>,
+}
 
 /// One card as stored: non-sensitive metadata in clear (so metadata reads
 /// need no decryption) and the secret part as an encrypted envelope.
@@ -53,8 +64,9 @@ pub struct StoredRecord {
 /// Result of [`Store::insert`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum InsertOutcome {
-    /// The record (and, if absent, its fingerprint index entry) was written.
-    Inserted,
+    /// The record (and, if absent, its fingerprint index entry) was written,
+    /// together with the audit record.
+    Inserted(AuditLink),
     /// The token already exists in the tenant; nothing was written. The
     /// caller generates another token and retries.
     TokenTaken,
@@ -71,14 +83,23 @@ pub trait Store: Send + Sync + 'static {
     /// Backend name for logs and status, e.g. `sled`.
     fn backend(&self) -> &'static str;
 
-    /// Inserts a new record and its fingerprint index entry in one atomic step.
+    /// Inserts a new record, its fingerprint index entry and its audit
+    /// record in one atomic step.
     ///
     /// * If `dedupe` and the index already maps this fingerprint to a live
     ///   record, returns [`InsertOutcome::Deduplicated`] with that record.
     /// * If the token exists, returns [`InsertOutcome::TokenTaken`].
-    /// * Otherwise writes the record; the index entry is written only if the
-    ///   fingerprint has none yet (the first token for a PAN stays canonical).
-    async fn insert(&self, record: &StoredRecord, dedupe: bool) -> Result<InsertOutcome>;
+    /// * Otherwise writes the record and appends `audit`; the index entry is
+    ///   written only if the fingerprint has none yet (the first token for a
+    ///   PAN stays canonical).
+    ///
+    /// Nothing (not even the audit record) is written in the first two cases.
+    async fn insert(
+        &self,
+        record: &StoredRecord,
+        dedupe: bool,
+        audit: &AuditBody,
+    ) -> Result<InsertOutcome>;
 
     /// Reads one record.
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>>;
@@ -88,8 +109,14 @@ pub trait Store: Send + Sync + 'static {
     async fn update(&self, record: &StoredRecord) -> Result<bool>;
 
     /// Deletes a record and, if it points at this token, its fingerprint
-    /// index entry. Returns whether the record existed.
-    async fn delete(&self, tenant: &str, token: &str) -> Result<bool>;
+    /// index entry, and appends `audit`, atomically. Returns whether the
+    /// record existed (the audit record is appended either way).
+    async fn delete(
+        &self,
+        tenant: &str,
+        token: &str,
+        audit: &AuditBody,
+    ) -> Result<(bool, AuditLink)>;
 
     /// Number of records, for one tenant or all.
     async fn count(&self, tenant: Option<&str>) -> Result<u64>;
@@ -104,4 +131,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// All key-table entries whose name starts with `prefix`, sorted by name.
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Appends one audit record to the chain; durable when it returns.
+    async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink>;
+
+    /// The chain head `(seq, hash)` as the store records it; `None` when empty.
+    async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>>;
+
+    /// Up to `limit` audit records with seq greater than `after_seq`, in
+    /// storage-key order, each with the seq its storage key says.
+    async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>>;
+
+    /// Stores a signed checkpoint.
+    async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()>;
+
+    /// Every stored checkpoint, by seq.
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>>;
 }

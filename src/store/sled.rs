@@ -6,21 +6,30 @@
 //! dedicated flusher thread which drains every request queued meanwhile and
 //! serves them all with one `flush()` (group commit). `flush_async` is never
 //! used: concurrent `flush_async` calls deadlock in sled 0.34 (sled#1308).
+//!
+//! Audit chain: appends are serialised by one mutex that also caches the
+//! head, so each record links to the one before it; the record is written
+//! in the same sled transaction as the operation it describes.
 
 use std::path::Path;
 use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use prost::Message;
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tokio::sync::oneshot;
 
-use super::{InsertOutcome, Store, StoredRecord};
+use super::{AuditLink, InsertOutcome, Store, StoredRecord};
+use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
 
 type FlushReply = oneshot::Sender<Result<(), String>>;
+
+/// Key of the audit head `(seq, hash)` in the meta tree.
+const AUDIT_HEAD: &[u8] = b"audit_head";
 
 /// sled-backed [`Store`].
 pub struct SledStore {
@@ -30,6 +39,14 @@ pub struct SledStore {
     fingerprints: sled::Tree,
     /// Wrapped keys and vault metadata by name.
     keys: sled::Tree,
+    /// Audit records by big-endian seq.
+    audit: sled::Tree,
+    /// Signed checkpoints by big-endian seq.
+    checkpoints: sled::Tree,
+    /// Store metadata (audit head).
+    meta: sled::Tree,
+    /// Serialises audit appends and caches the head `(seq, hash)`.
+    chain: Mutex<(u64, Vec<u8>)>,
     /// Queue to the flusher thread; `None` only while dropping.
     flush_tx: Option<mpsc::Sender<FlushReply>>,
     /// The flusher thread, joined on drop so the database lock is released
@@ -62,13 +79,43 @@ fn decode(bytes: &[u8]) -> Result<StoredRecord> {
         .map_err(|_| Error::DataLoss("stored record could not be decoded".into()))
 }
 
+fn encode_head(seq: u64, hash: &[u8]) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.extend_from_slice(hash);
+    v
+}
+
+fn decode_head(v: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    Some((seq, v[8..].to_vec()))
+}
+
+/// Writes `rec` and the new head inside a transaction.
+fn put_audit(
+    audit: &TransactionalTree,
+    meta: &TransactionalTree,
+    rec: &AuditRecord,
+) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
+    audit.insert(&rec.seq.to_be_bytes(), rec.encode_to_vec())?;
+    meta.insert(AUDIT_HEAD, encode_head(rec.seq, &rec.hash))?;
+    Ok(())
+}
+
 impl SledStore {
     /// Opens (or creates) the database in `path`.
     pub fn open(path: &Path) -> Result<SledStore> {
         let db = sled::Config::new().path(path).open().map_err(unavailable)?;
-        let records = db.open_tree("records").map_err(unavailable)?;
-        let fingerprints = db.open_tree("fingerprints").map_err(unavailable)?;
-        let keys = db.open_tree("keys").map_err(unavailable)?;
+        let tree = |name: &str| db.open_tree(name).map_err(unavailable);
+        let (records, fingerprints, keys) =
+            (tree("records")?, tree("fingerprints")?, tree("keys")?);
+        let (audit, checkpoints, meta) =
+            (tree("audit")?, tree("audit_checkpoints")?, tree("meta")?);
+        let head = match meta.get(AUDIT_HEAD).map_err(unavailable)? {
+            Some(v) => {
+                decode_head(&v).ok_or_else(|| Error::DataLoss("audit head is corrupt".into()))?
+            }
+            None => (0, GENESIS.to_vec()),
+        };
         let (tx, rx) = mpsc::channel::<FlushReply>();
         let flusher = std::thread::Builder::new()
             .name("sled-group-commit".into())
@@ -90,9 +137,23 @@ impl SledStore {
             records,
             fingerprints,
             keys,
+            audit,
+            checkpoints,
+            meta,
+            chain: Mutex::new(head),
             flush_tx: Some(tx),
             flusher: Some(flusher),
         })
+    }
+
+    /// The raw audit tree (seq -> record), for forensics and tamper tests.
+    /// Writing to it bypasses the chain: that is what `audit verify` detects.
+    pub fn raw_audit_tree(&self) -> &sled::Tree {
+        &self.audit
+    }
+
+    fn chain(&self) -> MutexGuard<'_, (u64, Vec<u8>)> {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until every write made before this call is on disk.
@@ -124,41 +185,63 @@ enum Abort {
     Deduplicated(Vec<u8>),
 }
 
+fn link(rec: &AuditRecord) -> AuditLink {
+    AuditLink {
+        seq: rec.seq,
+        hash: rec.hash.clone(),
+    }
+}
+
 #[async_trait]
 impl Store for SledStore {
     fn backend(&self) -> &'static str {
         "sled"
     }
 
-    async fn insert(&self, record: &StoredRecord, dedupe: bool) -> Result<InsertOutcome> {
+    async fn insert(
+        &self,
+        record: &StoredRecord,
+        dedupe: bool,
+        audit: &AuditBody,
+    ) -> Result<InsertOutcome> {
         let rkey = record_key(&record.tenant, &record.token);
         let fkey = fingerprint_key(&record.tenant, &record.fingerprint);
         let value = record.encode_to_vec();
-        let res = (&self.records, &self.fingerprints).transaction(|(records, fps)| {
-            let indexed = match fps.get(&fkey)? {
-                Some(tok) => {
-                    records.get(record_key(&record.tenant, &String::from_utf8_lossy(&tok)))?
-                }
-                None => None,
-            };
-            if dedupe && let Some(existing) = indexed.clone() {
-                return Err(ConflictableTransactionError::Abort(Abort::Deduplicated(
-                    existing.to_vec(),
-                )));
+        let res = {
+            let mut head = self.chain();
+            let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
+            let res = (&self.records, &self.fingerprints, &self.audit, &self.meta).transaction(
+                |(records, fps, audit_t, meta)| {
+                    let indexed = match fps.get(&fkey)? {
+                        Some(tok) => records
+                            .get(record_key(&record.tenant, &String::from_utf8_lossy(&tok)))?,
+                        None => None,
+                    };
+                    if dedupe && let Some(existing) = indexed.clone() {
+                        return Err(ConflictableTransactionError::Abort(Abort::Deduplicated(
+                            existing.to_vec(),
+                        )));
+                    }
+                    if records.get(&rkey)?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(Abort::TokenTaken));
+                    }
+                    records.insert(rkey.as_slice(), value.as_slice())?;
+                    if indexed.is_none() {
+                        fps.insert(fkey.as_slice(), record.token.as_bytes())?;
+                    }
+                    put_audit(audit_t, meta, &arec)?;
+                    Ok(())
+                },
+            );
+            if res.is_ok() {
+                *head = (arec.seq, arec.hash.clone());
             }
-            if records.get(&rkey)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(Abort::TokenTaken));
-            }
-            records.insert(rkey.as_slice(), value.as_slice())?;
-            if indexed.is_none() {
-                fps.insert(fkey.as_slice(), record.token.as_bytes())?;
-            }
-            Ok(())
-        });
+            res.map(|()| link(&arec))
+        };
         match res {
-            Ok(()) => {
+            Ok(l) => {
                 self.durable().await?;
-                Ok(InsertOutcome::Inserted)
+                Ok(InsertOutcome::Inserted(l))
             }
             Err(TransactionError::Abort(Abort::TokenTaken)) => Ok(InsertOutcome::TokenTaken),
             Err(TransactionError::Abort(Abort::Deduplicated(bytes))) => {
@@ -196,31 +279,45 @@ impl Store for SledStore {
         Ok(updated)
     }
 
-    async fn delete(&self, tenant: &str, token: &str) -> Result<bool> {
+    async fn delete(
+        &self,
+        tenant: &str,
+        token: &str,
+        audit: &AuditBody,
+    ) -> Result<(bool, AuditLink)> {
         let rkey = record_key(tenant, token);
-        let res = (&self.records, &self.fingerprints).transaction(|(records, fps)| {
-            let Some(old) = records.remove(rkey.as_slice())? else {
-                return Ok(false);
-            };
-            // The fingerprint is needed to find the index entry; a record that
-            // no longer decodes is still deleted, its index entry left behind
-            // (harmless: lookups through it find no record).
-            if let Ok(rec) = StoredRecord::decode(&old[..]) {
-                let fkey = fingerprint_key(tenant, &rec.fingerprint);
-                if fps
-                    .get(&fkey)?
-                    .is_some_and(|t| t.as_ref() == token.as_bytes())
-                {
-                    fps.remove(fkey)?;
-                }
+        let res = {
+            let mut head = self.chain();
+            let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
+            let res = (&self.records, &self.fingerprints, &self.audit, &self.meta).transaction(
+                |(records, fps, audit_t, meta)| {
+                    put_audit(audit_t, meta, &arec)?;
+                    let Some(old) = records.remove(rkey.as_slice())? else {
+                        return Ok(false);
+                    };
+                    // The fingerprint is needed to find the index entry; a record
+                    // that no longer decodes is still deleted, its index entry left
+                    // behind (harmless: lookups through it find no record).
+                    if let Ok(rec) = StoredRecord::decode(&old[..]) {
+                        let fkey = fingerprint_key(tenant, &rec.fingerprint);
+                        if fps
+                            .get(&fkey)?
+                            .is_some_and(|t| t.as_ref() == token.as_bytes())
+                        {
+                            fps.remove(fkey)?;
+                        }
+                    }
+                    Ok(true)
+                },
+            );
+            if res.is_ok() {
+                *head = (arec.seq, arec.hash.clone());
             }
-            Ok(true)
-        });
-        let deleted = res.map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
-        if deleted {
-            self.durable().await?;
-        }
-        Ok(deleted)
+            res.map(|d| (d, link(&arec)))
+        };
+        let out = res.map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
+        self.durable().await?;
+        Ok(out)
     }
 
     async fn count(&self, tenant: Option<&str>) -> Result<u64> {
@@ -261,6 +358,73 @@ impl Store for SledStore {
             .map(|kv| {
                 let (k, v) = kv.map_err(unavailable)?;
                 Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink> {
+        let l = {
+            let mut head = self.chain();
+            let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
+            (&self.audit, &self.meta)
+                .transaction(|(audit_t, meta)| {
+                    put_audit(audit_t, meta, &arec)?;
+                    Ok(())
+                })
+                .map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
+            *head = (arec.seq, arec.hash.clone());
+            link(&arec)
+        };
+        self.durable().await?;
+        Ok(l)
+    }
+
+    async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        match self.meta.get(AUDIT_HEAD).map_err(unavailable)? {
+            Some(v) => {
+                Ok(Some(decode_head(&v).ok_or_else(|| {
+                    Error::DataLoss("audit head is corrupt".into())
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        let start = after_seq.saturating_add(1).to_be_bytes();
+        self.audit
+            .range(start..)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(unavailable)?;
+                let seq = k
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::DataLoss("audit key is corrupt".into()))?;
+                // A record that does not decode is reported as an empty one,
+                // so verification can name it instead of failing outright.
+                let rec = AuditRecord::decode(v.as_ref()).unwrap_or_default();
+                Ok((seq, rec))
+            })
+            .collect()
+    }
+
+    async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        self.checkpoints
+            .insert(checkpoint.seq.to_be_bytes(), checkpoint.encode_to_vec())
+            .map_err(unavailable)?;
+        self.durable().await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.checkpoints
+            .iter()
+            .values()
+            .map(|v| {
+                let v = v.map_err(unavailable)?;
+                Checkpoint::decode(v.as_ref())
+                    .map_err(|_| Error::DataLoss("audit checkpoint is corrupt".into()))
             })
             .collect()
     }

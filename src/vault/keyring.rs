@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
+use ring::signature::Ed25519KeyPair;
+
 use crate::crypto::fingerprint::FingerprintKey;
 use crate::crypto::keys::{Aead, SecretKey, unwrap_key, wrap_key};
 use crate::error::{Error, Result};
@@ -38,10 +40,16 @@ pub struct TenantKeys {
     pub fingerprint: FingerprintKey,
 }
 
+/// Name of the wrapped Ed25519 seed that signs audit checkpoints.
+pub const AUDIT_KEY_NAME: &str = "vault/audit-signing-key";
+
 /// Keys held while the vault is unsealed. Dropping it (seal) wipes them.
 pub struct Keyring {
     /// The key-encrypting key.
     kek: Aead,
+    /// Signs audit checkpoints. (`ring` does not wipe this key pair on drop;
+    /// its seed is wrapped at rest and core dumps are disabled.)
+    audit_key: Ed25519KeyPair,
     /// Tenants whose keys have been unwrapped, loaded lazily on first use.
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
 }
@@ -51,12 +59,19 @@ fn corrupt_key(name: &str) -> Error {
 }
 
 impl Keyring {
-    /// Wraps a KEK that has already been checked against the store.
-    pub fn new(kek: SecretKey) -> Self {
+    /// Holds a KEK that has already been checked against the store, and the
+    /// audit signing key it unwrapped.
+    pub fn new(kek: Aead, audit_key: Ed25519KeyPair) -> Self {
         Keyring {
-            kek: Aead::new(&kek),
+            kek,
+            audit_key,
             tenants: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// The audit checkpoint signing key.
+    pub fn audit_key(&self) -> &Ed25519KeyPair {
+        &self.audit_key
     }
 
     /// The KEK cipher (for check values and wrapping).

@@ -1,22 +1,31 @@
-//! The domain core: tokenize, detokenize, metadata, delete, and the sealed /
-//! unsealed key state. No gRPC, no TLS, no files: callers hand in validated
-//! domain types and get domain results or an [`Error`].
+//! The domain core: tokenize, detokenize, metadata, delete, the audit log,
+//! and the sealed / unsealed key state. No gRPC, no TLS, no files: callers
+//! hand in validated domain types and get domain results or an [`Error`].
+//!
+//! Every operation appends an audit record, and reads fail closed: if the
+//! record of a detokenize or metadata read cannot be written, nothing is
+//! returned.
 
+pub mod audit_log;
 pub mod keyring;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
+use ring::signature::Ed25519KeyPair;
 
+use crate::audit::AuditBody;
 use crate::card::{Brand, CardholderName, Cvv, Expiry, Pan};
 use crate::crypto::envelope::{self, CardSecret};
-use crate::crypto::keys::{SecretKey, kek_check_value, kek_matches};
+use crate::crypto::keys::{Aead, SecretKey, kek_check_value, kek_matches, unwrap_key, wrap_key};
 use crate::cvv::CvvHolder;
 use crate::error::{Error, Result};
-use crate::store::{InsertOutcome, Store, StoredRecord};
+use crate::store::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::token::{Purpose, Tenant, Token, TokenFormat};
-use keyring::{KEK_CHECK_NAME, Keyring};
+use audit_log::AuditSink;
+use keyring::{AUDIT_KEY_NAME, KEK_CHECK_NAME, Keyring};
 
 /// Most items one batch call may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -25,12 +34,16 @@ pub const MAX_BATCH: usize = 1000;
 const TOKEN_ATTEMPTS: usize = 16;
 
 /// Vault tunables.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VaultConfig {
     /// How long a CVV stays readable (capped at one hour).
     pub cvv_ttl: Duration,
     /// Most CVVs held at once.
     pub cvv_max_entries: usize,
+    /// Sign an audit checkpoint every this many records.
+    pub checkpoint_every: u64,
+    /// Optional copy of every audit record as a JSON line (SIEM feed).
+    pub audit_sink: Option<Arc<AuditSink>>,
 }
 
 impl Default for VaultConfig {
@@ -38,17 +51,23 @@ impl Default for VaultConfig {
         VaultConfig {
             cvv_ttl: Duration::from_secs(300),
             cvv_max_entries: 100_000,
+            checkpoint_every: 1000,
+            audit_sink: None,
         }
     }
 }
 
-/// Who is calling and which request this is, for logs (and, later, audit).
+/// Who is calling and which request this is, for logs and the audit log.
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {
     /// Unique id of the request, echoed in logs.
     pub request_id: String,
     /// The authenticated principal (certificate identity).
     pub principal: String,
+    /// Roles the principal holds.
+    pub roles: Vec<String>,
+    /// Peer network address.
+    pub peer: String,
 }
 
 /// A card to tokenize, already validated.
@@ -129,12 +148,16 @@ pub struct Card {
 
 /// The vault. Cheap to share behind an `Arc`; every method is `&self`.
 pub struct Vault {
-    /// Where records and wrapped keys live.
+    /// Where records, wrapped keys and the audit log live.
     store: Arc<dyn Store>,
     /// `None` while sealed. A `std` lock: held only to clone the `Arc`.
     keys: RwLock<Option<Arc<Keyring>>>,
     /// Memory-only CVVs.
     cvv: CvvHolder,
+    /// Checkpoint cadence and SIEM sink.
+    config: VaultConfig,
+    /// Highest audit seq covered by a signed checkpoint (cache).
+    last_checkpoint: AtomicU64,
 }
 
 fn now_ms() -> i64 {
@@ -165,6 +188,54 @@ fn integrity(what: &str) -> Error {
     ))
 }
 
+/// The gRPC-style code name of an error, as written to the audit log.
+pub fn outcome_name(err: &Error) -> &'static str {
+    match err {
+        Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+        Error::NotFound => "NOT_FOUND",
+        Error::Unauthenticated(_) => "UNAUTHENTICATED",
+        Error::PermissionDenied(_) => "PERMISSION_DENIED",
+        Error::Sealed | Error::Unavailable(_) => "UNAVAILABLE",
+        Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+        Error::DataLoss(_) => "DATA_LOSS",
+        Error::Internal(_) => "INTERNAL",
+    }
+}
+
+/// Builds an audit body for an operation and its outcome.
+pub fn audit_body(
+    ctx: &CallContext,
+    action: &str,
+    tenant: &str,
+    token: &str,
+    outcome: Result<(), &Error>,
+) -> AuditBody {
+    let (outcome, error) = match outcome {
+        Ok(()) => ("OK".to_owned(), String::new()),
+        Err(e) => (outcome_name(e).to_owned(), e.to_string()),
+    };
+    AuditBody {
+        time_ms: now_ms(),
+        principal: ctx.principal.clone(),
+        roles: ctx.roles.clone(),
+        tenant: tenant.to_owned(),
+        action: action.to_owned(),
+        token: token.to_owned(),
+        purpose: String::new(),
+        outcome,
+        error,
+        request_id: ctx.request_id.clone(),
+        peer: ctx.peer.clone(),
+        detail: String::new(),
+    }
+}
+
+fn audit_unavailable(e: &Error) -> Error {
+    Error::Unavailable(format!(
+        "the audit log could not be written ({e}); nothing was returned"
+    ))
+}
+
 impl Vault {
     /// A sealed vault over `store`.
     pub fn new(store: Arc<dyn Store>, config: VaultConfig) -> Self {
@@ -172,6 +243,8 @@ impl Vault {
             store,
             keys: RwLock::new(None),
             cvv: CvvHolder::new(config.cvv_ttl, config.cvv_max_entries),
+            config,
+            last_checkpoint: AtomicU64::new(0),
         }
     }
 
@@ -204,19 +277,32 @@ impl Vault {
     /// Unseals with the key-encrypting key. The first KEK a store sees is
     /// recorded (as a check value); any other KEK is refused afterwards.
     pub async fn unseal(&self, kek: SecretKey) -> Result<()> {
-        let keyring = Keyring::new(kek);
-        let check = kek_check_value(keyring.kek());
+        let kek = Aead::new(&kek);
+        let check = kek_check_value(&kek);
         let stored = match self.store.put_key_if_absent(KEK_CHECK_NAME, &check).await? {
             None => check,
             Some(existing) => existing,
         };
-        if !kek_matches(keyring.kek(), &stored) {
+        if !kek_matches(&kek, &stored) {
             return Err(Error::invalid(
                 "key",
                 "does not match the key-encrypting key this vault's data was written with",
             ));
         }
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(keyring));
+        let fresh = wrap_key(&kek, AUDIT_KEY_NAME, &SecretKey::generate());
+        let wrapped = self
+            .store
+            .put_key_if_absent(AUDIT_KEY_NAME, &fresh)
+            .await?
+            .unwrap_or(fresh);
+        let seed = unwrap_key(&kek, AUDIT_KEY_NAME, &wrapped)
+            .map_err(|_| Error::DataLoss("the audit signing key failed to unwrap".into()))?;
+        let audit_key = Ed25519KeyPair::from_seed_unchecked(seed.expose())
+            .map_err(|_| Error::Internal("bad audit signing key".into()))?;
+        let last_cp = self.store.checkpoints().await?.last().map_or(0, |c| c.seq);
+        self.last_checkpoint.fetch_max(last_cp, Ordering::Relaxed);
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Keyring::new(kek, audit_key)));
         Ok(())
     }
 
@@ -226,8 +312,79 @@ impl Vault {
         self.cvv.clear();
     }
 
+    /// Appends an audit record (and signs a checkpoint when one is due).
+    pub async fn record(&self, body: AuditBody) -> Result<AuditLink> {
+        let link = self.store.append_audit(&body).await?;
+        self.after_append(&link, &body).await;
+        Ok(link)
+    }
+
+    /// Records a call refused before it reached the vault (authorisation or
+    /// validation). Best effort: the call is failing anyway.
+    pub async fn audit_rejected(
+        &self,
+        ctx: &CallContext,
+        action: &str,
+        tenant: &str,
+        token: &str,
+        err: &Error,
+    ) {
+        let body = audit_body(ctx, action, tenant, token, Err(err));
+        if let Err(e) = self.record(body).await {
+            tracing::error!(request_id = %ctx.request_id, error = %e, "audit append failed for a refused call");
+        }
+    }
+
+    async fn after_append(&self, link: &AuditLink, body: &AuditBody) {
+        if let Some(sink) = &self.config.audit_sink {
+            sink.write(link, body);
+        }
+        if self.config.checkpoint_every > 0 && link.seq % self.config.checkpoint_every == 0 {
+            if let Err(e) = self.sign_checkpoint(link.seq, &link.hash).await {
+                tracing::warn!(seq = link.seq, error = %e, "audit checkpoint not signed");
+            }
+        }
+    }
+
+    async fn sign_checkpoint(&self, seq: u64, hash: &[u8]) -> Result<()> {
+        let keyring = self.keyring()?;
+        let cp = crate::audit::sign_checkpoint(keyring.audit_key(), seq, hash, now_ms());
+        self.store.put_checkpoint(&cp).await?;
+        self.last_checkpoint.fetch_max(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Signs a checkpoint at the current head if the head has moved since
+    /// the last one (called every few seconds, so a quiet log is sealed
+    /// too). Returns the seq signed, if any.
+    pub async fn checkpoint_now(&self) -> Result<Option<u64>> {
+        let Some((seq, hash)) = self.store.audit_head().await? else {
+            return Ok(None);
+        };
+        if seq <= self.last_checkpoint.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        self.sign_checkpoint(seq, &hash).await?;
+        Ok(Some(seq))
+    }
+
     /// Stores a card and returns its token.
     pub async fn tokenize(
+        &self,
+        ctx: &CallContext,
+        tenant: &Tenant,
+        card: NewCard,
+        opts: TokenizeOptions,
+    ) -> Result<CardMetadata> {
+        let result = self.tokenize_inner(ctx, tenant, card, opts).await;
+        if let Err(e) = &result {
+            self.audit_rejected(ctx, "Tokenize", tenant.as_str(), "", e)
+                .await;
+        }
+        result
+    }
+
+    async fn tokenize_inner(
         &self,
         ctx: &CallContext,
         tenant: &Tenant,
@@ -278,15 +435,25 @@ impl Vault {
             if let Some(cvv) = &card.cvv {
                 self.cvv.put(tenant.as_str(), token.as_str(), cvv.clone())?;
             }
-            let outcome = self.store.insert(&record, opts.dedupe).await;
+            let mut body = audit_body(ctx, "Tokenize", tenant.as_str(), token.as_str(), Ok(()));
+            if card.cvv.is_some() {
+                body.detail = "cvv held".into();
+            }
+            let outcome = self.store.insert(&record, opts.dedupe, &body).await;
             let (rec, existing) = match outcome {
-                Ok(InsertOutcome::Inserted) => (record, false),
+                Ok(InsertOutcome::Inserted(link)) => {
+                    self.after_append(&link, &body).await;
+                    (record, false)
+                }
                 Ok(InsertOutcome::TokenTaken) => {
                     self.cvv.remove(tenant.as_str(), token.as_str());
                     continue;
                 }
                 Ok(InsertOutcome::Deduplicated(existing)) => {
                     self.cvv.remove(tenant.as_str(), token.as_str());
+                    body.token = existing.token.clone();
+                    body.detail = format!("deduplicated to an existing token; {}", body.detail);
+                    self.record(body).await.map_err(|e| audit_unavailable(&e))?;
                     if let Some(cvv) = card.cvv {
                         self.cvv.put(tenant.as_str(), &existing.token, cvv)?;
                     }
@@ -325,16 +492,23 @@ impl Vault {
     ) -> Result<Vec<Result<CardMetadata>>> {
         check_batch_size(items.len())?;
         self.keyring()?;
-        Ok(join_all(
-            items
-                .into_iter()
-                .map(|item| async move { self.tokenize(ctx, tenant, item?, opts).await }),
-        )
+        Ok(join_all(items.into_iter().map(|item| async move {
+            match item {
+                Ok(card) => self.tokenize(ctx, tenant, card, opts).await,
+                Err(e) => {
+                    self.audit_rejected(ctx, "TokenizeBatch", tenant.as_str(), "", &e)
+                        .await;
+                    Err(e)
+                }
+            }
+        }))
         .await)
     }
 
     /// Returns the card behind a token. The token of another tenant is
-    /// `NotFound`, exactly like a token that does not exist.
+    /// `NotFound`, exactly like a token that does not exist. The audit
+    /// record is durable before the card is returned; if it cannot be
+    /// written, the call fails `Unavailable` and the card is wiped.
     pub async fn detokenize(
         &self,
         ctx: &CallContext,
@@ -343,8 +517,34 @@ impl Vault {
         purpose: &Purpose,
         include_cvv: bool,
     ) -> Result<Card> {
-        let keyring = self.keyring()?;
-        let result = self.read_card(&keyring, tenant, token, include_cvv).await;
+        self.detokenize_as(ctx, "Detokenize", tenant, token, purpose, include_cvv)
+            .await
+    }
+
+    async fn detokenize_as(
+        &self,
+        ctx: &CallContext,
+        action: &str,
+        tenant: &Tenant,
+        token: &Token,
+        purpose: &Purpose,
+        include_cvv: bool,
+    ) -> Result<Card> {
+        let result = match self.keyring() {
+            Ok(keyring) => self.read_card(&keyring, tenant, token).await,
+            Err(e) => Err(e),
+        };
+        let mut body = audit_body(
+            ctx,
+            action,
+            tenant.as_str(),
+            token.as_str(),
+            result.as_ref().map(|_| ()),
+        );
+        body.purpose = purpose.as_str().to_owned();
+        if include_cvv {
+            body.detail = "cvv requested".into();
+        }
         tracing::info!(
             request_id = %ctx.request_id,
             principal = %ctx.principal,
@@ -352,19 +552,27 @@ impl Vault {
             token = %token,
             purpose = purpose.as_str(),
             include_cvv,
-            outcome = match &result { Ok(_) => "ok".to_string(), Err(e) => e.to_string() },
+            outcome = %body.outcome,
             "detokenize"
         );
-        result
+        if let Err(e) = self.record(body).await {
+            // Fail closed: `result` (the PAN) is dropped, and wiped, here.
+            tracing::error!(request_id = %ctx.request_id, error = %e, "audit append failed; card withheld");
+            return Err(audit_unavailable(&e));
+        }
+        let mut card = result?;
+        // Taken only after the audit record is durable, so a failed audit
+        // write cannot consume the CVV.
+        if include_cvv {
+            card.cvv = match self.cvv.take(tenant.as_str(), token.as_str()) {
+                Some(c) => CvvOutcome::Returned(c),
+                None => CvvOutcome::NotAvailable,
+            };
+        }
+        Ok(card)
     }
 
-    async fn read_card(
-        &self,
-        keyring: &Keyring,
-        tenant: &Tenant,
-        token: &Token,
-        include_cvv: bool,
-    ) -> Result<Card> {
+    async fn read_card(&self, keyring: &Keyring, tenant: &Tenant, token: &Token) -> Result<Card> {
         let rec = self
             .store
             .get(tenant.as_str(), token.as_str())
@@ -386,14 +594,6 @@ impl Vault {
         let pan = Pan::parse(&secret.pan).map_err(|_| integrity("holds an invalid card number"))?;
         let name =
             CardholderName::parse(&secret.name).map_err(|_| integrity("holds an invalid name"))?;
-        let cvv = if include_cvv {
-            match self.cvv.take(tenant.as_str(), token.as_str()) {
-                Some(c) => CvvOutcome::Returned(c),
-                None => CvvOutcome::NotAvailable,
-            }
-        } else {
-            CvvOutcome::NotRequested
-        };
         Ok(Card {
             token: token.clone(),
             brand: pan.brand(),
@@ -401,11 +601,12 @@ impl Vault {
             exp_month: secret.exp_month,
             exp_year: secret.exp_year,
             name,
-            cvv,
+            cvv: CvvOutcome::NotRequested,
         })
     }
 
-    /// Detokenizes many tokens; one result per item, in order.
+    /// Detokenizes many tokens; one result (and one audit record) per item,
+    /// in order.
     pub async fn detokenize_batch(
         &self,
         ctx: &CallContext,
@@ -417,26 +618,45 @@ impl Vault {
         check_batch_size(tokens.len())?;
         self.keyring()?;
         Ok(join_all(tokens.into_iter().map(|t| async move {
-            self.detokenize(ctx, tenant, &t?, purpose, include_cvv)
-                .await
+            match t {
+                Ok(t) => {
+                    self.detokenize_as(ctx, "DetokenizeBatch", tenant, &t, purpose, include_cvv)
+                        .await
+                }
+                Err(e) => {
+                    self.audit_rejected(ctx, "DetokenizeBatch", tenant.as_str(), "", &e)
+                        .await;
+                    Err(e)
+                }
+            }
         }))
         .await)
     }
 
-    /// Non-sensitive facts about a token; no decryption.
+    /// Non-sensitive facts about a token; no decryption. Audited, fail closed.
     pub async fn metadata(
         &self,
         ctx: &CallContext,
         tenant: &Tenant,
         token: &Token,
     ) -> Result<CardMetadata> {
-        self.keyring()?;
-        let rec = self
-            .store
-            .get(tenant.as_str(), token.as_str())
-            .await?
-            .ok_or(Error::NotFound)?;
-        tracing::debug!(request_id = %ctx.request_id, principal = %ctx.principal, tenant = %tenant, token = %token, "metadata");
+        let result = match self.keyring() {
+            Ok(_) => self
+                .store
+                .get(tenant.as_str(), token.as_str())
+                .await
+                .and_then(|r| r.ok_or(Error::NotFound)),
+            Err(e) => Err(e),
+        };
+        let body = audit_body(
+            ctx,
+            "GetMetadata",
+            tenant.as_str(),
+            token.as_str(),
+            result.as_ref().map(|_| ()),
+        );
+        self.record(body).await.map_err(|e| audit_unavailable(&e))?;
+        let rec = result?;
         Ok(metadata_of(
             &rec,
             self.cvv.is_held(tenant.as_str(), token.as_str()),
@@ -445,11 +665,21 @@ impl Vault {
     }
 
     /// Deletes (redacts) a token: the record, its index entry and any held
-    /// CVV. Returns whether it existed; deleting twice is not an error.
+    /// CVV; the audit record is written in the same transaction. Returns
+    /// whether it existed; deleting twice is not an error.
     pub async fn delete(&self, ctx: &CallContext, tenant: &Tenant, token: &Token) -> Result<bool> {
-        self.keyring()?;
+        if let Err(e) = self.keyring() {
+            self.audit_rejected(ctx, "DeleteToken", tenant.as_str(), token.as_str(), &e)
+                .await;
+            return Err(e);
+        }
         self.cvv.remove(tenant.as_str(), token.as_str());
-        let deleted = self.store.delete(tenant.as_str(), token.as_str()).await?;
+        let body = audit_body(ctx, "DeleteToken", tenant.as_str(), token.as_str(), Ok(()));
+        let (deleted, link) = self
+            .store
+            .delete(tenant.as_str(), token.as_str(), &body)
+            .await?;
+        self.after_append(&link, &body).await;
         tracing::info!(request_id = %ctx.request_id, principal = %ctx.principal, tenant = %tenant, token = %token, deleted, "delete");
         Ok(deleted)
     }

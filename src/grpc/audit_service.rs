@@ -1,0 +1,193 @@
+//! `cardvault.v1.AuditService` (role: auditor).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::identity::context_of;
+use crate::audit::query::AuditFilter;
+use crate::auth::{Action, Authorizer};
+use crate::error::{Error, Result};
+use crate::proto::{self, audit_service_server::AuditService};
+use crate::vault::audit_log::AuditHit;
+use crate::vault::{CallContext, Vault};
+
+/// The service, holding the shared vault and the authorizer.
+pub struct AuditServiceImpl {
+    /// The domain core (owns the log).
+    vault: Arc<Vault>,
+    /// Decides who may read the log.
+    auth: Arc<Authorizer>,
+}
+
+impl AuditServiceImpl {
+    /// Serves the audit log of `vault`.
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
+        AuditServiceImpl { vault, auth }
+    }
+
+    /// Authorises; `tenant` is `Some` for a tenant-scoped query, `None` for a
+    /// call across all tenants. Denials are logged and audited.
+    async fn authorize(
+        &self,
+        ctx: &mut CallContext,
+        principal: Option<&str>,
+        action: Action,
+        tenant: Option<&str>,
+    ) -> Result<()> {
+        let res = match tenant {
+            Some(t) => self.auth.authorize(principal, action, t).map(|a| a.grant),
+            None => self.auth.authorize_global(principal, action),
+        };
+        match res {
+            Ok(grant) => {
+                ctx.roles = grant.roles.iter().map(|r| r.as_str().to_owned()).collect();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = action.as_str(), error = %e, "denied");
+                self.vault
+                    .audit_rejected(ctx, action.as_str(), "", "", &e)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn ts(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn ms_of(t: &Option<prost_types::Timestamp>, field: &str) -> Result<i64> {
+    match t {
+        None => Ok(0),
+        Some(t) if t.seconds >= 0 && (0..1_000_000_000).contains(&t.nanos) => {
+            Ok(t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+        }
+        Some(_) => Err(Error::invalid(field, "must be a valid time after 1970")),
+    }
+}
+
+fn event(hit: AuditHit) -> proto::AuditEvent {
+    let b = hit.body;
+    proto::AuditEvent {
+        seq: hit.record.seq,
+        time: Some(ts(b.time_ms)),
+        principal: b.principal,
+        roles: b.roles,
+        tenant: b.tenant,
+        action: b.action,
+        token: b.token,
+        purpose: b.purpose,
+        outcome: b.outcome,
+        error: b.error,
+        request_id: b.request_id,
+        peer: b.peer,
+        detail: b.detail,
+        hash: hex::encode(&hit.record.hash),
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for AuditServiceImpl {
+    async fn query(
+        &self,
+        request: Request<proto::AuditQueryRequest>,
+    ) -> Result<Response<proto::AuditQueryResponse>, Status> {
+        let (mut ctx, principal) = context_of(&request);
+        let req = request.into_inner();
+        let scope = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
+        self.authorize(&mut ctx, principal.as_deref(), Action::AuditQuery, scope)
+            .await?;
+        let filter = AuditFilter {
+            principal: req.principal,
+            tenant: req.tenant,
+            action: req.action,
+            token: req.token,
+            since_ms: ms_of(&req.since, "since")?,
+            until_ms: ms_of(&req.until, "until")?,
+        };
+        let limit = if req.limit == 0 {
+            1000
+        } else {
+            req.limit as usize
+        };
+        let (hits, next) = self
+            .vault
+            .query_audit(&ctx, &filter, req.after_seq, limit)
+            .await?;
+        Ok(Response::new(proto::AuditQueryResponse {
+            events: hits.into_iter().map(event).collect(),
+            next_after_seq: next,
+        }))
+    }
+
+    async fn blast_radius(
+        &self,
+        request: Request<proto::BlastRadiusRequest>,
+    ) -> Result<Response<proto::BlastRadiusResponse>, Status> {
+        let (mut ctx, principal) = context_of(&request);
+        let req = request.into_inner();
+        self.authorize(
+            &mut ctx,
+            principal.as_deref(),
+            Action::AuditBlastRadius,
+            None,
+        )
+        .await?;
+        let since = ms_of(&req.since, "since")?;
+        let until = ms_of(&req.until, "until")?;
+        let radius = self
+            .vault
+            .blast_radius(&ctx, &req.principal, since, until)
+            .await?;
+        let mut total_reads = 0;
+        let tenants = radius
+            .tenants
+            .iter()
+            .map(|(tenant, tokens)| proto::TenantReads {
+                tenant: tenant.clone(),
+                tokens: tokens
+                    .iter()
+                    .map(|(token, r)| {
+                        total_reads += r.reads;
+                        proto::TokenReads {
+                            token: token.clone(),
+                            reads: r.reads,
+                            first_read: Some(ts(r.first_ms)),
+                            last_read: Some(ts(r.last_ms)),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(proto::BlastRadiusResponse {
+            principal: req.principal,
+            tenants,
+            distinct_tokens: radius.distinct_tokens() as u64,
+            total_reads,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<proto::VerifyAuditRequest>,
+    ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
+        let (mut ctx, principal) = context_of(&request);
+        self.authorize(&mut ctx, principal.as_deref(), Action::AuditVerify, None)
+            .await?;
+        let r = self.vault.verify_audit(&ctx).await?;
+        Ok(Response::new(proto::VerifyAuditResponse {
+            ok: r.ok(),
+            records: r.records,
+            checkpoints: r.checkpoints,
+            last_checkpoint_seq: r.last_checkpoint_seq,
+            first_bad_seq: r.first_bad_seq,
+            problem: r.problem,
+        }))
+    }
+}
