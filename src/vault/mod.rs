@@ -339,10 +339,11 @@ impl Vault {
         if let Some(sink) = &self.config.audit_sink {
             sink.write(link, body);
         }
-        if self.config.checkpoint_every > 0 && link.seq % self.config.checkpoint_every == 0 {
-            if let Err(e) = self.sign_checkpoint(link.seq, &link.hash).await {
-                tracing::warn!(seq = link.seq, error = %e, "audit checkpoint not signed");
-            }
+        if self.config.checkpoint_every > 0
+            && link.seq.is_multiple_of(self.config.checkpoint_every)
+            && let Err(e) = self.sign_checkpoint(link.seq, &link.hash).await
+        {
+            tracing::warn!(seq = link.seq, error = %e, "audit checkpoint not signed");
         }
     }
 
