@@ -16,6 +16,13 @@
 //! * CVVs held in memory only: short TTL, single read, bounded, zeroized.
 //! * Secrets are types ([`card::Pan`], [`card::Cvv`], [`crypto::keys::SecretKey`])
 //!   that wipe themselves and print masked.
+//! * Roles (merchant, processor, admin, auditor) and tenant grants from a
+//!   policy file, reloadable on SIGHUP; TLS 1.3 only with mandatory client
+//!   certificates; per-principal detokenize budgets.
+//! * A tamper-evident audit log: every operation, hash-chained in the same
+//!   transaction as the data, signed Ed25519 checkpoints, verification that
+//!   locates the first bad record, and a blast-radius report per principal.
+//!   Reads fail closed when their audit record cannot be written.
 //! * Embedded storage (sled) with group-committed, durable writes.
 //!
 //! ## Non-features
@@ -27,8 +34,9 @@
 //!
 //! ## Design
 //! Requests flow one way: [`grpc`] (protobuf <-> domain types, errors ->
-//! status codes) -> [`vault::Vault`] (the domain core, no I/O types) ->
-//! [`crypto`], [`store`], [`cvv`]. Nothing below `grpc` knows about tonic.
+//! status codes) -> [`auth`] (who may do what, for which tenant) ->
+//! [`vault::Vault`] (the domain core, no I/O types) -> [`crypto`], [`store`],
+//! [`cvv`], [`audit`]. Nothing below `grpc` knows about tonic.
 //! See `README.md` for the threat model and operations.
 
 #![forbid(unsafe_code)]

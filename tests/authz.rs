@@ -488,3 +488,63 @@ async fn policy_reload_on_sighup_applies_without_reconnecting() {
         tonic::Code::PermissionDenied
     );
 }
+
+/// AuditService: only auditors, for every tenant. Cells are for a Query
+/// naming tenant `demo` / `other`; BlastRadius and Verify span all tenants.
+#[tokio::test]
+async fn audit_service_authorisation() {
+    use cardvault::proto::audit_service_client::AuditServiceClient;
+    use cardvault::proto::{AuditQueryRequest, BlastRadiusRequest, VerifyAuditRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let expect = |caller: &str| match caller {
+        "auditor" => OK,
+        "stranger" => UA,
+        "foreign-ca" | "no-cert" => HS,
+        _ => PD,
+    };
+    let mut failures = Vec::new();
+    for caller in CALLERS {
+        let want = expect(caller);
+        let Some(ch) = channel_for(&v, caller).await else {
+            assert_eq!(want, HS, "{caller}");
+            continue;
+        };
+        let mut a = AuditServiceClient::new(ch);
+        let outcome = |r: Result<(), tonic::Status>| match r {
+            Ok(()) => OK,
+            Err(s) => code_name(&s),
+        };
+        for tenant in ["demo", "other"] {
+            let got = outcome(
+                a.query(AuditQueryRequest {
+                    tenant: tenant.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            );
+            if got != want {
+                failures.push(format!(
+                    "Query({tenant}) as {caller}: want {want}, got {got}"
+                ));
+            }
+        }
+        let got = outcome(
+            a.blast_radius(BlastRadiusRequest {
+                principal: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        );
+        if got != want {
+            failures.push(format!("BlastRadius as {caller}: want {want}, got {got}"));
+        }
+        let got = outcome(a.verify(VerifyAuditRequest {}).await.map(|_| ()));
+        if got != want {
+            failures.push(format!("Verify as {caller}: want {want}, got {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -158,7 +158,15 @@ const CANARY_NAME: &str = "Zebulon Canaryman";
 async fn canary_pan_cvv_and_name_never_reach_disk_or_logs() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let v = VaultProcess::start(&data, &Opts::default());
+    // The SIEM copy of the audit log lives in the data dir, so it is scanned too.
+    let siem = data.join("audit-siem.jsonl");
+    let opts = Opts {
+        env: vec![(
+            "CARDVAULT_AUDIT_SIEM_FILE".into(),
+            siem.display().to_string(),
+        )],
+    };
+    let v = VaultProcess::start(&data, &opts);
     let mut m = v.client("merchant").await;
     let mut p = v.client("processor").await;
     let with_secrets = || TokenizeRequest {
@@ -252,7 +260,26 @@ async fn canary_pan_cvv_and_name_never_reach_disk_or_logs() {
         (c.pan.as_str(), c.cvv.as_deref()),
         (CANARY_PAN, Some(CANARY_CVV))
     );
-    drop((m, p));
+    // Every audit record, as the auditor sees it.
+    let mut auditor =
+        cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await);
+    let events = auditor
+        .query(cardvault::proto::AuditQueryRequest {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(events.len() >= 10, "tokenize, errors and reads are audited");
+    let audit_text = format!("{events:?}");
+    assert!(!audit_text.contains(CANARY_PAN) && !audit_text.contains(CANARY_NAME));
+    assert!(
+        !contains_standalone(&audit_text, CANARY_CVV),
+        "CVV in audit"
+    );
+    drop((m, p, auditor));
     let logs = v.logs();
     v.stop().await;
 
@@ -262,6 +289,15 @@ async fn canary_pan_cvv_and_name_never_reach_disk_or_logs() {
     assert!(!logs.contains(CANARY_NAME), "name in logs");
     let files = files_under(&data);
     assert!(files.iter().any(|f| f.to_string_lossy().contains("sled")));
+    let siem_text = std::fs::read_to_string(&siem).unwrap();
+    assert!(
+        siem_text.contains("Detokenize"),
+        "the SIEM copy was written"
+    );
+    assert!(
+        !contains_standalone(&siem_text, CANARY_CVV),
+        "CVV in the SIEM copy"
+    );
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
         assert!(

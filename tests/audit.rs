@@ -1,0 +1,510 @@
+//! The audit log: chain integrity at volume, tamper detection, blast
+//! radius, fail-closed reads, and the AuditService over gRPC.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cardvault::audit::{AuditBody, AuditRecord, Checkpoint};
+use cardvault::card::{Brand, Cvv, Expiry, Pan, YearMonth};
+use cardvault::crypto::keys::SecretKey;
+use cardvault::proto::audit_service_client::AuditServiceClient;
+use cardvault::proto::{
+    AuditQueryRequest, BlastRadiusRequest, DetokenizeRequest, TokenizeRequest, VerifyAuditRequest,
+};
+use cardvault::store::sled::SledStore;
+use cardvault::store::{AuditLink, InsertOutcome, Store, StoredRecord};
+use cardvault::token::{Purpose, Tenant, Token};
+use cardvault::vault::{CallContext, CvvOutcome, NewCard, TokenizeOptions, Vault, VaultConfig};
+use cardvault::{Error, Result};
+use common::{Opts, VaultProcess, exp_year};
+use prost::Message;
+
+fn card(pan: &str) -> NewCard {
+    let today = YearMonth::now_utc();
+    NewCard {
+        pan: Pan::parse(pan).unwrap(),
+        expiry: Expiry::new(12, today.year + 2, today).unwrap(),
+        name: None,
+        cvv: None,
+    }
+}
+
+fn ctx(principal: &str) -> CallContext {
+    CallContext {
+        request_id: "req".into(),
+        principal: principal.into(),
+        roles: vec!["processor".into()],
+        peer: "127.0.0.1:1".into(),
+    }
+}
+
+fn t(name: &str) -> Tenant {
+    Tenant::parse(name).unwrap()
+}
+
+async fn open_vault(dir: &std::path::Path, every: u64) -> (Arc<Vault>, Arc<SledStore>) {
+    let store = Arc::new(SledStore::open(dir).unwrap());
+    let cfg = VaultConfig {
+        checkpoint_every: every,
+        ..Default::default()
+    };
+    let v = Vault::new(store.clone() as Arc<dyn Store>, cfg);
+    v.unseal(SecretKey::generate()).await.unwrap();
+    (Arc::new(v), store)
+}
+
+/// Runs `n` mixed operations (tokenize, detokenize, metadata, delete, failures).
+async fn mixed_ops(v: &Arc<Vault>, n: usize) {
+    let purpose = Purpose::parse("load").unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let v = v.clone();
+        let purpose = purpose.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = ctx(&format!("worker-{w}"));
+            let mut ops = 0;
+            let mut last: Option<Token> = None;
+            while ops < n / 8 {
+                let meta = v
+                    .tokenize(
+                        &c,
+                        &t("load"),
+                        card("4111111111111111"),
+                        TokenizeOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+                let tok = Token::parse(&meta.token).unwrap();
+                v.detokenize(&c, &t("load"), &tok, &purpose, false)
+                    .await
+                    .unwrap();
+                v.metadata(&c, &t("load"), &tok).await.unwrap();
+                // A failed read is audited too.
+                let missing = Token::parse("tok_AAAAAAAAAAAAAAAAAAAAAA").unwrap();
+                assert_eq!(
+                    v.detokenize(&c, &t("load"), &missing, &purpose, false)
+                        .await
+                        .err(),
+                    Some(Error::NotFound)
+                );
+                if let Some(prev) = last.take() {
+                    v.delete(&c, &t("load"), &prev).await.unwrap();
+                    ops += 1;
+                }
+                last = Some(tok);
+                ops += 4;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_verifies_after_10k_mixed_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = open_vault(dir.path(), 1000).await;
+    mixed_ops(&v, 10_000).await;
+    v.checkpoint_now().await.unwrap();
+    let report = v.verify_audit(&ctx("auditor")).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert!(report.records >= 10_000, "{report:?}");
+    assert!(report.checkpoints >= 10, "{report:?}");
+    let head = store.audit_head().await.unwrap().unwrap();
+    assert_eq!(
+        report.last_checkpoint_seq,
+        head.0 - 1,
+        "the final checkpoint covers the tail (verify appends after)"
+    );
+}
+
+/// Builds a small log, then applies `tamper` to the raw audit tree and
+/// returns what verification says.
+async fn tampered(tamper: impl FnOnce(&sled::Tree)) -> cardvault::audit::VerifyReport {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = open_vault(dir.path(), 10).await;
+    let c = ctx("p");
+    for _ in 0..25 {
+        v.tokenize(
+            &c,
+            &t("x"),
+            card("5555555555554444"),
+            TokenizeOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    v.checkpoint_now().await.unwrap();
+    assert!(v.verify_audit(&c).await.unwrap().ok());
+    // The verify itself appended record 27 (25 tokenize + tenant-first-use has none; + verify).
+    tamper(store.raw_audit_tree());
+    v.verify_audit(&c).await.unwrap()
+}
+
+fn get(tree: &sled::Tree, seq: u64) -> AuditRecord {
+    AuditRecord::decode(tree.get(seq.to_be_bytes()).unwrap().unwrap().as_ref()).unwrap()
+}
+
+fn put(tree: &sled::Tree, key: u64, r: &AuditRecord) {
+    tree.insert(key.to_be_bytes(), r.encode_to_vec()).unwrap();
+}
+
+#[tokio::test]
+async fn an_edited_record_is_located() {
+    let rep = tampered(|tree| {
+        let mut r = get(tree, 7);
+        let mut b = r.decode_body().unwrap();
+        b.principal = "someone-else".into();
+        r.body = b.encode_to_vec();
+        put(tree, 7, &r);
+    })
+    .await;
+    assert_eq!((rep.first_bad_seq, rep.ok()), (7, false), "{rep:?}");
+    assert!(rep.problem.contains("altered"), "{rep:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_record_is_located() {
+    let rep = tampered(|tree| {
+        tree.remove(12u64.to_be_bytes()).unwrap();
+    })
+    .await;
+    assert_eq!(rep.first_bad_seq, 12, "{rep:?}");
+    assert!(rep.problem.contains("missing"), "{rep:?}");
+}
+
+#[tokio::test]
+async fn reordered_records_are_located() {
+    let rep = tampered(|tree| {
+        let (a, b) = (get(tree, 15), get(tree, 16));
+        put(tree, 15, &b);
+        put(tree, 16, &a);
+    })
+    .await;
+    assert_eq!(rep.first_bad_seq, 15, "{rep:?}");
+}
+
+#[tokio::test]
+async fn an_inserted_record_is_located() {
+    let rep = tampered(|tree| {
+        // Shift records 5.. up by one and forge a well-linked record 5.
+        let last = u64::from_be_bytes(tree.last().unwrap().unwrap().0.as_ref().try_into().unwrap());
+        for seq in (5..=last).rev() {
+            let r = get(tree, seq);
+            put(tree, seq + 1, &r);
+        }
+        let prev = get(tree, 4);
+        let forged = AuditRecord::next(
+            4,
+            &prev.hash,
+            AuditBody {
+                action: "Detokenize".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        put(tree, 5, &forged);
+    })
+    .await;
+    assert_eq!(rep.first_bad_seq, 6, "{rep:?}");
+}
+
+#[tokio::test]
+async fn a_rehashed_rewrite_is_caught_by_the_signed_checkpoint() {
+    let rep = tampered(|tree| {
+        // Rewrite record 13 and recompute every later link: the chain is
+        // self-consistent again, but no longer matches the checkpoint at 20.
+        let last = u64::from_be_bytes(tree.last().unwrap().unwrap().0.as_ref().try_into().unwrap());
+        let mut prev = get(tree, 12).hash;
+        for seq in 13..=last {
+            let mut body = get(tree, seq).body;
+            if seq == 13 {
+                let mut b = AuditBody::decode(body.as_slice()).unwrap();
+                b.token = "tok_forged".into();
+                body = b.encode_to_vec();
+            }
+            let r = AuditRecord::next(seq - 1, &prev, body);
+            prev = r.hash.clone();
+            put(tree, seq, &r);
+        }
+    })
+    .await;
+    assert_eq!(rep.first_bad_seq, 11, "{rep:?}");
+    assert!(
+        rep.problem
+            .contains("do not match the checkpoint signed at record 20"),
+        "{rep:?}"
+    );
+}
+
+/// A store whose audit appends fail while `fail` is set (disk full,
+/// database down...); everything else works.
+struct Flaky {
+    inner: Arc<SledStore>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Store for Flaky {
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+    async fn insert(&self, r: &StoredRecord, d: bool, a: &AuditBody) -> Result<InsertOutcome> {
+        self.inner.insert(r, d, a).await
+    }
+    async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
+        self.inner.get(tenant, token).await
+    }
+    async fn update(&self, r: &StoredRecord) -> Result<bool> {
+        self.inner.update(r).await
+    }
+    async fn delete(&self, tenant: &str, token: &str, a: &AuditBody) -> Result<(bool, AuditLink)> {
+        self.inner.delete(tenant, token, a).await
+    }
+    async fn count(&self, tenant: Option<&str>) -> Result<u64> {
+        self.inner.count(tenant).await
+    }
+    async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.get_key(name).await
+    }
+    async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.put_key_if_absent(name, value).await
+    }
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.inner.list_keys(prefix).await
+    }
+    async fn append_audit(&self, a: &AuditBody) -> Result<AuditLink> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Unavailable("audit disk full".into()));
+        }
+        self.inner.append_audit(a).await
+    }
+    async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.inner.audit_head().await
+    }
+    async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        self.inner.audit_records(after, limit).await
+    }
+    async fn put_checkpoint(&self, c: &Checkpoint) -> Result<()> {
+        self.inner.put_checkpoint(c).await
+    }
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.inner.checkpoints().await
+    }
+}
+
+#[tokio::test]
+async fn reads_fail_closed_when_the_audit_log_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Flaky {
+        inner: Arc::new(SledStore::open(dir.path()).unwrap()),
+        fail: false.into(),
+    });
+    let v = Vault::new(store.clone() as Arc<dyn Store>, VaultConfig::default());
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let mut c = card("4111111111111111");
+    c.cvv = Some(Cvv::parse("123", Brand::Visa).unwrap());
+    let token = v
+        .tokenize(&ctx("m"), &t("demo"), c, TokenizeOptions::default())
+        .await
+        .unwrap()
+        .token;
+    let tok = Token::parse(&token).unwrap();
+    let purpose = Purpose::parse("auth").unwrap();
+
+    store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = v
+        .detokenize(&ctx("p"), &t("demo"), &tok, &purpose, true)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, Error::Unavailable(ref m) if m.contains("audit")),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("4111"));
+    let err = v.metadata(&ctx("p"), &t("demo"), &tok).await.err().unwrap();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    let batch = v
+        .detokenize_batch(&ctx("p"), &t("demo"), vec![Ok(tok.clone())], &purpose, true)
+        .await
+        .unwrap();
+    assert!(matches!(batch[0], Err(Error::Unavailable(_))));
+
+    // Once the log works again the card reads, and the CVV was not consumed
+    // by the refused reads.
+    store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let card = v
+        .detokenize(&ctx("p"), &t("demo"), &tok, &purpose, true)
+        .await
+        .unwrap();
+    assert_eq!(card.pan.expose(), "4111111111111111");
+    assert!(matches!(card.cvv, CvvOutcome::Returned(ref c) if c.expose() == "123"));
+}
+
+// ---- over gRPC ----
+
+#[tokio::test]
+async fn audit_service_query_blast_radius_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let siem = dir.path().join("siem.jsonl");
+    let opts = Opts {
+        env: vec![
+            ("CARDVAULT_AUDIT_CHECKPOINT_EVERY".into(), "7".into()),
+            (
+                "CARDVAULT_AUDIT_SIEM_FILE".into(),
+                siem.display().to_string(),
+            ),
+        ],
+    };
+    let v = VaultProcess::start(&data, &opts);
+    let mut m = v.client("merchant").await;
+    let mut om = v.client("other-merchant").await;
+    let mut p = v.client("processor").await;
+    let mut op = v.client("other-processor").await;
+    let tok = |tenant: &str| TokenizeRequest {
+        tenant: tenant.into(),
+        pan: "4111111111111111".into(),
+        exp_month: 1,
+        exp_year: exp_year(),
+        ..Default::default()
+    };
+    let mut demo = Vec::new();
+    for _ in 0..10 {
+        demo.push(m.tokenize(tok("demo")).await.unwrap().into_inner().token);
+    }
+    let mut other = Vec::new();
+    for _ in 0..4 {
+        other.push(om.tokenize(tok("other")).await.unwrap().into_inner().token);
+    }
+    let read = |tenant: &str, token: &str| DetokenizeRequest {
+        tenant: tenant.into(),
+        token: token.into(),
+        purpose: "incident drill".into(),
+        include_cvv: false,
+    };
+    // The processor reads tokens 0, 2, 4 (token 2 twice); decoys: other
+    // tokens untouched, reads by another principal, a failed read, a refused call.
+    let mut expected = BTreeSet::new();
+    for i in [0, 2, 4, 2] {
+        p.detokenize(read("demo", &demo[i])).await.unwrap();
+        expected.insert(demo[i].clone());
+    }
+    op.detokenize(read("other", &other[0])).await.unwrap();
+    p.detokenize(read("demo", "tok_AAAAAAAAAAAAAAAAAAAAAA"))
+        .await
+        .unwrap_err();
+    p.detokenize(read("other", &other[1])).await.unwrap_err();
+    m.detokenize(read("demo", &demo[5])).await.unwrap_err();
+
+    let mut a = AuditServiceClient::new(v.channel("auditor").await);
+    let radius = a
+        .blast_radius(BlastRadiusRequest {
+            principal: "spiffe://cardvault.dev/demo/processor".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(radius.distinct_tokens, 3);
+    assert_eq!(radius.total_reads, 4);
+    assert_eq!(radius.tenants.len(), 1);
+    let got: BTreeSet<String> = radius.tenants[0]
+        .tokens
+        .iter()
+        .map(|t| t.token.clone())
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(
+        radius.tenants[0]
+            .tokens
+            .iter()
+            .find(|t| t.token == demo[2])
+            .unwrap()
+            .reads,
+        2
+    );
+    // A window that ends before the reads finds nothing.
+    let none = a
+        .blast_radius(BlastRadiusRequest {
+            principal: "spiffe://cardvault.dev/demo/processor".into(),
+            until: Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.distinct_tokens, 0);
+
+    // Query by principal and action, including denied attempts.
+    let denied = a
+        .query(AuditQueryRequest {
+            principal: "spiffe://cardvault.dev/demo/merchant".into(),
+            action: "Detokenize".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].outcome, "PERMISSION_DENIED");
+    let reads = a
+        .query(AuditQueryRequest {
+            token: demo[2].clone(),
+            action: "Detokenize".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(reads.len(), 2);
+    assert!(
+        reads.iter().all(|e| e.purpose == "incident drill"
+            && e.roles == ["processor"]
+            && !e.peer.is_empty())
+    );
+    // Paging.
+    let page = a
+        .query(AuditQueryRequest {
+            limit: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.events.len(), 5);
+    let next = a
+        .query(AuditQueryRequest {
+            limit: 5,
+            after_seq: page.next_after_seq,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.events[0].seq, page.events[4].seq + 1);
+
+    let report = a.verify(VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(report.ok, "{report:?}");
+    assert!(report.checkpoints >= 3, "{report:?}");
+
+    // Only auditors read the log; a processor is refused and that is audited.
+    let mut pa = AuditServiceClient::new(v.channel("processor").await);
+    let e = pa.verify(VerifyAuditRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    // The SIEM copy has one JSON line per record.
+    let lines = std::fs::read_to_string(&siem).unwrap();
+    assert!(lines.lines().count() as u64 >= report.records);
+    assert!(lines.contains("\"action\":\"Detokenize\""));
+}
