@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    // Messages that carry a PAN or CVV get a hand-written, redacting Debug
+    // Messages that carry a PAN, CVV or key share get a hand-written, redacting Debug
     // (src/grpc/redact.rs) instead of prost's, which would print the value.
     let secret_messages = [
         "cardvault.v1.TokenizeRequest",
@@ -16,6 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cardvault.v1.DetokenizeResponse",
         "cardvault.v1.DetokenizeBatchResult",
         "cardvault.v1.DetokenizeBatchResponse",
+        // Key shares.
+        "cardvault.v1.InitResponse",
+        "cardvault.v1.UnsealRequest",
+        "cardvault.v1.RotateMasterKeyResponse",
     ];
     config.skip_debug(secret_messages);
     tonic_prost_build::configure()
@@ -25,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/cardvault/v1/token.proto",
                 "proto/cardvault/v1/audit.proto",
+                "proto/cardvault/v1/keys.proto",
             ],
             &["proto"],
         )?;

@@ -90,13 +90,39 @@ impl Default for CvvConfig {
     }
 }
 
-/// Source of the key-encrypting key.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Source of the key-encrypting key and data key rotation limits.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeysConfig {
     /// File holding the KEK as 64 hex characters (`CARDVAULT_KEK_FILE`).
-    /// Without it, the KEK is read from the `CARDVAULT_KEK` variable.
+    /// With neither this nor `CARDVAULT_KEK`, the vault starts sealed and is
+    /// unsealed with Shamir key shares (`cardvault init` / `cardvault unseal`).
     pub kek_file: Option<PathBuf>,
+    /// Rotate a tenant's data key after this many encryptions
+    /// (`CARDVAULT_DEK_MAX_ENCRYPTIONS`; default 2^30, far below the 2^32
+    /// random-nonce limit of AES-GCM).
+    pub dek_max_encryptions: u64,
+    /// Rotate a tenant's data key after this many days (cryptoperiod,
+    /// `CARDVAULT_DEK_MAX_AGE_DAYS`).
+    pub dek_max_age_days: u64,
+    /// Pause between rewrap pages of 500 records, ms (`CARDVAULT_REWRAP_PAUSE_MS`),
+    /// to keep a rewrap from competing with live traffic.
+    pub rewrap_pause_ms: u64,
+    /// Lock the process memory (`mlockall`) so keys never reach swap
+    /// (`CARDVAULT_MLOCK`); needs CAP_IPC_LOCK or a high RLIMIT_MEMLOCK.
+    pub mlock: bool,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            kek_file: None,
+            dek_max_encryptions: 1 << 30,
+            dek_max_age_days: 365,
+            rewrap_pause_ms: 0,
+            mlock: false,
+        }
+    }
 }
 
 /// Log output format.
@@ -204,6 +230,18 @@ impl Config {
         if let Some(v) = env_parse("CARDVAULT_CVV_MAX_ENTRIES", get)? {
             self.cvv.max_entries = v;
         }
+        if let Some(v) = env_parse("CARDVAULT_DEK_MAX_ENCRYPTIONS", get)? {
+            self.keys.dek_max_encryptions = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_DEK_MAX_AGE_DAYS", get)? {
+            self.keys.dek_max_age_days = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_REWRAP_PAUSE_MS", get)? {
+            self.keys.rewrap_pause_ms = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_MLOCK", get)? {
+            self.keys.mlock = v;
+        }
         if let Some(v) = get("CARDVAULT_KEK_FILE") {
             self.keys.kek_file = Some(v.into());
         }
@@ -233,6 +271,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=3600).contains(&self.cvv.ttl_secs) {
             return Err("cvv.ttl_secs must be 1 to 3600".into());
+        }
+        if self.keys.dek_max_encryptions == 0 || self.keys.dek_max_encryptions > 1 << 32 {
+            return Err("keys.dek_max_encryptions must be 1 to 2^32".into());
+        }
+        if self.keys.dek_max_age_days == 0 {
+            return Err("keys.dek_max_age_days must be at least 1".into());
         }
         if self.audit.checkpoint_every == 0 || self.audit.checkpoint_secs == 0 {
             return Err(
@@ -266,6 +310,10 @@ impl Config {
             cvv_max_entries: self.cvv.max_entries,
             checkpoint_every: self.audit.checkpoint_every,
             audit_sink,
+            dek_max_encryptions: self.keys.dek_max_encryptions,
+            dek_max_age_ms: (self.keys.dek_max_age_days as i64).saturating_mul(86_400_000),
+            seal_mode: "kek-file".into(),
+            rewrap_pause: Duration::from_millis(self.keys.rewrap_pause_ms),
         })
     }
 }

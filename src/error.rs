@@ -26,6 +26,9 @@ pub enum Error {
     PermissionDenied(String),
     /// The vault holds no keys (sealed); data operations cannot run.
     Sealed,
+    /// The operation does not fit the vault's current state (e.g. init on
+    /// an initialised vault, retiring a key still in use).
+    FailedPrecondition(String),
     /// A bounded resource is full (CVV holder, token space, rate limit).
     ResourceExhausted(String),
     /// Stored data failed authentication or could not be decoded: tampering,
@@ -67,6 +70,7 @@ impl fmt::Display for Error {
             Error::Unauthenticated(m) => write!(f, "unauthenticated: {m}"),
             Error::PermissionDenied(m) => write!(f, "permission denied: {m}"),
             Error::Sealed => f.write_str("vault is sealed"),
+            Error::FailedPrecondition(m) => write!(f, "failed precondition: {m}"),
             Error::ResourceExhausted(m) => write!(f, "resource exhausted: {m}"),
             Error::DataLoss(m) => write!(f, "stored data failed integrity check: {m}"),
             Error::Unavailable(m) => write!(f, "unavailable: {m}"),

@@ -52,6 +52,7 @@ pub mod crypto;
 pub mod cvv;
 pub mod error;
 pub mod grpc;
+pub mod hardening;
 pub mod pki;
 pub mod server;
 

@@ -57,6 +57,17 @@ enum Command {
     /// Query and verify the audit log (role: auditor).
     #[command(subcommand)]
     Audit(cli::audit::AuditCmd),
+    /// Seal state and key versions (role: admin).
+    Status,
+    /// Create the master key and split it into key shares (role: admin).
+    Init(cli::keys::InitCmd),
+    /// Enter one key share (role: admin).
+    Unseal(cli::keys::UnsealCmd),
+    /// Wipe all keys from memory (role: admin).
+    Seal,
+    /// Rotate, rewrap and retire keys (role: admin).
+    #[command(subcommand)]
+    Keys(cli::keys::KeysCmd),
 }
 
 fn init_logging(cfg: &Config) {
@@ -142,7 +153,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             server::serve(
                 &cfg,
-                kek,
+                server::KeySource::Dev(kek),
                 |addr| {
                     print_dev_banner(&data_dir, addr);
                     // Tests and scripts wait for this exact line.
@@ -155,10 +166,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Serve { config } => {
             let cfg = Config::load(config.as_deref())?;
             init_logging(&cfg);
-            let kek = server::load_kek(&cfg)?;
+            let keys = server::load_kek(&cfg)?;
             server::serve(
                 &cfg,
-                kek,
+                keys,
                 |addr| println!("cardvault listening on {addr}"),
                 server::shutdown_signal(),
             )
@@ -169,6 +180,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Metadata(cmd) => cli::token::metadata(&cli.client, cmd).await,
         Command::Delete(cmd) => cli::token::delete(&cli.client, cmd).await,
         Command::Audit(cmd) => cli::audit::run(&cli.client, cmd).await,
+        Command::Status => cli::keys::status(&cli.client).await,
+        Command::Init(cmd) => cli::keys::init(&cli.client, cmd).await,
+        Command::Unseal(cmd) => cli::keys::unseal(&cli.client, cmd).await,
+        Command::Seal => cli::keys::seal(&cli.client).await,
+        Command::Keys(cmd) => cli::keys::keys(&cli.client, cmd).await,
     }
 }
 

@@ -13,8 +13,10 @@ use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::crypto::keys::SecretKey;
 use crate::grpc::audit_service::AuditServiceImpl;
+use crate::grpc::key_service::KeyServiceImpl;
 use crate::grpc::token_service::TokenServiceImpl;
 use crate::proto::audit_service_server::AuditServiceServer;
+use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::store::Store;
 use crate::store::sled::SledStore;
@@ -27,19 +29,42 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
-/// Reads the KEK as configured: `keys.kek_file`, else `CARDVAULT_KEK`.
-pub fn load_kek(cfg: &Config) -> Result<SecretKey, String> {
+/// How the server gets its key-encrypting key.
+pub enum KeySource {
+    /// Dev mode: a KEK file in the data directory, unsealed at start (INSECURE).
+    Dev(SecretKey),
+    /// A KEK supplied by the platform (file or environment), unsealed at start.
+    KekFile(SecretKey),
+    /// No KEK at start: the vault starts sealed and custodians unseal it with
+    /// Shamir key shares (`cardvault init`, `cardvault unseal`).
+    Shamir,
+}
+
+impl KeySource {
+    fn mode(&self) -> &'static str {
+        match self {
+            KeySource::Dev(_) => "dev",
+            KeySource::KekFile(_) => "kek-file",
+            KeySource::Shamir => "shamir",
+        }
+    }
+}
+
+/// Reads the KEK as configured: `keys.kek_file`, else `CARDVAULT_KEK`, else
+/// none (Shamir mode: start sealed).
+pub fn load_kek(cfg: &Config) -> Result<KeySource, String> {
     let text = match &cfg.keys.kek_file {
         Some(p) => zeroize::Zeroizing::new(
             String::from_utf8(read(p, "KEK file")?)
                 .map_err(|_| format!("KEK file {} is not text", p.display()))?,
         ),
-        None => zeroize::Zeroizing::new(std::env::var("CARDVAULT_KEK").map_err(|_| {
-            "no key-encrypting key: set keys.kek_file or CARDVAULT_KEK (64 hex characters)"
-                .to_string()
-        })?),
+        None => match std::env::var("CARDVAULT_KEK") {
+            Ok(v) => zeroize::Zeroizing::new(v),
+            Err(_) => return Ok(KeySource::Shamir),
+        },
     };
     SecretKey::from_hex(&text)
+        .map(KeySource::KekFile)
         .ok_or_else(|| "the KEK must be exactly 64 hex characters (256 bits)".to_string())
 }
 
@@ -127,18 +152,37 @@ fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()>
 /// CVVs. `on_ready` receives the bound address (useful with port 0).
 pub async fn serve(
     cfg: &Config,
-    kek: SecretKey,
+    keys: KeySource,
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    for w in crate::hardening::harden_process() {
+        tracing::warn!("{w}");
+    }
+    if cfg.keys.mlock {
+        crate::hardening::lock_memory()?;
+    }
     let tls = tls_config(cfg)?;
     let auth = authorizer(cfg)?;
     let store = open_store(cfg)?;
-    let vault = Arc::new(Vault::new(store.clone(), cfg.vault_config()?));
-    vault
-        .unseal(kek)
-        .await
-        .map_err(|e| format!("cannot unseal: {e}"))?;
+    let mut vcfg = cfg.vault_config()?;
+    vcfg.seal_mode = keys.mode().to_owned();
+    let vault = Arc::new(Vault::new(store.clone(), vcfg));
+    match keys {
+        KeySource::Dev(kek) | KeySource::KekFile(kek) => vault
+            .unseal(kek)
+            .await
+            .map_err(|e| format!("cannot unseal: {e}"))?,
+        KeySource::Shamir => {
+            if vault.is_initialized().await.map_err(|e| e.to_string())? {
+                tracing::warn!("vault is SEALED: enter key shares with `cardvault unseal`");
+            } else {
+                tracing::warn!(
+                    "vault is not initialised: run `cardvault init --shares N --threshold M`"
+                );
+            }
+        }
+    }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -147,8 +191,36 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
         .await;
+    // TokenService and AuditService are ready only while unsealed, so
+    // load balancers and readiness probes skip a sealed replica.
+    let health_vault = vault.clone();
+    let health_task = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let sealed = health_vault.is_sealed();
+            if last != Some(sealed) {
+                if sealed {
+                    health
+                        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
+                        .await;
+                    health
+                        .set_not_serving::<AuditServiceServer<AuditServiceImpl>>()
+                        .await;
+                } else {
+                    health
+                        .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+                        .await;
+                    health
+                        .set_serving::<AuditServiceServer<AuditServiceImpl>>()
+                        .await;
+                }
+                last = Some(sealed);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -212,6 +284,10 @@ pub async fn serve(
         )))
         .add_service(AuditServiceServer::new(AuditServiceImpl::new(
             vault.clone(),
+            auth.clone(),
+        )))
+        .add_service(KeyServiceServer::new(KeyServiceImpl::new(
+            vault.clone(),
             auth,
         )))
         .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal);
@@ -225,6 +301,7 @@ pub async fn serve(
     purger.abort();
     reloader.abort();
     checkpointer.abort();
+    health_task.abort();
     // Seal the tail of the audit log before the signing key is wiped.
     if let Err(e) = vault.checkpoint_now().await {
         tracing::warn!(error = %e, "final audit checkpoint failed");

@@ -277,6 +277,19 @@ impl Store for Flaky {
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         self.inner.list_keys(prefix).await
     }
+    async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        self.inner.put_keys(entries).await
+    }
+    async fn delete_key(&self, name: &str) -> Result<()> {
+        self.inner.delete_key(name).await
+    }
+    async fn scan_records(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        self.inner.scan_records(after, limit).await
+    }
     async fn append_audit(&self, a: &AuditBody) -> Result<AuditLink> {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::Unavailable("audit disk full".into()));

@@ -66,6 +66,22 @@ pub enum Action {
     AuditBlastRadius,
     /// `AuditService.Verify`
     AuditVerify,
+    /// `KeyService.Status`
+    KeyStatus,
+    /// `KeyService.Init`
+    KeyInit,
+    /// `KeyService.Unseal`
+    KeyUnseal,
+    /// `KeyService.Seal`
+    KeySeal,
+    /// `KeyService.RotateDataKey`
+    RotateDataKey,
+    /// `KeyService.Rewrap`
+    Rewrap,
+    /// `KeyService.RetireKey`
+    RetireKey,
+    /// `KeyService.RotateMasterKey`
+    RotateMasterKey,
 }
 
 impl Action {
@@ -77,6 +93,14 @@ impl Action {
             Action::Detokenize | Action::DetokenizeBatch => &[Role::Processor],
             Action::GetMetadata => &[Role::Merchant, Role::Processor],
             Action::AuditQuery | Action::AuditBlastRadius | Action::AuditVerify => &[Role::Auditor],
+            Action::KeyStatus
+            | Action::KeyInit
+            | Action::KeyUnseal
+            | Action::KeySeal
+            | Action::RotateDataKey
+            | Action::Rewrap
+            | Action::RetireKey
+            | Action::RotateMasterKey => &[Role::Admin],
         }
     }
 
@@ -92,6 +116,14 @@ impl Action {
             Action::AuditQuery => "AuditQuery",
             Action::AuditBlastRadius => "AuditBlastRadius",
             Action::AuditVerify => "AuditVerify",
+            Action::KeyStatus => "Status",
+            Action::KeyInit => "Init",
+            Action::KeyUnseal => "Unseal",
+            Action::KeySeal => "Seal",
+            Action::RotateDataKey => "RotateDataKey",
+            Action::Rewrap => "Rewrap",
+            Action::RetireKey => "RetireKey",
+            Action::RotateMasterKey => "RotateMasterKey",
         }
     }
 }

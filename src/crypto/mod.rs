@@ -5,6 +5,7 @@
 pub mod envelope;
 pub mod fingerprint;
 pub mod keys;
+pub mod shamir;
 
 use ring::rand::{SecureRandom, SystemRandom};
 

@@ -4,6 +4,7 @@
 
 pub mod audit_service;
 pub mod identity;
+pub mod key_service;
 mod redact;
 pub mod token_service;
 
@@ -21,6 +22,7 @@ pub fn status_of(err: &Error) -> Status {
         Error::Unauthenticated(_) => Status::unauthenticated(msg),
         Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::Sealed => Status::unavailable(msg),
+        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         Error::DataLoss(_) => Status::data_loss(msg),
         Error::Unavailable(_) => Status::unavailable(msg),
@@ -39,6 +41,7 @@ pub fn code_name(err: &Error) -> &'static str {
         Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
         Code::DataLoss => "DATA_LOSS",
         Code::Unavailable => "UNAVAILABLE",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
         _ => "INTERNAL",
     }
 }

@@ -6,8 +6,9 @@
 use std::fmt;
 
 use crate::proto::{
-    DetokenizeBatchResponse, DetokenizeBatchResult, DetokenizeResponse, TokenizeBatchItem,
-    TokenizeBatchRequest, TokenizeRequest, detokenize_batch_result,
+    DetokenizeBatchResponse, DetokenizeBatchResult, DetokenizeResponse, InitResponse,
+    RotateMasterKeyResponse, TokenizeBatchItem, TokenizeBatchRequest, TokenizeRequest,
+    UnsealRequest, detokenize_batch_result,
 };
 
 /// A field's presence, never its value.
@@ -102,6 +103,34 @@ impl fmt::Debug for DetokenizeBatchResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DetokenizeBatchResponse")
             .field("results", &self.results)
+            .finish()
+    }
+}
+
+impl fmt::Debug for InitResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InitResponse")
+            .field("shares", &format_args!("<{} redacted>", self.shares.len()))
+            .field("threshold", &self.threshold)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RotateMasterKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateMasterKeyResponse")
+            .field("shares", &format_args!("<{} redacted>", self.shares.len()))
+            .field("threshold", &self.threshold)
+            .field("key_generation", &self.key_generation)
+            .finish()
+    }
+}
+
+impl fmt::Debug for UnsealRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnsealRequest")
+            .field("share", &secret(&self.share))
+            .field("reset", &self.reset)
             .finish()
     }
 }

@@ -132,6 +132,22 @@ pub trait Store: Send + Sync + 'static {
     /// All key-table entries whose name starts with `prefix`, sorted by name.
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
 
+    /// Writes (overwrites) several key-table entries in one atomic step:
+    /// after a crash either all of them or none are in place.
+    async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()>;
+
+    /// Removes a key-table entry (destroying a retired key).
+    async fn delete_key(&self, name: &str) -> Result<()>;
+
+    /// Up to `limit` records after position `after` (`(tenant, token)`,
+    /// exclusive; `None` = from the start), in `(tenant, token)` order, so a
+    /// full scan can be resumed from its last position.
+    async fn scan_records(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>>;
+
     /// Appends one audit record to the chain; durable when it returns.
     async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink>;
 

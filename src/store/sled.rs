@@ -362,6 +362,41 @@ impl Store for SledStore {
             .collect()
     }
 
+    async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in entries {
+            batch.insert(k.as_bytes(), v.as_slice());
+        }
+        self.keys.apply_batch(batch).map_err(unavailable)?;
+        self.durable().await
+    }
+
+    async fn delete_key(&self, name: &str) -> Result<()> {
+        self.keys.remove(name).map_err(unavailable)?;
+        self.durable().await
+    }
+
+    async fn scan_records(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        let iter = match after {
+            // Keys are `tenant \0 token`; tenants never contain \0, so byte
+            // order of keys is (tenant, token) order.
+            Some((tenant, token)) => {
+                let mut start = record_key(tenant, token);
+                start.push(0);
+                self.records.range(start..)
+            }
+            None => self.records.iter(),
+        };
+        iter.values()
+            .take(limit)
+            .map(|v| decode(&v.map_err(unavailable)?))
+            .collect()
+    }
+
     async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink> {
         let l = {
             let mut head = self.chain();

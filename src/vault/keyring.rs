@@ -6,7 +6,10 @@
 //! * `tenant/{tenant}/fpk`: fingerprint (HMAC) key, wrapped by the KEK.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
+
+use prost::Message;
 
 use ring::signature::Ed25519KeyPair;
 
@@ -18,16 +21,50 @@ use crate::store::Store;
 /// Name of the KEK check value in the key table.
 pub const KEK_CHECK_NAME: &str = "vault/kek-check";
 
-fn dek_prefix(tenant: &str) -> String {
+/// Prefix of a tenant's wrapped data keys.
+pub fn dek_prefix(tenant: &str) -> String {
     format!("tenant/{tenant}/dek/")
 }
 
-fn dek_name(tenant: &str, version: u32) -> String {
+/// Name of one wrapped data key version.
+pub fn dek_name(tenant: &str, version: u32) -> String {
     format!("tenant/{tenant}/dek/{version:010}")
 }
 
-fn fpk_name(tenant: &str) -> String {
+/// Name of a data key version's metadata (creation time, use count).
+pub fn dek_meta_name(tenant: &str, version: u32) -> String {
+    format!("tenant/{tenant}/dekmeta/{version:010}")
+}
+
+/// Name of a tenant's wrapped fingerprint key.
+pub fn fpk_name(tenant: &str) -> String {
     format!("tenant/{tenant}/fpk")
+}
+
+/// Whether a key-table entry is a key wrapped by the KEK (as opposed to
+/// metadata), i.e. one that master key rotation must re-wrap.
+pub fn is_wrapped_key(name: &str) -> bool {
+    name == AUDIT_KEY_NAME || name.contains("/dek/") || name.ends_with("/fpk")
+}
+
+/// The version number at the end of a data key name.
+pub fn version_of(name: &str) -> Option<u32> {
+    name.rsplit('/').next().and_then(|v| v.parse().ok())
+}
+
+/// Encryptions added to the persisted count after a restart, since up to
+/// this many may have happened after the last persist.
+pub const ENCRYPTION_COUNT_SLACK: u64 = 1000;
+
+/// Metadata of one data key version, stored in clear (it is not secret).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DekMeta {
+    /// Creation time, ms since the epoch.
+    #[prost(int64, tag = "1")]
+    pub created_at_ms: i64,
+    /// Encryptions performed (persisted every ENCRYPTION_COUNT_SLACK).
+    #[prost(uint64, tag = "2")]
+    pub encryptions: u64,
 }
 
 /// One tenant's unwrapped keys.
@@ -38,6 +75,11 @@ pub struct TenantKeys {
     pub deks: BTreeMap<u32, Aead>,
     /// The tenant's fingerprint key.
     pub fingerprint: FingerprintKey,
+    /// When the active version was created (ms), for the cryptoperiod.
+    pub active_created_ms: i64,
+    /// Encryptions under the active version (lower bound), for the
+    /// random-nonce bound of AES-GCM.
+    pub active_encryptions: AtomicU64,
 }
 
 /// Name of the wrapped Ed25519 seed that signs audit checkpoints.
@@ -96,6 +138,32 @@ impl Keyring {
             .remove(tenant);
     }
 
+    /// Creates data key `version` for `tenant` unless it exists (several
+    /// replicas may race; all adopt the first writer's key). Returns the
+    /// wrapped key now stored under that name.
+    pub async fn create_version(
+        &self,
+        store: &dyn Store,
+        tenant: &str,
+        version: u32,
+    ) -> Result<Vec<u8>> {
+        let name = dek_name(tenant, version);
+        let fresh = wrap_key(&self.kek, &name, &SecretKey::generate());
+        match store.put_key_if_absent(&name, &fresh).await? {
+            Some(existing) => Ok(existing),
+            None => {
+                let meta = DekMeta {
+                    created_at_ms: super::now_ms(),
+                    encryptions: 0,
+                };
+                store
+                    .put_keys(&[(dek_meta_name(tenant, version), meta.encode_to_vec())])
+                    .await?;
+                Ok(fresh)
+            }
+        }
+    }
+
     /// The tenant's keys. With `create`, a tenant without keys gets its first
     /// data key and fingerprint key; without it, such a tenant is `NotFound`
     /// (it cannot own any record).
@@ -117,11 +185,7 @@ impl Keyring {
             // First use of this tenant. Several requests (or replicas) may
             // race here; put_key_if_absent makes them all adopt the winner's key.
             let name = dek_name(tenant, 1);
-            let fresh = wrap_key(&self.kek, &name, &SecretKey::generate());
-            let dek = store
-                .put_key_if_absent(&name, &fresh)
-                .await?
-                .unwrap_or(fresh);
+            let dek = self.create_version(store, tenant, 1).await?;
             let fname = fpk_name(tenant);
             let fresh = wrap_key(&self.kek, &fname, &SecretKey::generate());
             let fpk = store
@@ -135,11 +199,7 @@ impl Keyring {
         }
         let mut deks = BTreeMap::new();
         for (name, value) in &wrapped {
-            let version: u32 = name
-                .rsplit('/')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| corrupt_key(name))?;
+            let version = version_of(name).ok_or_else(|| corrupt_key(name))?;
             let key = unwrap_key(&self.kek, name, value).map_err(|_| corrupt_key(name))?;
             deks.insert(version, Aead::new(&key));
         }
@@ -150,13 +210,26 @@ impl Keyring {
             wrapped_fpk.as_deref().unwrap_or_default(),
         )
         .map_err(|_| corrupt_key(&fname))?;
+        let active = *deks
+            .keys()
+            .next_back()
+            .ok_or_else(|| corrupt_key(&dek_prefix(tenant)))?;
+        let meta = store
+            .get_key(&dek_meta_name(tenant, active))
+            .await?
+            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
+            .unwrap_or_default();
         let keys = Arc::new(TenantKeys {
-            active: *deks
-                .keys()
-                .next_back()
-                .ok_or_else(|| corrupt_key(&dek_prefix(tenant)))?,
+            active,
             deks,
             fingerprint: FingerprintKey::new(&fpk),
+            active_created_ms: meta.created_at_ms,
+            // Conservative after a restart: some uses may not have been persisted.
+            active_encryptions: AtomicU64::new(if meta.encryptions > 0 {
+                meta.encryptions + ENCRYPTION_COUNT_SLACK
+            } else {
+                0
+            }),
         });
         self.tenants
             .write()

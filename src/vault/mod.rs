@@ -8,6 +8,7 @@
 
 pub mod audit_log;
 pub mod keyring;
+pub mod keys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -44,6 +45,15 @@ pub struct VaultConfig {
     pub checkpoint_every: u64,
     /// Optional copy of every audit record as a JSON line (SIEM feed).
     pub audit_sink: Option<Arc<AuditSink>>,
+    /// Rotate a tenant's data key after this many encryptions (AES-GCM with
+    /// random 96-bit nonces must stay far below 2^32 per key).
+    pub dek_max_encryptions: u64,
+    /// Rotate a tenant's data key when it is this old (cryptoperiod), ms.
+    pub dek_max_age_ms: i64,
+    /// How the vault gets its KEK: `shamir`, `kek-file` or `dev` (status only).
+    pub seal_mode: String,
+    /// Pause between rewrap pages of 500 records (throttle).
+    pub rewrap_pause: Duration,
 }
 
 impl Default for VaultConfig {
@@ -53,6 +63,10 @@ impl Default for VaultConfig {
             cvv_max_entries: 100_000,
             checkpoint_every: 1000,
             audit_sink: None,
+            dek_max_encryptions: 1 << 30,
+            dek_max_age_ms: 365 * 24 * 3600 * 1000,
+            seal_mode: "kek-file".into(),
+            rewrap_pause: Duration::ZERO,
         }
     }
 }
@@ -158,9 +172,19 @@ pub struct Vault {
     config: VaultConfig,
     /// Highest audit seq covered by a signed checkpoint (cache).
     last_checkpoint: AtomicU64,
+    /// Key shares entered towards the next unseal (wiped when used).
+    pending_shares: std::sync::Mutex<Vec<crate::crypto::shamir::Share>>,
+    /// Held shared while tenant keys are created or rotated, exclusively
+    /// while the master key is replaced, so no key is wrapped under a KEK
+    /// that is being retired.
+    key_lock: tokio::sync::RwLock<()>,
+    /// Only one rewrap at a time.
+    rewrap_running: std::sync::atomic::AtomicBool,
+    /// Copy of `config.seal_mode` for status.
+    seal_mode: String,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -196,6 +220,7 @@ pub fn outcome_name(err: &Error) -> &'static str {
         Error::Unauthenticated(_) => "UNAUTHENTICATED",
         Error::PermissionDenied(_) => "PERMISSION_DENIED",
         Error::Sealed | Error::Unavailable(_) => "UNAVAILABLE",
+        Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
         Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
         Error::DataLoss(_) => "DATA_LOSS",
         Error::Internal(_) => "INTERNAL",
@@ -243,8 +268,12 @@ impl Vault {
             store,
             keys: RwLock::new(None),
             cvv: CvvHolder::new(config.cvv_ttl, config.cvv_max_entries),
+            seal_mode: config.seal_mode.clone(),
             config,
             last_checkpoint: AtomicU64::new(0),
+            pending_shares: std::sync::Mutex::new(Vec::new()),
+            key_lock: tokio::sync::RwLock::new(()),
+            rewrap_running: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -306,9 +335,11 @@ impl Vault {
         Ok(())
     }
 
-    /// Drops every key and CVV from memory. Data calls then fail `Sealed`.
+    /// Drops every key, pending key share and CVV from memory. Data calls
+    /// then fail `Sealed`.
     pub fn seal(&self) {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.reset_unseal();
         self.cvv.clear();
     }
 
@@ -369,6 +400,23 @@ impl Vault {
         Ok(Some(seq))
     }
 
+    /// Counts one encryption under the tenant's active key and rotates if a
+    /// limit is reached; returns whether it rotated.
+    async fn auto_rotation_due(
+        &self,
+        keyring: &Keyring,
+        tenant: &str,
+        keys: &keyring::TenantKeys,
+    ) -> Result<bool> {
+        let before = keys.active;
+        self.maybe_auto_rotate(keyring, tenant, keys).await?;
+        Ok(keyring
+            .tenant(&*self.store, tenant, false)
+            .await
+            .map(|k| k.active != before)
+            .unwrap_or(false))
+    }
+
     /// Stores a card and returns its token.
     pub async fn tokenize(
         &self,
@@ -393,7 +441,16 @@ impl Vault {
         opts: TokenizeOptions,
     ) -> Result<CardMetadata> {
         let keyring = self.keyring()?;
-        let keys = keyring.tenant(&*self.store, tenant.as_str(), true).await?;
+        let mut keys = {
+            let _guard = self.key_lock.read().await;
+            keyring.tenant(&*self.store, tenant.as_str(), true).await?
+        };
+        if self
+            .auto_rotation_due(&keyring, tenant.as_str(), &keys)
+            .await?
+        {
+            keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
+        }
         let fingerprint = keys.fingerprint.fingerprint(card.pan.expose());
         let dek = keys
             .deks

@@ -1,0 +1,282 @@
+//! `cardvault.v1.KeyService` (role: admin): seal state and key rotation.
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::identity::context_of;
+use crate::auth::{Action, Authorizer};
+use crate::error::{Error, Result};
+use crate::proto::{self, key_service_server::KeyService};
+use crate::token::Tenant;
+use crate::vault::{CallContext, Vault};
+
+/// The service, holding the shared vault and the authorizer.
+pub struct KeyServiceImpl {
+    /// The domain core (owns the keys).
+    vault: Arc<Vault>,
+    /// Decides who may manage keys.
+    auth: Arc<Authorizer>,
+}
+
+impl KeyServiceImpl {
+    /// Serves key management for `vault`.
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
+        KeyServiceImpl { vault, auth }
+    }
+
+    /// Authorises; `tenant` scopes per-tenant operations, `None` needs a
+    /// grant for all tenants. Denials are logged and audited.
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        tenant: Option<&str>,
+    ) -> Result<CallContext> {
+        let (mut ctx, principal) = context_of(req);
+        let res = match tenant {
+            Some(t) => self
+                .auth
+                .authorize(principal.as_deref(), action, t)
+                .map(|a| a.grant),
+            None => self.auth.authorize_global(principal.as_deref(), action),
+        };
+        match res {
+            Ok(grant) => {
+                ctx.roles = grant.roles.iter().map(|r| r.as_str().to_owned()).collect();
+                Ok(ctx)
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = action.as_str(), error = %e, "denied");
+                self.vault
+                    .audit_rejected(&ctx, action.as_str(), "", "", &e)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn ts(ms: i64) -> Option<prost_types::Timestamp> {
+    (ms > 0).then(|| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+fn shares_out(shares: Vec<zeroize::Zeroizing<String>>) -> Vec<String> {
+    // The protobuf message needs plain Strings; these copies leave with the
+    // response (its Debug is redacted) and the Zeroizing originals are wiped.
+    shares.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+type RewrapStream = ReceiverStream<Result<proto::RewrapProgress, Status>>;
+
+#[tonic::async_trait]
+impl KeyService for KeyServiceImpl {
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        self.authorize(&request, Action::KeyStatus, None).await?;
+        let s = self.vault.status().await?;
+        let cfg = s.seal_config.clone().unwrap_or_default();
+        let tenants = s
+            .tenants
+            .into_iter()
+            .map(|t| {
+                let active = t.versions.last().map_or(0, |v| v.version);
+                let last_rotation = t.versions.last().map_or(0, |v| v.created_at_ms);
+                proto::TenantKeys {
+                    tenant: t.tenant,
+                    active_version: active,
+                    last_rotation: ts(last_rotation),
+                    versions: t
+                        .versions
+                        .into_iter()
+                        .map(|v| proto::KeyVersion {
+                            version: v.version,
+                            records: v.records,
+                            created_at: ts(v.created_at_ms),
+                            active: v.version == active,
+                            encryptions: v.encryptions,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::StatusResponse {
+            sealed: s.sealed,
+            initialized: s.initialized,
+            seal_mode: s.seal_mode,
+            threshold: cfg.threshold,
+            shares: cfg.shares,
+            unseal_progress: s.unseal_progress,
+            key_generation: cfg.generation,
+            tenants,
+            store: s.store,
+            cvvs_held: s.cvvs_held,
+            last_master_rotation: ts(cfg.last_master_rotation_ms),
+        }))
+    }
+
+    async fn init(
+        &self,
+        request: Request<proto::InitRequest>,
+    ) -> Result<Response<proto::InitResponse>, Status> {
+        let ctx = self.authorize(&request, Action::KeyInit, None).await?;
+        let req = request.into_inner();
+        let shares = self.vault.init(&ctx, req.shares, req.threshold).await?;
+        Ok(Response::new(proto::InitResponse {
+            shares: shares_out(shares),
+            threshold: req.threshold,
+        }))
+    }
+
+    async fn unseal(
+        &self,
+        request: Request<proto::UnsealRequest>,
+    ) -> Result<Response<proto::UnsealResponse>, Status> {
+        let ctx = self.authorize(&request, Action::KeyUnseal, None).await?;
+        let mut req = request.into_inner();
+        if req.reset {
+            self.vault.reset_unseal();
+        }
+        let result = if req.share.is_empty() {
+            if req.reset {
+                let s = self.vault.status().await?;
+                Ok(crate::vault::keys::UnsealProgress {
+                    sealed: s.sealed,
+                    entered: 0,
+                    threshold: s.seal_config.map_or(0, |c| c.threshold),
+                })
+            } else {
+                Err(Error::invalid("share", "is required"))
+            }
+        } else {
+            self.vault.submit_share(&ctx, &req.share).await
+        };
+        zeroize::Zeroize::zeroize(&mut req.share);
+        let p = result?;
+        Ok(Response::new(proto::UnsealResponse {
+            sealed: p.sealed,
+            progress: p.entered,
+            threshold: p.threshold,
+        }))
+    }
+
+    async fn seal(
+        &self,
+        request: Request<proto::SealRequest>,
+    ) -> Result<Response<proto::SealResponse>, Status> {
+        let ctx = self.authorize(&request, Action::KeySeal, None).await?;
+        self.vault.seal_by(&ctx).await?;
+        Ok(Response::new(proto::SealResponse {}))
+    }
+
+    async fn rotate_data_key(
+        &self,
+        request: Request<proto::RotateDataKeyRequest>,
+    ) -> Result<Response<proto::RotateDataKeyResponse>, Status> {
+        let scope = (!request.get_ref().all).then(|| request.get_ref().tenant.clone());
+        if scope.as_deref() == Some("") {
+            return Err(Error::invalid("tenant", "is required (or set all=true)").into());
+        }
+        let ctx = self
+            .authorize(&request, Action::RotateDataKey, scope.as_deref())
+            .await?;
+        let tenant = scope.as_deref().map(Tenant::parse).transpose()?;
+        let rotated = self.vault.rotate_data_key(&ctx, tenant.as_ref()).await?;
+        Ok(Response::new(proto::RotateDataKeyResponse {
+            rotated: rotated
+                .into_iter()
+                .map(|(tenant, new_version)| proto::Rotated {
+                    tenant,
+                    new_version,
+                })
+                .collect(),
+        }))
+    }
+
+    type RewrapStream = RewrapStream;
+
+    async fn rewrap(
+        &self,
+        request: Request<proto::RewrapRequest>,
+    ) -> Result<Response<Self::RewrapStream>, Status> {
+        let scope = request.get_ref().tenant.clone();
+        let scope = (!scope.is_empty()).then_some(scope);
+        let ctx = self
+            .authorize(&request, Action::Rewrap, scope.as_deref())
+            .await?;
+        let tenant = scope.as_deref().map(Tenant::parse).transpose()?;
+        let (ptx, mut prx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let vault = self.vault.clone();
+        // The job runs to completion even if the client goes away; running it
+        // again later finds nothing left to do.
+        tokio::spawn(async move {
+            let job = vault.rewrap(&ctx, tenant.as_ref(), ptx);
+            tokio::pin!(job);
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut job => break r,
+                    Some(p) = prx.recv() => {
+                        let _ = tx.send(Ok(progress(p))).await;
+                    }
+                }
+            };
+            while let Ok(p) = prx.try_recv() {
+                let _ = tx.send(Ok(progress(p))).await;
+            }
+            if let Err(e) = outcome {
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn retire_key(
+        &self,
+        request: Request<proto::RetireKeyRequest>,
+    ) -> Result<Response<proto::RetireKeyResponse>, Status> {
+        let tenant = request.get_ref().tenant.clone();
+        let ctx = self
+            .authorize(&request, Action::RetireKey, Some(&tenant))
+            .await?;
+        let t = Tenant::parse(&tenant)?;
+        self.vault
+            .retire_key(&ctx, &t, request.get_ref().version)
+            .await?;
+        Ok(Response::new(proto::RetireKeyResponse {}))
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<proto::RotateMasterKeyRequest>,
+    ) -> Result<Response<proto::RotateMasterKeyResponse>, Status> {
+        let ctx = self
+            .authorize(&request, Action::RotateMasterKey, None)
+            .await?;
+        let req = request.into_inner();
+        let (shares, cfg) = self
+            .vault
+            .rotate_master_key(&ctx, req.shares, req.threshold)
+            .await?;
+        Ok(Response::new(proto::RotateMasterKeyResponse {
+            shares: shares_out(shares),
+            threshold: cfg.threshold,
+            key_generation: cfg.generation,
+        }))
+    }
+}
+
+fn progress(p: crate::vault::keys::RewrapProgress) -> proto::RewrapProgress {
+    proto::RewrapProgress {
+        done: p.done,
+        total: p.total,
+        skipped: p.skipped,
+        finished: p.finished,
+    }
+}

@@ -1,0 +1,716 @@
+//! Key custody and rotation: Shamir init and unseal, seal, data key
+//! rotation (manual and automatic), online rewrap, key retirement, master
+//! key rotation, and status. Operators drive all of it without ever seeing
+//! a PAN: rewrap decrypts and re-encrypts inside the vault.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use zeroize::Zeroizing;
+
+use super::keyring::{
+    AUDIT_KEY_NAME, DekMeta, KEK_CHECK_NAME, Keyring, dek_meta_name, dek_name, is_wrapped_key,
+    version_of,
+};
+use super::{CallContext, Vault, audit_body, now_ms};
+use crate::crypto::envelope;
+use crate::crypto::keys::{Aead, SecretKey, kek_check_value, unwrap_key, wrap_key};
+use crate::crypto::random_array;
+use crate::crypto::shamir::{self, Share};
+use crate::error::{Error, Result};
+use crate::store::StoredRecord;
+use crate::token::Tenant;
+
+/// Name of the seal configuration in the key table.
+pub const SEAL_CONFIG_NAME: &str = "vault/seal-config";
+
+/// How the vault is sealed, stored at init (not secret).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SealConfig {
+    /// Random id that binds shares to this vault.
+    #[prost(string, tag = "1")]
+    pub vault_id: String,
+    /// KEK generation; master key rotation increments it.
+    #[prost(uint32, tag = "2")]
+    pub generation: u32,
+    /// Shares needed to unseal.
+    #[prost(uint32, tag = "3")]
+    pub threshold: u32,
+    /// Shares issued.
+    #[prost(uint32, tag = "4")]
+    pub shares: u32,
+    /// Last master key rotation, ms (0 = never).
+    #[prost(int64, tag = "5")]
+    pub last_master_rotation_ms: i64,
+}
+
+/// Progress towards unsealing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsealProgress {
+    /// Whether the vault is (still) sealed.
+    pub sealed: bool,
+    /// Shares entered so far.
+    pub entered: u32,
+    /// Shares needed.
+    pub threshold: u32,
+}
+
+/// One data key version in a status report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionStatus {
+    /// Version number.
+    pub version: u32,
+    /// Records encrypted under it.
+    pub records: u64,
+    /// Creation time, ms.
+    pub created_at_ms: i64,
+    /// Encryptions (persisted lower bound).
+    pub encryptions: u64,
+}
+
+/// One tenant in a status report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantStatus {
+    /// Tenant name.
+    pub tenant: String,
+    /// Versions that can still decrypt, oldest first; the last is active.
+    pub versions: Vec<VersionStatus>,
+}
+
+/// The vault's key state, for `Status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaultStatus {
+    /// No keys in memory.
+    pub sealed: bool,
+    /// A KEK exists for this store.
+    pub initialized: bool,
+    /// `shamir`, `kek-file` or `dev`.
+    pub seal_mode: String,
+    /// Shamir configuration (absent outside shamir mode).
+    pub seal_config: Option<SealConfig>,
+    /// Shares entered towards the next unseal.
+    pub unseal_progress: u32,
+    /// Per-tenant key versions.
+    pub tenants: Vec<TenantStatus>,
+    /// Storage backend.
+    pub store: String,
+    /// CVVs currently held.
+    pub cvvs_held: u64,
+}
+
+/// Progress of a rewrap, streamed to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RewrapProgress {
+    /// Records re-encrypted so far.
+    pub done: u64,
+    /// Records that needed it when the run started.
+    pub total: u64,
+    /// Records deleted while the run was going.
+    pub skipped: u64,
+    /// The run is over.
+    pub finished: bool,
+}
+
+fn check_share_counts(threshold: u32, shares: u32) -> Result<(u8, u8)> {
+    if !(1..=255).contains(&shares) {
+        return Err(Error::invalid("shares", "must be 1 to 255"));
+    }
+    if threshold == 0 || threshold > shares {
+        return Err(Error::invalid(
+            "threshold",
+            "must be 1 to the number of shares",
+        ));
+    }
+    Ok((threshold as u8, shares as u8))
+}
+
+fn encode_shares(kek: &SecretKey, cfg: &SealConfig) -> Result<Vec<Zeroizing<String>>> {
+    let parts = shamir::split(kek.expose(), cfg.threshold as u8, cfg.shares as u8)
+        .map_err(Error::Internal)?;
+    Ok(parts
+        .iter()
+        .map(|s| shamir::encode_share(&cfg.vault_id, cfg.generation, s))
+        .collect())
+}
+
+impl Vault {
+    async fn seal_config(&self) -> Result<Option<SealConfig>> {
+        Ok(self
+            .store
+            .get_key(SEAL_CONFIG_NAME)
+            .await?
+            .and_then(|b| SealConfig::decode(b.as_slice()).ok()))
+    }
+
+    /// Whether this store has a key-encrypting key yet.
+    pub async fn is_initialized(&self) -> Result<bool> {
+        Ok(self.store.get_key(KEK_CHECK_NAME).await?.is_some())
+    }
+
+    /// Creates the KEK, records its check value and seal configuration, and
+    /// returns it split into `shares` Shamir shares (`threshold` needed).
+    /// The vault stays sealed: the custodians unseal it.
+    pub async fn init(
+        &self,
+        ctx: &CallContext,
+        shares: u32,
+        threshold: u32,
+    ) -> Result<Vec<Zeroizing<String>>> {
+        let (t, n) = check_share_counts(threshold, shares)?;
+        if self.is_initialized().await? {
+            return Err(Error::FailedPrecondition(
+                "the vault is already initialised".into(),
+            ));
+        }
+        let kek = SecretKey::generate();
+        let aead = Aead::new(&kek);
+        if self
+            .store
+            .put_key_if_absent(KEK_CHECK_NAME, &kek_check_value(&aead))
+            .await?
+            .is_some()
+        {
+            return Err(Error::FailedPrecondition(
+                "the vault is already initialised".into(),
+            ));
+        }
+        let cfg = SealConfig {
+            vault_id: hex::encode(random_array::<8>()),
+            generation: 1,
+            threshold: t as u32,
+            shares: n as u32,
+            last_master_rotation_ms: 0,
+        };
+        self.store
+            .put_keys(&[(SEAL_CONFIG_NAME.to_owned(), cfg.encode_to_vec())])
+            .await?;
+        let out = encode_shares(&kek, &cfg)?;
+        let mut body = audit_body(ctx, "Init", "", "", Ok(()));
+        body.detail = format!("{n} shares, threshold {t}, vault {}", cfg.vault_id);
+        self.record(body).await?;
+        tracing::warn!(
+            shares = n,
+            threshold = t,
+            "vault initialised; hand each share to a different custodian"
+        );
+        Ok(out)
+    }
+
+    /// Enters one key share. When `threshold` distinct shares are in, the
+    /// KEK is rebuilt and checked; a wrong combination resets the progress.
+    pub async fn submit_share(&self, ctx: &CallContext, text: &str) -> Result<UnsealProgress> {
+        let cfg = self.seal_config().await?.ok_or_else(|| {
+            Error::FailedPrecondition("this vault was not initialised with key shares".into())
+        })?;
+        let parsed = shamir::decode_share(text).map_err(|e| Error::invalid("share", e))?;
+        let result = self.add_share(&cfg, parsed).await;
+        let mut body = audit_body(ctx, "Unseal", "", "", result.as_ref().map(|_| ()));
+        if let Ok(p) = &result {
+            body.detail = format!(
+                "{} of {} shares; sealed={}",
+                p.entered, p.threshold, p.sealed
+            );
+        }
+        self.record(body).await?;
+        result
+    }
+
+    async fn add_share(
+        &self,
+        cfg: &SealConfig,
+        parsed: shamir::ShareText,
+    ) -> Result<UnsealProgress> {
+        if !self.is_sealed() {
+            return Err(Error::FailedPrecondition(
+                "the vault is already unsealed".into(),
+            ));
+        }
+        if parsed.vault_id != cfg.vault_id {
+            return Err(Error::invalid("share", "belongs to another vault"));
+        }
+        if parsed.generation != cfg.generation {
+            return Err(Error::invalid(
+                "share",
+                format!(
+                    "is from key generation {}; the current generation is {} (the master key was rotated)",
+                    parsed.generation, cfg.generation
+                ),
+            ));
+        }
+        let ready: Option<Vec<Share>> = {
+            let mut pending = self
+                .pending_shares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if pending.iter().any(|s| s.x == parsed.share.x) {
+                return Err(Error::invalid(
+                    "share",
+                    format!("share {} was already entered", parsed.share.x),
+                ));
+            }
+            pending.push(parsed.share);
+            if pending.len() as u32 >= cfg.threshold {
+                Some(std::mem::take(&mut *pending))
+            } else {
+                return Ok(UnsealProgress {
+                    sealed: true,
+                    entered: pending.len() as u32,
+                    threshold: cfg.threshold,
+                });
+            }
+        };
+        let shares = ready.expect("threshold reached");
+        let secret = shamir::combine(&shares).map_err(|e| Error::invalid("share", e))?;
+        let kek = SecretKey::from_bytes(&secret)
+            .ok_or_else(|| Error::invalid("share", "shares do not hold a 256-bit key"))?;
+        match self.unseal(kek).await {
+            Ok(()) => {
+                tracing::warn!("vault unsealed with key shares");
+                Ok(UnsealProgress {
+                    sealed: false,
+                    entered: cfg.threshold,
+                    threshold: cfg.threshold,
+                })
+            }
+            Err(Error::InvalidArgument { .. }) => Err(Error::invalid(
+                "share",
+                "the shares entered do not reconstruct this vault's key (at least one is wrong); \\
+                 unseal progress was reset, start again",
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets the shares entered so far.
+    pub fn reset_unseal(&self) {
+        self.pending_shares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Shares entered so far.
+    pub fn unseal_progress(&self) -> u32 {
+        self.pending_shares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u32
+    }
+
+    /// Seals on request of an operator (audited).
+    pub async fn seal_by(&self, ctx: &CallContext) -> Result<()> {
+        self.checkpoint_now().await.ok();
+        self.record(audit_body(ctx, "Seal", "", "", Ok(()))).await?;
+        self.seal();
+        tracing::warn!(principal = %ctx.principal, "vault sealed by operator");
+        Ok(())
+    }
+
+    /// Every tenant that has keys, from the key table.
+    pub async fn tenants(&self) -> Result<Vec<String>> {
+        let names = self.store.list_keys("tenant/").await?;
+        let set: BTreeSet<String> = names
+            .iter()
+            .filter_map(|(n, _)| {
+                n.strip_prefix("tenant/")?
+                    .split('/')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .collect();
+        Ok(set.into_iter().collect())
+    }
+
+    /// Starts version `active + 1` for the tenant (one winner if several
+    /// replicas race). Returns the new active version.
+    pub(crate) async fn rotate_tenant(&self, keyring: &Keyring, tenant: &str) -> Result<u32> {
+        let _guard = self.key_lock.read().await;
+        keyring.invalidate(tenant);
+        let keys = keyring.tenant(&*self.store, tenant, false).await?;
+        let next = keys.active + 1;
+        keyring.create_version(&*self.store, tenant, next).await?;
+        keyring.invalidate(tenant);
+        Ok(next)
+    }
+
+    /// Rotates the data key of one tenant, or of every tenant.
+    pub async fn rotate_data_key(
+        &self,
+        ctx: &CallContext,
+        tenant: Option<&Tenant>,
+    ) -> Result<Vec<(String, u32)>> {
+        let keyring = self.keyring()?;
+        let tenants = match tenant {
+            Some(t) => vec![t.as_str().to_owned()],
+            None => self.tenants().await?,
+        };
+        let mut out = Vec::new();
+        for t in tenants {
+            let v = self.rotate_tenant(&keyring, &t).await?;
+            let mut body = audit_body(ctx, "RotateDataKey", &t, "", Ok(()));
+            body.detail = format!("new active version {v}");
+            self.record(body).await?;
+            tracing::info!(tenant = %t, version = v, "data key rotated");
+            out.push((t, v));
+        }
+        Ok(out)
+    }
+
+    /// Checks the automatic rotation triggers for a tenant's active key and
+    /// rotates when one fires: the GCM random-nonce budget or the cryptoperiod.
+    pub(crate) async fn maybe_auto_rotate(
+        &self,
+        keyring: &Keyring,
+        tenant: &str,
+        keys: &super::keyring::TenantKeys,
+    ) -> Result<()> {
+        let n = keys.active_encryptions.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(super::keyring::ENCRYPTION_COUNT_SLACK) {
+            let meta = DekMeta {
+                created_at_ms: keys.active_created_ms,
+                encryptions: n,
+            };
+            self.store
+                .put_keys(&[(dek_meta_name(tenant, keys.active), meta.encode_to_vec())])
+                .await?;
+        }
+        let too_many = n >= self.config.dek_max_encryptions;
+        let too_old = keys.active_created_ms > 0
+            && now_ms().saturating_sub(keys.active_created_ms) >= self.config.dek_max_age_ms;
+        if too_many || too_old {
+            let v = self.rotate_tenant(keyring, tenant).await?;
+            let ctx = CallContext {
+                principal: "cardvault".into(),
+                ..Default::default()
+            };
+            let mut body = audit_body(&ctx, "RotateDataKey", tenant, "", Ok(()));
+            body.detail = format!(
+                "automatic: {} -> version {v}",
+                if too_many {
+                    "encryption count limit"
+                } else {
+                    "cryptoperiod elapsed"
+                }
+            );
+            self.record(body).await?;
+            tracing::info!(tenant, version = v, "data key rotated automatically");
+        }
+        Ok(())
+    }
+
+    /// Re-encrypts every record under an older data key version with the
+    /// tenant's active version. Progress goes to `progress` (best effort).
+    /// Interrupted runs are resumed by running again: every pass rescans
+    /// and each record is replaced atomically, so none is skipped or lost.
+    pub async fn rewrap(
+        &self,
+        ctx: &CallContext,
+        tenant: Option<&Tenant>,
+        progress: mpsc::Sender<RewrapProgress>,
+    ) -> Result<RewrapProgress> {
+        if self.rewrap_running.swap(true, Ordering::SeqCst) {
+            return Err(Error::FailedPrecondition(
+                "a rewrap is already running".into(),
+            ));
+        }
+        let result = self.rewrap_inner(tenant, &progress).await;
+        self.rewrap_running.store(false, Ordering::SeqCst);
+        let mut body = audit_body(
+            ctx,
+            "Rewrap",
+            tenant.map_or("", |t| t.as_str()),
+            "",
+            result.as_ref().map(|_| ()),
+        );
+        if let Ok(p) = &result {
+            body.detail = format!(
+                "rewrapped {} of {} records ({} deleted meanwhile)",
+                p.done, p.total, p.skipped
+            );
+        }
+        self.record(body).await?;
+        result
+    }
+
+    async fn rewrap_inner(
+        &self,
+        only: Option<&Tenant>,
+        progress: &mpsc::Sender<RewrapProgress>,
+    ) -> Result<RewrapProgress> {
+        let keyring = self.keyring()?;
+        // Fresh view of every tenant's active version (another replica may
+        // have rotated).
+        let mut active: BTreeMap<String, u32> = BTreeMap::new();
+        for t in self.tenants().await? {
+            if only.is_some_and(|o| o.as_str() != t) {
+                continue;
+            }
+            keyring.invalidate(&t);
+            active.insert(
+                t.clone(),
+                keyring.tenant(&*self.store, &t, false).await?.active,
+            );
+        }
+        let stale = |r: &StoredRecord| active.get(&r.tenant).is_some_and(|a| r.key_version < *a);
+        let mut p = RewrapProgress::default();
+        self.scan_all(|r| {
+            if stale(r) {
+                p.total += 1;
+            }
+        })
+        .await?;
+        let _ = progress.try_send(p);
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self
+                .store
+                .scan_records(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), 500)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.tenant.clone(), last.token.clone()));
+            // A page is re-encrypted, then written concurrently, so the
+            // store's group commit makes one flush serve many records.
+            let mut updates = Vec::new();
+            for rec in page.into_iter().filter(|r| stale(r)) {
+                let target = active[&rec.tenant];
+                let keys = keyring.tenant(&*self.store, &rec.tenant, false).await?;
+                let (Some(old), Some(new)) =
+                    (keys.deks.get(&rec.key_version), keys.deks.get(&target))
+                else {
+                    return Err(Error::DataLoss(format!(
+                        "tenant {}: data key version {} or {target} is missing",
+                        rec.tenant, rec.key_version
+                    )));
+                };
+                let secret = envelope::open(old, &rec.tenant, &rec.token, &rec.envelope).map_err(|_| {
+                    Error::DataLoss(format!(
+                        "tenant {}: a record failed authentication during rewrap; run audit verify and investigate",
+                        rec.tenant
+                    ))
+                })?;
+                let mut updated = rec;
+                updated.envelope =
+                    envelope::seal(new, target, &updated.tenant, &updated.token, &secret);
+                updated.key_version = target;
+                updates.push(updated);
+            }
+            let results =
+                futures::future::join_all(updates.iter().map(|u| self.store.update(u))).await;
+            for r in results {
+                if r? {
+                    p.done += 1;
+                } else {
+                    p.skipped += 1;
+                }
+            }
+            let _ = progress.try_send(p);
+            if !self.config.rewrap_pause.is_zero() {
+                // Operators may slow a rewrap down so it does not compete
+                // with live traffic for disk.
+                tokio::time::sleep(self.config.rewrap_pause).await;
+            }
+        }
+        p.finished = true;
+        let _ = progress.send(p).await;
+        Ok(p)
+    }
+
+    async fn scan_all(&self, mut f: impl FnMut(&StoredRecord)) -> Result<()> {
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self
+                .store
+                .scan_records(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), 1000)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some((last.tenant.clone(), last.token.clone()));
+            page.iter().for_each(&mut f);
+        }
+    }
+
+    /// Records per (tenant, key version).
+    pub async fn version_counts(&self) -> Result<BTreeMap<(String, u32), u64>> {
+        let mut counts = BTreeMap::new();
+        self.scan_all(|r| *counts.entry((r.tenant.clone(), r.key_version)).or_insert(0) += 1)
+            .await?;
+        Ok(counts)
+    }
+
+    /// Destroys an old data key version. Refused while it is active or any
+    /// record still uses it (rewrap first): a destroyed key cannot come back.
+    pub async fn retire_key(&self, ctx: &CallContext, tenant: &Tenant, version: u32) -> Result<()> {
+        let result = self.retire_inner(tenant, version).await;
+        let mut body = audit_body(
+            ctx,
+            "RetireKey",
+            tenant.as_str(),
+            "",
+            result.as_ref().map(|_| ()),
+        );
+        body.detail = format!("version {version}");
+        self.record(body).await?;
+        result
+    }
+
+    async fn retire_inner(&self, tenant: &Tenant, version: u32) -> Result<()> {
+        let keyring = self.keyring()?;
+        keyring.invalidate(tenant.as_str());
+        let keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
+        if !keys.deks.contains_key(&version) {
+            return Err(Error::invalid(
+                "version",
+                "no such data key version for this tenant",
+            ));
+        }
+        if version == keys.active {
+            return Err(Error::FailedPrecondition(format!(
+                "version {version} is the active key; rotate first"
+            )));
+        }
+        let in_use = self
+            .version_counts()
+            .await?
+            .get(&(tenant.as_str().to_owned(), version))
+            .copied()
+            .unwrap_or(0);
+        if in_use > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "{in_use} records still use version {version}; run rewrap first"
+            )));
+        }
+        self.store
+            .delete_key(&dek_name(tenant.as_str(), version))
+            .await?;
+        self.store
+            .delete_key(&dek_meta_name(tenant.as_str(), version))
+            .await?;
+        keyring.invalidate(tenant.as_str());
+        tracing::info!(tenant = %tenant, version, "data key retired and destroyed");
+        Ok(())
+    }
+
+    /// Replaces the KEK: every wrapped key (data, fingerprint, audit) is
+    /// re-wrapped, the new check value and seal configuration are written
+    /// in one atomic batch, and new shares are returned (old ones stop
+    /// working). Blocks new tenant keys while it runs.
+    pub async fn rotate_master_key(
+        &self,
+        ctx: &CallContext,
+        shares: u32,
+        threshold: u32,
+    ) -> Result<(Vec<Zeroizing<String>>, SealConfig)> {
+        let result = self.rotate_master_inner(shares, threshold).await;
+        let mut body = audit_body(ctx, "RotateMasterKey", "", "", result.as_ref().map(|_| ()));
+        if let Ok((_, cfg)) = &result {
+            body.detail = format!(
+                "generation {}; {} shares, threshold {}",
+                cfg.generation, cfg.shares, cfg.threshold
+            );
+        }
+        self.record(body).await?;
+        result
+    }
+
+    async fn rotate_master_inner(
+        &self,
+        shares: u32,
+        threshold: u32,
+    ) -> Result<(Vec<Zeroizing<String>>, SealConfig)> {
+        let _guard = self.key_lock.write().await;
+        let keyring = self.keyring()?;
+        let mut cfg = self.seal_config().await?.ok_or_else(|| {
+            Error::FailedPrecondition(
+                "master key rotation needs a vault initialised with key shares (cardvault init)"
+                    .into(),
+            )
+        })?;
+        let (t, n) = check_share_counts(
+            if threshold == 0 {
+                cfg.threshold
+            } else {
+                threshold
+            },
+            if shares == 0 { cfg.shares } else { shares },
+        )?;
+        let new_kek = SecretKey::generate();
+        let new_aead = Aead::new(&new_kek);
+        let mut batch = Vec::new();
+        let mut audit_seed = None;
+        for (name, wrapped) in self.store.list_keys("").await? {
+            if !is_wrapped_key(&name) {
+                continue;
+            }
+            let key = unwrap_key(keyring.kek(), &name, &wrapped)
+                .map_err(|_| Error::DataLoss(format!("wrapped key {name} failed to unwrap")))?;
+            batch.push((name.clone(), wrap_key(&new_aead, &name, &key)));
+            if name == AUDIT_KEY_NAME {
+                audit_seed = Some(key);
+            }
+        }
+        cfg.generation += 1;
+        cfg.threshold = t as u32;
+        cfg.shares = n as u32;
+        cfg.last_master_rotation_ms = now_ms();
+        batch.push((KEK_CHECK_NAME.to_owned(), kek_check_value(&new_aead)));
+        batch.push((SEAL_CONFIG_NAME.to_owned(), cfg.encode_to_vec()));
+        self.store.put_keys(&batch).await?;
+        let seed = audit_seed.ok_or_else(|| Error::Internal("audit signing key missing".into()))?;
+        let audit_key = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.expose())
+            .map_err(|_| Error::Internal("bad audit signing key".into()))?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Keyring::new(new_aead, audit_key)));
+        let out = encode_shares(&new_kek, &cfg)?;
+        tracing::warn!(
+            generation = cfg.generation,
+            "master key rotated; distribute the new shares, destroy the old ones"
+        );
+        Ok((out, cfg))
+    }
+
+    /// The vault's key state. Works sealed (nothing here needs a key).
+    pub async fn status(&self) -> Result<VaultStatus> {
+        let counts = self.version_counts().await?;
+        let mut tenants = Vec::new();
+        for t in self.tenants().await? {
+            let mut versions = Vec::new();
+            for (name, _) in self
+                .store
+                .list_keys(&super::keyring::dek_prefix(&t))
+                .await?
+            {
+                let Some(v) = version_of(&name) else { continue };
+                let meta = self
+                    .store
+                    .get_key(&dek_meta_name(&t, v))
+                    .await?
+                    .and_then(|b| DekMeta::decode(b.as_slice()).ok())
+                    .unwrap_or_default();
+                versions.push(VersionStatus {
+                    version: v,
+                    records: counts.get(&(t.clone(), v)).copied().unwrap_or(0),
+                    created_at_ms: meta.created_at_ms,
+                    encryptions: meta.encryptions,
+                });
+            }
+            tenants.push(TenantStatus {
+                tenant: t,
+                versions,
+            });
+        }
+        Ok(VaultStatus {
+            sealed: self.is_sealed(),
+            initialized: self.is_initialized().await?,
+            seal_mode: self.seal_mode.clone(),
+            seal_config: self.seal_config().await?,
+            unseal_progress: self.unseal_progress(),
+            tenants,
+            store: self.store.backend().to_owned(),
+            cvvs_held: self.cvv.len() as u64,
+        })
+    }
+}
