@@ -30,13 +30,54 @@ pub struct Opts {
 impl VaultProcess {
     /// Starts `cardvault dev` on `data_dir` (created if missing).
     pub fn start(data_dir: &Path, opts: &Opts) -> VaultProcess {
+        let mut args: Vec<String> = vec![
+            "dev".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+        ];
+        args.push(data_dir.display().to_string());
+        Self::spawn(data_dir, &args, opts)
+    }
+
+    /// Starts `cardvault serve` in production mode (no KEK given: Shamir
+    /// key shares) with the dev certificates and policy in `data_dir`.
+    pub fn start_serve(data_dir: &Path, opts: &Opts) -> VaultProcess {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let pki = cardvault::pki::ensure_dev_pki(&data_dir.join("certs")).unwrap();
+        let policy = data_dir.join("policy.toml");
+        if !policy.exists() {
+            std::fs::write(&policy, cardvault::pki::dev_policy_toml()).unwrap();
+        }
+        let config = data_dir.join("cardvault.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\npolicy = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+                data_dir.display(),
+                policy.display(),
+                pki.server_cert().display(),
+                pki.server_key().display(),
+                pki.ca().display()
+            ),
+        )
+        .unwrap();
+        let args = vec![
+            "serve".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        Self::spawn(data_dir, &args, opts)
+    }
+
+    fn spawn(data_dir: &Path, args: &[String], opts: &Opts) -> VaultProcess {
         std::fs::create_dir_all(data_dir).unwrap();
         let n = std::fs::read_dir(data_dir).unwrap().count();
         let stderr_log = data_dir.with_extension(format!("stderr.{n}.log"));
         let stdout_log = data_dir.with_extension(format!("stdout.{n}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardvault"));
-        cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
+        cmd.args(args)
+            .env_remove("CARDVAULT_KEK")
             .env("CARDVAULT_LOG", "debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).unwrap());
