@@ -23,6 +23,9 @@
 //!   transaction as the data, signed Ed25519 checkpoints, verification that
 //!   locates the first bad record, and a blast-radius report per principal.
 //!   Reads fail closed when their audit record cannot be written.
+//! * Key custody: a KEK split into Shamir key shares (sealed start, unseal by
+//!   custodians), versioned per-tenant data keys with manual and automatic
+//!   rotation, online resumable rewrap, retirement, master key rotation.
 //! * Embedded storage (sled) with group-committed, durable writes.
 //!
 //! ## Non-features
@@ -40,6 +43,8 @@
 //! See `README.md` for the threat model and operations.
 
 #![forbid(unsafe_code)]
+// Process hardening (src/hardening.rs) uses rustix's safe syscall wrappers,
+// so not even that needs `unsafe`.
 #![warn(missing_docs)]
 
 pub mod audit;
