@@ -34,6 +34,47 @@ pub struct Config {
     pub log: LogConfig,
     /// Audit log checkpoints and SIEM copy.
     pub audit: AuditConfig,
+    /// Storage backend.
+    pub store: StoreConfig,
+}
+
+/// Which database holds records, keys and the audit log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded sled in `<data_dir>/sled` (one node).
+    #[default]
+    Sled,
+    /// PostgreSQL (many stateless replicas on one database).
+    Postgres,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sled` or `postgres` (`CARDVAULT_STORE_BACKEND`).
+    pub backend: Backend,
+    /// PostgreSQL connection string, e.g. `host=db user=cardvault dbname=cardvault`
+    /// or `postgresql://cardvault@db/cardvault` (`CARDVAULT_STORE_URL`).
+    /// Prefer a password file or client certificates to a password in here.
+    pub url: Option<String>,
+    /// Connections in the pool (`CARDVAULT_STORE_POOL_SIZE`).
+    pub pool_size: usize,
+    /// CA certificate (PEM) for TLS to PostgreSQL; when set, TLS is
+    /// required and the server certificate is verified (`CARDVAULT_STORE_TLS_CA`).
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Sled,
+            url: None,
+            pool_size: 16,
+            tls_ca: None,
+        }
+    }
 }
 
 /// Audit settings.
@@ -166,6 +207,7 @@ impl Default for Config {
             keys: KeysConfig::default(),
             log: LogConfig::default(),
             audit: AuditConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -261,6 +303,22 @@ impl Config {
         if let Some(v) = get("CARDVAULT_AUDIT_SIEM_FILE") {
             self.audit.siem_file = Some(v.into());
         }
+        if let Some(v) = get("CARDVAULT_STORE_BACKEND") {
+            self.store.backend = match v.as_str() {
+                "sled" => Backend::Sled,
+                "postgres" => Backend::Postgres,
+                _ => return Err("CARDVAULT_STORE_BACKEND must be sled or postgres".into()),
+            };
+        }
+        if let Some(v) = get("CARDVAULT_STORE_URL") {
+            self.store.url = Some(v);
+        }
+        if let Some(v) = env_parse("CARDVAULT_STORE_POOL_SIZE", get)? {
+            self.store.pool_size = v;
+        }
+        if let Some(v) = get("CARDVAULT_STORE_TLS_CA") {
+            self.store.tls_ca = Some(v.into());
+        }
         if let Some(v) = get("CARDVAULT_LOG") {
             self.log.filter = v;
         }
@@ -282,6 +340,12 @@ impl Config {
             return Err(
                 "audit.checkpoint_every and audit.checkpoint_secs must be at least 1".into(),
             );
+        }
+        if self.store.backend == Backend::Postgres && self.store.url.is_none() {
+            return Err("store.url is required with store.backend = \"postgres\"".into());
+        }
+        if self.store.pool_size == 0 {
+            return Err("store.pool_size must be at least 1".into());
         }
         if self.cvv.max_entries == 0 {
             return Err("cvv.max_entries must be at least 1".into());

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tonic::transport::Server;
 
 use crate::auth::Authorizer;
+use crate::config::Backend;
 use crate::config::Config;
 use crate::crypto::keys::SecretKey;
 use crate::grpc::audit_service::AuditServiceImpl;
@@ -19,6 +20,7 @@ use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sled::SledStore;
 use crate::vault::Vault;
 
@@ -94,11 +96,31 @@ pub fn dev_kek(data_dir: &Path) -> Result<SecretKey, String> {
     Ok(key)
 }
 
-/// Opens the configured store.
-pub fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
-    let path = cfg.data_dir.join("sled");
-    let store = SledStore::open(&path).map_err(|e| format!("{e} (data dir {})", path.display()))?;
-    Ok(Arc::new(store))
+/// Opens the configured store (and, for PostgreSQL, applies migrations).
+pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
+    match cfg.store.backend {
+        Backend::Sled => {
+            let path = cfg.data_dir.join("sled");
+            let store =
+                SledStore::open(&path).map_err(|e| format!("{e} (data dir {})", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        Backend::Postgres => {
+            let url = cfg
+                .store
+                .url
+                .as_deref()
+                .ok_or("store.url is required for postgres")?;
+            let tls = match &cfg.store.tls_ca {
+                None => None,
+                Some(ca) => Some(crate::tls::client_config(ca)?),
+            };
+            let store = PostgresStore::connect(url, cfg.store.pool_size, tls)
+                .await
+                .map_err(|e| format!("cannot open the PostgreSQL store: {e}"))?;
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 fn tls_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
@@ -164,7 +186,7 @@ pub async fn serve(
     }
     let tls = tls_config(cfg)?;
     let auth = authorizer(cfg)?;
-    let store = open_store(cfg)?;
+    let store = open_store(cfg).await?;
     let mut vcfg = cfg.vault_config()?;
     vcfg.seal_mode = keys.mode().to_owned();
     let vault = Arc::new(Vault::new(store.clone(), vcfg));

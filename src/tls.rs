@@ -63,6 +63,23 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A TLS client configuration trusting only the CA in `ca` (used for the
+/// connection to PostgreSQL).
+pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca, "database CA")? {
+        roots
+            .add(c)
+            .map_err(|e| format!("database CA {}: {e}", ca.display()))?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently,
 /// yielding only connections that passed. Stops accepting (and closes the
 /// listener) when the returned stream is dropped.

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
 
-fn sled_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+async fn sled_store() -> Option<(Arc<dyn Store>, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
-    (Arc::new(store), dir)
+    Some((Arc::new(store), dir))
 }
 
 cardvault::store_conformance_tests!(sled_store);

@@ -5,6 +5,7 @@
 //! keys and non-sensitive metadata; it never sees a PAN or CVV.
 
 pub mod conformance;
+pub mod postgres;
 pub mod sled;
 
 use async_trait::async_trait;

@@ -80,7 +80,14 @@ pub struct TenantKeys {
     /// Encryptions under the active version (lower bound), for the
     /// random-nonce bound of AES-GCM.
     pub active_encryptions: AtomicU64,
+    /// When these keys were read from the store.
+    pub loaded_at: std::time::Instant,
 }
+
+/// How long a tenant's unwrapped keys are used before the key table is
+/// read again, so a rotation made by another replica is picked up for new
+/// writes within this time (reads of newer versions reload at once).
+pub const KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Name of the wrapped Ed25519 seed that signs audit checkpoints.
 pub const AUDIT_KEY_NAME: &str = "vault/audit-signing-key";
@@ -126,6 +133,7 @@ impl Keyring {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(tenant)
+            .filter(|k| k.loaded_at.elapsed() < KEY_CACHE_TTL)
             .cloned()
     }
 
@@ -219,17 +227,30 @@ impl Keyring {
             .await?
             .and_then(|b| DekMeta::decode(b.as_slice()).ok())
             .unwrap_or_default();
+        // Conservative after a restart: up to ENCRYPTION_COUNT_SLACK uses may
+        // not have been persisted. On a cache refresh, keep our own count.
+        let persisted = if meta.encryptions > 0 {
+            meta.encryptions + ENCRYPTION_COUNT_SLACK
+        } else {
+            0
+        };
+        let counted = self
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .filter(|old| old.active == active)
+            .map_or(0, |old| {
+                old.active_encryptions
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            });
         let keys = Arc::new(TenantKeys {
             active,
             deks,
             fingerprint: FingerprintKey::new(&fpk),
             active_created_ms: meta.created_at_ms,
-            // Conservative after a restart: some uses may not have been persisted.
-            active_encryptions: AtomicU64::new(if meta.encryptions > 0 {
-                meta.encryptions + ENCRYPTION_COUNT_SLACK
-            } else {
-                0
-            }),
+            active_encryptions: AtomicU64::new(persisted.max(counted)),
+            loaded_at: std::time::Instant::now(),
         });
         self.tenants
             .write()
