@@ -36,6 +36,18 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Storage backend.
     pub store: StoreConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the plain-HTTP `/metrics` endpoint, e.g. `127.0.0.1:9464`
+    /// (`CARDVAULT_METRICS_LISTEN`); unset = off. It carries no secrets but
+    /// should still only be reachable by the monitoring system.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Which database holds records, keys and the audit log.
@@ -208,6 +220,7 @@ impl Default for Config {
             log: LogConfig::default(),
             audit: AuditConfig::default(),
             store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -318,6 +331,9 @@ impl Config {
         }
         if let Some(v) = get("CARDVAULT_STORE_TLS_CA") {
             self.store.tls_ca = Some(v.into());
+        }
+        if let Some(v) = env_parse("CARDVAULT_METRICS_LISTEN", get)? {
+            self.metrics.listen = Some(v);
         }
         if let Some(v) = get("CARDVAULT_LOG") {
             self.log.filter = v;

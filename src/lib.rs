@@ -59,6 +59,7 @@ pub mod cvv;
 pub mod error;
 pub mod grpc;
 pub mod hardening;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 

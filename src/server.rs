@@ -266,6 +266,24 @@ pub async fn serve(
     });
 
     let reloader = reload_policy_on_sighup(auth.clone());
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics_task = match cfg.metrics.listen {
+        Some(maddr) => {
+            let l = tokio::net::TcpListener::bind(maddr)
+                .await
+                .map_err(|e| format!("cannot listen on {maddr} for metrics: {e}"))?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(addr = %bound, "metrics endpoint listening");
+            println!("cardvault metrics on {bound}");
+            Some(tokio::spawn(crate::metrics::serve(
+                l,
+                metrics.clone(),
+                vault.clone(),
+                auth.clone(),
+            )))
+        }
+        None => None,
+    };
     // A quiet log still gets its tail signed within checkpoint_secs.
     let cp_vault = vault.clone();
     let cp_every = Duration::from_secs(cfg.audit.checkpoint_secs);
@@ -296,6 +314,10 @@ pub async fn serve(
         }
     };
     let server = Server::builder()
+        .layer(crate::metrics::MetricsLayer {
+            metrics: metrics.clone(),
+            auth: auth.clone(),
+        })
         .timeout(Duration::from_secs(30))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -312,7 +334,7 @@ pub async fn serve(
             vault.clone(),
             auth,
         )))
-        .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal);
+        .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, metrics.clone()), signal);
     let result = tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}")),
         _ = drain_deadline => {
@@ -324,6 +346,9 @@ pub async fn serve(
     reloader.abort();
     checkpointer.abort();
     health_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     // Seal the tail of the audit log before the signing key is wiped.
     if let Err(e) = vault.checkpoint_now().await {
         tracing::warn!(error = %e, "final audit checkpoint failed");

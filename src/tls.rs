@@ -86,6 +86,7 @@ pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, String> {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
@@ -107,13 +108,24 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics
+                            .tls_handshake_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        metrics
+                            .tls_handshake_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }

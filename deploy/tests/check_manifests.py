@@ -173,24 +173,43 @@ for w in workloads:
         for p in [cfg.get("policy")] + [cfg.get("tls", {}).get(k) for k in ("cert", "key", "client_ca")]:
             need(p in mounted, f"{cw}: config names {p}, which is not mounted")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                sec = secrets.get(ref["name"])
+                need(sec is not None and ref["key"] in sec.get("stringData", {}),
+                     f"{cw}: env {e['name']} refers to missing Secret key {ref['name']}/{ref['key']}")
+                env[e["name"]] = "<secret>"
         kek = env.get("CARDVAULT_KEK_FILE") or cfg.get("keys", {}).get("kek_file")
         if kek:
             need(kek in mounted, f"{cw}: KEK file {kek} is not mounted")
+        store = cfg.get("store", {})
+        backend = store.get("backend", "sled")
+        if kind == "StatefulSet":
+            need(backend == "sled", f"{cw}: the StatefulSet is the sled deployment, store.backend is {backend}")
+        else:
+            need(backend == "postgres", f"{cw}: the Deployment is the PostgreSQL one, store.backend is {backend}")
+            need("url" in store or "CARDVAULT_STORE_URL" in env, f"{cw}: no store.url / CARDVAULT_STORE_URL")
+            need("url" not in store, f"{cw}: keep the connection string (credentials) in a Secret, not the ConfigMap")
+            need(env.get("CARDVAULT_STORE_URL") == "<secret>", f"{cw}: CARDVAULT_STORE_URL must come from a Secret")
+        if store.get("tls_ca"):
+            need(store["tls_ca"] in mounted, f"{cw}: store.tls_ca {store['tls_ca']} is not mounted")
         need(cfg.get("data_dir") == "/var/lib/cardvault", f"{cw}: data_dir must be the mounted volume")
         need(str(cfg.get("listen", "")).endswith(":7443"), f"{cw}: listen must be on 7443")
-        configs[f"{kind.lower()}-{name}"] = (text, mounted.get(cfg.get("policy"), ""), bool(kek))
+        configs[f"{kind.lower()}-{name}"] = (text, mounted.get(cfg.get("policy"), ""), bool(kek), backend,
+                                             bool(store.get("tls_ca")))
 
 for e in errors:
     print("manifests:", e)
 if errors:
     sys.exit(1)
 if out:
-    for tag, (text, policy, kek) in configs.items():
+    for tag, (text, policy, kek, backend, tls_ca) in configs.items():
         with open(os.path.join(out, f"{tag}.toml"), "w", encoding="utf-8") as fh:
             fh.write(text)
         with open(os.path.join(out, f"{tag}.policy.toml"), "w", encoding="utf-8") as fh:
             fh.write(policy)
-        with open(os.path.join(out, f"{tag}.kek"), "w", encoding="utf-8") as fh:
-            fh.write("yes" if kek else "no")
+        with open(os.path.join(out, f"{tag}.env"), "w", encoding="utf-8") as fh:
+            fh.write(f"kek={'yes' if kek else 'no'} backend={backend} tls_ca={'yes' if tls_ca else 'no'}\n")
 print(f"manifests: {len(objs)} objects in {len(files)} files; workloads: "
       + ", ".join(sorted(configs)) + ": ok")

@@ -270,8 +270,13 @@ def test_no_client_certificate_is_refused(vault, pb):
     stub = pb.token_grpc.TokenServiceStub(vault.channel(None))
     err = rpc_error(lambda: stub.GetMetadata(
         pb.token.GetMetadataRequest(tenant=TENANT, token="tok_" + "A" * 22), timeout=10))
-    # The TLS handshake fails, so grpcio reports the channel as unavailable.
+    # The TLS handshake fails, so grpcio reports the channel as unavailable...
     assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Connection refused" not in err.details(), err.details()
+    # ...while the same call with a client certificate reaches the server.
+    err = rpc_error(lambda: token_stub(vault, pb, "merchant").GetMetadata(
+        pb.token.GetMetadataRequest(tenant=TENANT, token="tok_" + "A" * 22), timeout=10))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_auditor_query_returns_the_detokenize_event(vault, pb):

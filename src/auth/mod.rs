@@ -265,6 +265,23 @@ impl Authorizer {
             })
     }
 
+    /// A metrics label for a principal's roles (`merchant`, `admin+auditor`,
+    /// `unknown`): bounded values, never the principal itself.
+    pub fn role_label(&self, principal: Option<&str>) -> String {
+        let Some(name) = principal else {
+            return "none".into();
+        };
+        match self.current().principals.get(name) {
+            Some(g) => g
+                .roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            None => "unknown".into(),
+        }
+    }
+
     /// How many calls budgets have refused since start.
     pub fn rate_limited_total(&self) -> u64 {
         self.rate_limited.load(Ordering::Relaxed)

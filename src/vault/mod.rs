@@ -182,6 +182,8 @@ pub struct Vault {
     rewrap_running: std::sync::atomic::AtomicBool,
     /// Copy of `config.seal_mode` for status.
     seal_mode: String,
+    /// Audit appends that failed (metric).
+    audit_failures: AtomicU64,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -274,6 +276,7 @@ impl Vault {
             pending_shares: std::sync::Mutex::new(Vec::new()),
             key_lock: tokio::sync::RwLock::new(()),
             rewrap_running: std::sync::atomic::AtomicBool::new(false),
+            audit_failures: AtomicU64::new(0),
         }
     }
 
@@ -343,9 +346,16 @@ impl Vault {
         self.cvv.clear();
     }
 
+    /// Audit appends that have failed since start.
+    pub fn audit_write_failures(&self) -> u64 {
+        self.audit_failures.load(Ordering::Relaxed)
+    }
+
     /// Appends an audit record (and signs a checkpoint when one is due).
     pub async fn record(&self, body: AuditBody) -> Result<AuditLink> {
-        let link = self.store.append_audit(&body).await?;
+        let link = self.store.append_audit(&body).await.inspect_err(|_| {
+            self.audit_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
         self.after_append(&link, &body).await;
         Ok(link)
     }

@@ -307,3 +307,26 @@ pub fn foreign_client_cert() -> (String, String) {
     let cert = p.signed_by(&key, &issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
+
+impl VaultProcess {
+    /// The metrics endpoint address, if the vault printed one.
+    pub fn metrics_addr(&self) -> Option<String> {
+        std::fs::read_to_string(&self.stdout_log)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("cardvault metrics on ").map(str::to_owned))
+    }
+
+    /// Fetches `path` from the metrics endpoint with a plain HTTP/1.1 GET.
+    pub async fn http_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr().expect("metrics endpoint enabled");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}

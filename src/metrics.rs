@@ -1,0 +1,342 @@
+//! Prometheus metrics on a separate plain-HTTP port.
+//!
+//! Labels are deliberately coarse: RPC method, gRPC code and caller role.
+//! No PAN, token, CVV or principal ever becomes a label (tokens would also
+//! explode cardinality). Per-request counts and latencies come from a tower
+//! layer around every gRPC service; gauges are computed at scrape time.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::auth::Authorizer;
+use crate::grpc::identity::principal_from_cert;
+use crate::vault::Vault;
+
+/// Latency histogram bucket bounds, seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// Request counters and latency histograms.
+#[derive(Default)]
+pub struct Metrics {
+    /// (rpc, code, role) -> count.
+    requests: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// rpc -> latency histogram.
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    /// Connections refused at the TLS handshake.
+    pub tls_handshake_failures: AtomicU64,
+}
+
+/// Known gRPC services; any other path is counted as `unknown`, so a
+/// client cannot create label values at will.
+const SERVICES: [&str; 5] = [
+    "/cardvault.v1.TokenService/",
+    "/cardvault.v1.KeyService/",
+    "/cardvault.v1.AuditService/",
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+];
+
+fn rpc_label(path: &str) -> String {
+    let known = SERVICES.iter().any(|s| path.starts_with(s))
+        && path.len() < 100
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._".contains(&b));
+    if known {
+        path.trim_start_matches('/').to_owned()
+    } else {
+        "unknown".to_owned()
+    }
+}
+
+impl Metrics {
+    /// Records one finished request.
+    pub fn observe(&self, rpc: String, code: &str, role: String, seconds: f64) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((rpc.clone(), code.to_owned(), role))
+            .or_insert(0) += 1;
+        let mut lat = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = lat.entry(rpc).or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += seconds;
+        h.count += 1;
+    }
+
+    /// Renders everything in the Prometheus text format.
+    pub async fn render(&self, vault: &Vault, auth: &Authorizer) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP cardvault_requests_total gRPC requests by method, status code and caller role.\n");
+        out.push_str("# TYPE cardvault_requests_total counter\n");
+        for ((rpc, code, role), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            out.push_str(&format!(
+                "cardvault_requests_total{{rpc=\"{rpc}\",code=\"{code}\",role=\"{role}\"}} {n}\n"
+            ));
+        }
+        out.push_str("# HELP cardvault_request_duration_seconds gRPC request latency (to response headers).\n");
+        out.push_str("# TYPE cardvault_request_duration_seconds histogram\n");
+        for (rpc, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                out.push_str(&format!(
+                    "cardvault_request_duration_seconds_bucket{{rpc=\"{rpc}\",le=\"{b}\"}} {}\n",
+                    h.counts[i]
+                ));
+            }
+            out.push_str(&format!(
+                "cardvault_request_duration_seconds_bucket{{rpc=\"{rpc}\",le=\"+Inf\"}} {}\n\
+                 cardvault_request_duration_seconds_sum{{rpc=\"{rpc}\"}} {}\n\
+                 cardvault_request_duration_seconds_count{{rpc=\"{rpc}\"}} {}\n",
+                h.count, h.sum, h.count
+            ));
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
+        };
+        gauge(
+            &mut out,
+            "cardvault_sealed",
+            "1 while the vault holds no keys.",
+            "gauge",
+            vault.is_sealed() as u64,
+        );
+        gauge(
+            &mut out,
+            "cardvault_cvv_held",
+            "CVVs currently held in memory.",
+            "gauge",
+            vault.cvv_holder().len() as u64,
+        );
+        gauge(
+            &mut out,
+            "cardvault_rate_limited_total",
+            "Detokenize calls refused by a principal's budget.",
+            "counter",
+            auth.rate_limited_total(),
+        );
+        gauge(
+            &mut out,
+            "cardvault_audit_write_failures_total",
+            "Audit appends that failed (the operation failed with them).",
+            "counter",
+            vault.audit_write_failures(),
+        );
+        gauge(
+            &mut out,
+            "cardvault_tls_handshake_failures_total",
+            "Connections refused during the TLS handshake.",
+            "counter",
+            self.tls_handshake_failures.load(Ordering::Relaxed),
+        );
+        if let Ok(head) = vault.store().audit_head().await {
+            gauge(
+                &mut out,
+                "cardvault_audit_records",
+                "Records in the audit chain.",
+                "gauge",
+                head.map_or(0, |h| h.0),
+            );
+        }
+        if let Ok(keys) = vault.store().list_keys("tenant/").await {
+            let mut active: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+            for (name, _) in keys {
+                let mut parts = name.split('/');
+                if let (Some("tenant"), Some(t), Some("dek"), Some(v)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                    && let Ok(v) = v.parse::<u32>()
+                {
+                    let e = active.entry(t.to_owned()).or_insert((0, 0));
+                    e.0 = e.0.max(v);
+                    e.1 += 1;
+                }
+            }
+            out.push_str(
+                "# HELP cardvault_data_key_active_version Active data key version per tenant.\n",
+            );
+            out.push_str("# TYPE cardvault_data_key_active_version gauge\n");
+            for (t, (v, _)) in &active {
+                out.push_str(&format!(
+                    "cardvault_data_key_active_version{{tenant=\"{t}\"}} {v}\n"
+                ));
+            }
+            out.push_str("# HELP cardvault_data_key_versions Data key versions that can still decrypt, per tenant.\n");
+            out.push_str("# TYPE cardvault_data_key_versions gauge\n");
+            for (t, (_, n)) in &active {
+                out.push_str(&format!(
+                    "cardvault_data_key_versions{{tenant=\"{t}\"}} {n}\n"
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted. A tiny
+/// HTTP/1.1 responder: one request per connection, no keep-alive.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    vault: Arc<Vault>,
+    auth: Arc<Authorizer>,
+) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, vault, auth) = (metrics.clone(), vault.clone(), auth.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (bounded in size and time).
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") {
+                ("200 OK", metrics.render(&vault, &auth).await)
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// Tower layer that counts and times every gRPC request.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    /// Where observations go.
+    pub metrics: Arc<Metrics>,
+    /// To turn the caller's certificate into a role label.
+    pub auth: Arc<Authorizer>,
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service produced by [`MetricsLayer`].
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    layer: MetricsLayer,
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let rpc = rpc_label(req.uri().path());
+        let principal = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs())
+            .and_then(|c| c.first().and_then(|c| principal_from_cert(c.as_ref())));
+        let role = self.layer.auth.role_label(principal.as_deref());
+        let metrics = self.layer.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            let code = match &res {
+                // Unary errors are "trailers-only": the status is in the headers.
+                // Otherwise it follows in the trailers, after a successful start.
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or("OK", |c| code_name(c)),
+                Err(_) => "TRANSPORT_ERROR",
+            };
+            metrics.observe(rpc, code, role, start.elapsed().as_secs_f64());
+            res
+        })
+    }
+}
+
+fn code_name(c: i32) -> &'static str {
+    match tonic::Code::from_i32(c) {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        _ => "OTHER",
+    }
+}

@@ -1,0 +1,183 @@
+//! Operability: Prometheus metrics, structured JSON logs, redaction.
+
+mod common;
+
+use cardvault::proto::{DetokenizeRequest, TokenizeRequest};
+use common::{Opts, VaultProcess, exp_year};
+use tonic::Code;
+
+const CANARY_PAN: &str = "6011000990139424";
+const CANARY_CVV: &str = "914";
+
+fn card(pan: &str) -> TokenizeRequest {
+    TokenizeRequest {
+        tenant: "demo".into(),
+        pan: pan.into(),
+        exp_month: 2,
+        exp_year: exp_year(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        env: vec![("CARDVAULT_METRICS_LISTEN".into(), "127.0.0.1:0".into())],
+    };
+    let v = VaultProcess::start(&dir.path().join("data"), &opts);
+    let mut m = v.client("merchant").await;
+    let t = m
+        .tokenize(TokenizeRequest {
+            cvv: Some(CANARY_CVV.into()),
+            ..card(CANARY_PAN)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    m.tokenize(card("4111111111111112")).await.unwrap_err();
+    let req = DetokenizeRequest {
+        tenant: "demo".into(),
+        token: t.clone(),
+        purpose: "p".into(),
+        include_cvv: true,
+    };
+    assert_eq!(
+        m.detokenize(req.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    v.client("processor").await.detokenize(req).await.unwrap();
+
+    let resp = v.http_get("/metrics").await;
+    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+    for line in [
+        r#"cardvault_requests_total{rpc="cardvault.v1.TokenService/Tokenize",code="OK",role="merchant"} 1"#,
+        r#"cardvault_requests_total{rpc="cardvault.v1.TokenService/Tokenize",code="INVALID_ARGUMENT",role="merchant"} 1"#,
+        r#"cardvault_requests_total{rpc="cardvault.v1.TokenService/Detokenize",code="PERMISSION_DENIED",role="merchant"} 1"#,
+        r#"cardvault_requests_total{rpc="cardvault.v1.TokenService/Detokenize",code="OK",role="processor"} 1"#,
+        r#"cardvault_request_duration_seconds_count{rpc="cardvault.v1.TokenService/Detokenize"} 2"#,
+        "cardvault_sealed 0",
+        "cardvault_cvv_held 0",
+        "cardvault_rate_limited_total 0",
+        "cardvault_audit_write_failures_total 0",
+        r#"cardvault_data_key_active_version{tenant="demo"} 1"#,
+    ] {
+        assert!(resp.lines().any(|l| l == line), "missing {line}\n{resp}");
+    }
+    assert!(resp.contains("cardvault_audit_records "));
+    assert!(
+        !resp.contains(CANARY_PAN) && !resp.contains(&t),
+        "no PAN or token in metrics"
+    );
+    assert!(!resp.contains("spiffe://"), "no principal in labels");
+    assert!(v.http_get("/other").await.starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn json_logs_carry_request_ids_and_no_secrets_on_any_error_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        env: vec![("CARDVAULT_LOG_FORMAT".into(), "json".into())],
+    };
+    let v = VaultProcess::start(&dir.path().join("data"), &opts);
+    let mut m = v.client("merchant").await;
+    let mut p = v.client("processor").await;
+    let ok = m
+        .tokenize(TokenizeRequest {
+            cvv: Some(CANARY_CVV.into()),
+            ..card(CANARY_PAN)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    // Every kind of failure, each carrying the canary somewhere.
+    let bad_tokenize = [
+        TokenizeRequest {
+            exp_month: 0,
+            ..card(CANARY_PAN)
+        },
+        TokenizeRequest {
+            exp_year: 1999,
+            ..card(CANARY_PAN)
+        },
+        TokenizeRequest {
+            cvv: Some("12".into()),
+            ..card(CANARY_PAN)
+        },
+        TokenizeRequest {
+            cvv: Some(format!("{CANARY_CVV}x")),
+            ..card(CANARY_PAN)
+        },
+        TokenizeRequest {
+            tenant: "other".into(),
+            ..card(CANARY_PAN)
+        },
+        TokenizeRequest {
+            format: 42,
+            cvv: Some(CANARY_CVV.into()),
+            ..card(CANARY_PAN)
+        },
+        card(&format!("{CANARY_PAN}0")),
+        card(&CANARY_PAN[..15]),
+    ];
+    for r in bad_tokenize {
+        m.tokenize(r).await.unwrap_err();
+    }
+    let bad_detokenize = [
+        DetokenizeRequest {
+            tenant: "demo".into(),
+            token: CANARY_PAN.into(),
+            purpose: "x".into(),
+            include_cvv: true,
+        },
+        DetokenizeRequest {
+            tenant: "demo".into(),
+            token: ok.clone(),
+            purpose: CANARY_PAN.into(),
+            include_cvv: true,
+        },
+        DetokenizeRequest {
+            tenant: "other".into(),
+            token: ok.clone(),
+            purpose: "x".into(),
+            include_cvv: true,
+        },
+    ];
+    for r in bad_detokenize {
+        p.detokenize(r.clone()).await.unwrap_err();
+        m.detokenize(r).await.unwrap_err();
+    }
+    // A caller-supplied request id is carried into the log lines.
+    let mut req = tonic::Request::new(DetokenizeRequest {
+        tenant: "demo".into(),
+        token: ok.clone(),
+        purpose: "traced".into(),
+        include_cvv: true,
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "trace-abc-123".parse().unwrap());
+    let c = p.detokenize(req).await.unwrap().into_inner();
+    assert_eq!(c.cvv.as_deref(), Some(CANARY_CVV));
+    drop((m, p));
+    let logs = std::fs::read_to_string(&v.stderr_log).unwrap();
+    v.stop().await;
+    let mut parsed = 0;
+    let mut traced = false;
+    for line in logs.lines().filter(|l| l.starts_with('{')) {
+        let j: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {e}: {line}"));
+        parsed += 1;
+        if j["fields"]["request_id"] == "trace-abc-123" {
+            traced = true;
+        }
+    }
+    assert!(parsed > 10, "JSON log lines: {parsed}");
+    assert!(traced, "request id in logs");
+    assert!(!logs.contains(CANARY_PAN), "PAN in logs");
+    assert!(
+        !common::contains_standalone(&logs, CANARY_CVV),
+        "CVV in logs"
+    );
+}
