@@ -87,11 +87,25 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
     let c = certs.display();
     let exp_year = YearMonth::now_utc().year + 3;
     let port = addr.port();
-    let addr_flag = if port == 7443 {
-        String::new()
-    } else {
-        format!(" --addr https://localhost:{port}")
-    };
+    let mut flags = String::new();
+    if port != 7443 {
+        flags.push_str(&format!(" --addr https://localhost:{port}"));
+    }
+    if data_dir != std::path::Path::new("./cardvault-dev") {
+        flags.push_str(&format!(" --dev-dir {}", data_dir.display()));
+    }
+    // The binary as it can be run from here: a newcomer who started the
+    // vault with `cargo run` has no `cardvault` on PATH.
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|p| {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            match p.strip_prefix(&cwd) {
+                Ok(rel) => format!("./{}", rel.display()),
+                Err(_) => p.display().to_string(),
+            }
+        })
+        .unwrap_or_else(|| "cardvault".into());
     println!(
         "\n=== cardvault DEV MODE: INSECURE ===\n\
          The key-encrypting key is stored in {kek}. Anyone who can read that\n\
@@ -110,11 +124,13 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
         );
     }
     println!(
-        "\nTry it (from this directory):\n\
-         \x20 cardvault tokenize{addr_flag} --pan 4111111111111111 --exp 12/{exp_year} --cvv 123\n\
-         \x20 cardvault metadata{addr_flag} <token>\n\
-         \x20 cardvault detokenize{addr_flag} <token> --purpose authorization --include-cvv\n\
-         (or `cargo run --release --` in place of `cardvault`; --dev-dir selects another data dir)\n\n\
+        "\nTry it from another terminal in this directory (the token is in the first command's output):\n\
+         \x20 {exe}{flags} tokenize --pan 4111111111111111 --exp 12/{exp_year} --cvv 123\n\
+         \x20 {exe}{flags} metadata <token>\n\
+         \x20 {exe}{flags} detokenize <token> --purpose authorization --include-cvv\n\
+         \x20 {exe}{flags} audit query --action Detokenize\n\
+         \x20 {exe}{flags} status\n\
+         (`cargo run --release --` works in place of {exe} too)\n\n\
          With grpcurl:\n\
          \x20 grpcurl -cacert {c}/ca.pem -cert {c}/merchant.pem -key {c}/merchant.key \\\n\
          \x20   -d '{{\"tenant\":\"demo\",\"pan\":\"4111111111111111\",\"exp_month\":12,\"exp_year\":{exp_year},\"cvv\":\"123\"}}' \\\n\
