@@ -72,6 +72,12 @@ def matches(selector, labels):
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+mpol = get("NetworkPolicy", "cardvault-metrics")
+need(len(mpol) == 1, "NetworkPolicy cardvault-metrics missing")
+if mpol:
+    need(mpol[0]["spec"].get("policyTypes") == ["Ingress"], "cardvault-metrics must be ingress-only")
+    need([p.get("port") for r in mpol[0]["spec"].get("ingress", []) for p in r.get("ports", [])] == [9464],
+         "cardvault-metrics must admit the metrics port 9464 only")
 npol = get("NetworkPolicy", "cardvault")
 need(len(npol) == 1, "NetworkPolicy cardvault missing")
 npol = npol[0]["spec"] if npol else {}
@@ -125,7 +131,8 @@ for w in workloads:
         need(sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{cw}: seccomp RuntimeDefault")
         need("resources" in c and "limits" in c["resources"], f"{cw}: resource limits")
         ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-        need(list(ports.values()) == [7443], f"{cw}: container port 7443")
+        need(ports.get("grpc-tls") == 7443, f"{cw}: container port grpc-tls 7443")
+        need(set(ports.values()) <= {7443, 9464}, f"{cw}: only ports 7443 and 9464 (metrics): {ports}")
         for sp in svc["spec"].get("ports", []):
             need(sp["targetPort"] in ports or sp["targetPort"] == 7443, f"{cw}: Service targetPort not a container port")
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -196,6 +203,12 @@ for w in workloads:
             need(store["tls_ca"] in mounted, f"{cw}: store.tls_ca {store['tls_ca']} is not mounted")
         need(cfg.get("data_dir") == "/var/lib/cardvault", f"{cw}: data_dir must be the mounted volume")
         need(str(cfg.get("listen", "")).endswith(":7443"), f"{cw}: listen must be on 7443")
+        mlisten = str(cfg.get("metrics", {}).get("listen", ""))
+        if mlisten:
+            need(mlisten.endswith(":9464") and ports.get("metrics") == 9464,
+                 f"{cw}: metrics.listen {mlisten} must match the container port 'metrics' 9464")
+            ann = spec["template"]["metadata"].get("annotations", {})
+            need(ann.get("prometheus.io/port") == "9464", f"{cw}: prometheus.io/port annotation")
         configs[f"{kind.lower()}-{name}"] = (text, mounted.get(cfg.get("policy"), ""), bool(kek), backend,
                                              bool(store.get("tls_ca")))
 
