@@ -54,6 +54,9 @@ enum Command {
     Metadata(cli::token::TokenCmd),
     /// Delete (redact) a token.
     Delete(cli::token::TokenCmd),
+    /// Load-test a running vault over gRPC + mTLS (optionally against a
+    /// no-op baseline server in the same run).
+    Bench(cli::bench::BenchCmd),
 }
 
 fn init_logging(cfg: &Config) {
@@ -158,6 +161,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Detokenize(cmd) => cli::token::detokenize(&cli.client, cmd).await,
         Command::Metadata(cmd) => cli::token::metadata(&cli.client, cmd).await,
         Command::Delete(cmd) => cli::token::delete(&cli.client, cmd).await,
+        Command::Bench(cmd) => cli::bench::run(&cli.client, cmd).await,
     }
 }
 

@@ -88,6 +88,13 @@ fn tls_config(cfg: &Config) -> Result<ServerTlsConfig, String> {
         .client_ca
         .as_deref()
         .ok_or_else(|| missing("client_ca"))?;
+    server_tls(cert, key, ca)
+}
+
+/// Server TLS with mandatory client certificates: `cert`/`key` identify the
+/// server, `client_ca` signs the accepted clients. Shared with the
+/// benchmark's baseline server so both run the same TLS.
+pub fn server_tls(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerTlsConfig, String> {
     // Client certificates are mandatory: tonic rejects a handshake without
     // one when a client CA is set (client_auth_optional stays false).
     Ok(ServerTlsConfig::new()
@@ -95,7 +102,22 @@ fn tls_config(cfg: &Config) -> Result<ServerTlsConfig, String> {
             read(cert, "TLS certificate")?,
             read(key, "TLS key")?,
         ))
-        .client_ca_root(Certificate::from_pem(read(ca, "client CA")?)))
+        .client_ca_root(Certificate::from_pem(read(client_ca, "client CA")?)))
+}
+
+/// The gRPC server builder of the vault: TLS, per-call timeout, HTTP/2
+/// settings. Shared with the benchmark's baseline server.
+pub fn grpc_server(tls: ServerTlsConfig) -> Result<Server, String> {
+    Ok(Server::builder()
+        .tls_config(tls)
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .timeout(Duration::from_secs(30)))
+}
+
+/// Accepted connections of `listener`, with the socket options the vault
+/// uses (tonic applies none to a listener it did not bind itself).
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
 }
 
 /// Runs the vault until `shutdown` resolves: binds, unseals with `kek`,
@@ -161,17 +183,14 @@ pub async fn serve(
             Err(_) => std::future::pending().await,
         }
     };
-    let server = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| format!("TLS configuration: {e}"))?
-        .timeout(Duration::from_secs(30))
+    let server = grpc_server(tls)?
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(TokenServiceServer::new(TokenServiceImpl::new(
             vault.clone(),
         )))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
+        .serve_with_incoming_shutdown(incoming(listener), signal);
     let result = tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}")),
         _ = drain_deadline => {

@@ -1,6 +1,7 @@
 //! Command-line clients: thin gRPC callers used by operators and by people
 //! trying the vault out. They hold no key and do nothing the API does not.
 
+pub mod bench;
 pub mod token;
 
 use std::path::PathBuf;
