@@ -115,9 +115,11 @@ pub fn grpc_server(tls: ServerTlsConfig) -> Result<Server, String> {
 }
 
 /// Accepted connections of `listener`, with the socket options the vault
-/// uses (tonic applies none to a listener it did not bind itself).
+/// uses. tonic applies none to a listener it did not bind itself, so
+/// without this Nagle's algorithm stays on and small responses can wait for
+/// the peer's delayed ACK (tens of milliseconds).
 pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Runs the vault until `shutdown` resolves: binds, unseals with `kek`,
