@@ -6,10 +6,19 @@
 //! dedicated flusher thread which drains every request queued meanwhile and
 //! serves them all with one `flush()` (group commit). `flush_async` is never
 //! used: concurrent `flush_async` calls deadlock in sled 0.34 (sled#1308).
+//!
+//! Each flush costs a log write and a `sync_file_range` whatever it carries,
+//! so under load the flusher waits briefly (at most [`MAX_LINGER`]) for
+//! writers that are already inside a write to queue too, and flushes them
+//! together. A lone writer never waits: with no other write in progress the
+//! flush starts at once.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prost::Message;
@@ -22,6 +31,19 @@ use crate::error::{Error, Result};
 
 type FlushReply = oneshot::Sender<Result<(), String>>;
 
+/// Longest the flusher holds a flush back for writes still in progress.
+pub const MAX_LINGER: Duration = Duration::from_micros(1000);
+
+/// Counts a write from its start until its flush request is queued, so the
+/// flusher knows whether waiting a little would let it serve more writers.
+struct InFlightWrite<'a>(&'a AtomicUsize);
+
+impl Drop for InFlightWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// sled-backed [`Store`].
 pub struct SledStore {
     /// Records by `tenant \0 token`.
@@ -32,6 +54,8 @@ pub struct SledStore {
     keys: sled::Tree,
     /// Queue to the flusher thread; `None` only while dropping.
     flush_tx: Option<mpsc::Sender<FlushReply>>,
+    /// Writes started whose flush request is not queued yet.
+    writing: Arc<AtomicUsize>,
     /// The flusher thread, joined on drop so the database lock is released
     /// when the store is gone (a reopen in the same process then succeeds).
     flusher: Option<JoinHandle<()>>,
@@ -70,6 +94,8 @@ impl SledStore {
         let fingerprints = db.open_tree("fingerprints").map_err(unavailable)?;
         let keys = db.open_tree("keys").map_err(unavailable)?;
         let (tx, rx) = mpsc::channel::<FlushReply>();
+        let writing = Arc::new(AtomicUsize::new(0));
+        let in_progress = writing.clone();
         let flusher = std::thread::Builder::new()
             .name("sled-group-commit".into())
             .spawn(move || {
@@ -77,7 +103,20 @@ impl SledStore {
                     // Everything queued before this flush starts was written
                     // before it was queued, so one flush makes all of it durable.
                     let mut waiters = vec![first];
-                    waiters.extend(rx.try_iter());
+                    let started = Instant::now();
+                    loop {
+                        waiters.extend(rx.try_iter());
+                        let waited = started.elapsed();
+                        if in_progress.load(Ordering::Acquire) == 0 || waited >= MAX_LINGER {
+                            break;
+                        }
+                        match rx.recv_timeout(MAX_LINGER - waited) {
+                            Ok(w) => waiters.push(w),
+                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                                break;
+                            }
+                        }
+                    }
                     let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
                     for w in waiters {
                         let _ = w.send(res.clone());
@@ -91,18 +130,31 @@ impl SledStore {
             fingerprints,
             keys,
             flush_tx: Some(tx),
+            writing,
             flusher: Some(flusher),
         })
     }
 
+    /// Marks a write as started (until the guard is passed to
+    /// [`SledStore::durable`] or dropped).
+    fn start_write(&self) -> InFlightWrite<'_> {
+        self.writing.fetch_add(1, Ordering::AcqRel);
+        InFlightWrite(&self.writing)
+    }
+
     /// Waits until every write made before this call is on disk.
-    async fn durable(&self) -> Result<()> {
+    async fn durable(&self, write: InFlightWrite<'_>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.flush_tx
+        let queued = self
+            .flush_tx
             .as_ref()
             .ok_or_else(|| unavailable("store is closing"))?
             .send(tx)
-            .map_err(|_| unavailable("flusher thread stopped"))?;
+            .map_err(|_| unavailable("flusher thread stopped"));
+        // Queued first, then no longer counted: the flusher never sees
+        // neither, so it never misses a writer it should wait for.
+        drop(write);
+        queued?;
         rx.await
             .map_err(|_| unavailable("flusher thread stopped"))?
             .map_err(unavailable)
@@ -134,6 +186,7 @@ impl Store for SledStore {
         let rkey = record_key(&record.tenant, &record.token);
         let fkey = fingerprint_key(&record.tenant, &record.fingerprint);
         let value = record.encode_to_vec();
+        let write = self.start_write();
         let res = (&self.records, &self.fingerprints).transaction(|(records, fps)| {
             let indexed = match fps.get(&fkey)? {
                 Some(tok) => {
@@ -157,7 +210,7 @@ impl Store for SledStore {
         });
         match res {
             Ok(()) => {
-                self.durable().await?;
+                self.durable(write).await?;
                 Ok(InsertOutcome::Inserted)
             }
             Err(TransactionError::Abort(Abort::TokenTaken)) => Ok(InsertOutcome::TokenTaken),
@@ -182,6 +235,7 @@ impl Store for SledStore {
     async fn update(&self, record: &StoredRecord) -> Result<bool> {
         let rkey = record_key(&record.tenant, &record.token);
         let value = record.encode_to_vec();
+        let write = self.start_write();
         let res = self.records.transaction(|records| {
             if records.get(&rkey)?.is_none() {
                 return Ok(false);
@@ -191,13 +245,14 @@ impl Store for SledStore {
         });
         let updated = res.map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
         if updated {
-            self.durable().await?;
+            self.durable(write).await?;
         }
         Ok(updated)
     }
 
     async fn delete(&self, tenant: &str, token: &str) -> Result<bool> {
         let rkey = record_key(tenant, token);
+        let write = self.start_write();
         let res = (&self.records, &self.fingerprints).transaction(|(records, fps)| {
             let Some(old) = records.remove(rkey.as_slice())? else {
                 return Ok(false);
@@ -218,7 +273,7 @@ impl Store for SledStore {
         });
         let deleted = res.map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
         if deleted {
-            self.durable().await?;
+            self.durable(write).await?;
         }
         Ok(deleted)
     }
@@ -242,13 +297,14 @@ impl Store for SledStore {
     }
 
     async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {
+        let write = self.start_write();
         let res = self
             .keys
             .compare_and_swap(name, None as Option<&[u8]>, Some(value))
             .map_err(unavailable)?;
         match res {
             Ok(()) => {
-                self.durable().await?;
+                self.durable(write).await?;
                 Ok(None)
             }
             Err(cas) => Ok(cas.current.map(|v| v.to_vec())),
