@@ -169,6 +169,13 @@ fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()>
     })
 }
 
+/// The gRPC server builder of the vault (per-call timeout, HTTP/2 defaults).
+/// Shared with the benchmark's baseline server so both are set up alike;
+/// TLS is applied by [`crate::tls::incoming`].
+pub fn grpc_server() -> Server {
+    Server::builder().timeout(Duration::from_secs(30))
+}
+
 /// Runs the vault until `shutdown` resolves: binds, unseals with `kek`,
 /// serves gRPC over mTLS, then drains in-flight calls and wipes keys and
 /// CVVs. `on_ready` receives the bound address (useful with port 0).
@@ -313,12 +320,11 @@ pub async fn serve(
             Err(_) => std::future::pending().await,
         }
     };
-    let server = Server::builder()
+    let server = grpc_server()
         .layer(crate::metrics::MetricsLayer {
             metrics: metrics.clone(),
             auth: auth.clone(),
         })
-        .timeout(Duration::from_secs(30))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

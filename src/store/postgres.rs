@@ -76,9 +76,12 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
 }
 
 fn pg(e: tokio_postgres::Error) -> Error {
-    // The driver's message names the failing constraint or connection
+    // The server's message names the failing constraint or connection
     // problem; values never include a PAN (the database never sees one).
-    unavailable(e)
+    match e.as_db_error() {
+        Some(db) => unavailable(format!("{} ({})", db.message(), db.code().code())),
+        None => unavailable(e),
+    }
 }
 
 /// Contention errors a transaction should simply be run again for.
@@ -209,8 +212,14 @@ impl PostgresStore {
             .await
             .or_else(|e| {
                 // Two replicas creating the table at once: one loses the race
-                // on the catalog's unique index; the table exists either way.
-                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                // on the catalog (reported as one of these codes); the table
+                // exists either way.
+                let raced = [
+                    SqlState::UNIQUE_VIOLATION,
+                    SqlState::DUPLICATE_OBJECT,
+                    SqlState::DUPLICATE_TABLE,
+                ];
+                if e.code().is_some_and(|c| raced.contains(c)) {
                     Ok(())
                 } else {
                     Err(pg(e))

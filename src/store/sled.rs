@@ -7,14 +7,22 @@
 //! serves them all with one `flush()` (group commit). `flush_async` is never
 //! used: concurrent `flush_async` calls deadlock in sled 0.34 (sled#1308).
 //!
+//! Each flush costs a log write and a `sync_file_range` whatever it carries,
+//! so under load the flusher waits briefly (at most [`MAX_LINGER`]) for
+//! writers that are already inside a write to queue too, and flushes them
+//! together. A lone writer never waits: with no other write in progress the
+//! flush starts at once.
+//!
 //! Audit chain: appends are serialised by one mutex that also caches the
 //! head, so each record links to the one before it; the record is written
 //! in the same sled transaction as the operation it describes.
 
 use std::path::Path;
-use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prost::Message;
@@ -27,6 +35,19 @@ use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
 
 type FlushReply = oneshot::Sender<Result<(), String>>;
+
+/// Longest the flusher holds a flush back for writes still in progress.
+pub const MAX_LINGER: Duration = Duration::from_micros(1000);
+
+/// Counts a write from its start until its flush request is queued, so the
+/// flusher knows whether waiting a little would let it serve more writers.
+struct InFlightWrite<'a>(&'a AtomicUsize);
+
+impl Drop for InFlightWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Key of the audit head `(seq, hash)` in the meta tree.
 const AUDIT_HEAD: &[u8] = b"audit_head";
@@ -49,6 +70,8 @@ pub struct SledStore {
     chain: Mutex<(u64, Vec<u8>)>,
     /// Queue to the flusher thread; `None` only while dropping.
     flush_tx: Option<mpsc::Sender<FlushReply>>,
+    /// Writes started whose flush request is not queued yet.
+    writing: Arc<AtomicUsize>,
     /// The flusher thread, joined on drop so the database lock is released
     /// when the store is gone (a reopen in the same process then succeeds).
     flusher: Option<JoinHandle<()>>,
@@ -117,6 +140,8 @@ impl SledStore {
             None => (0, GENESIS.to_vec()),
         };
         let (tx, rx) = mpsc::channel::<FlushReply>();
+        let writing = Arc::new(AtomicUsize::new(0));
+        let in_progress = writing.clone();
         let flusher = std::thread::Builder::new()
             .name("sled-group-commit".into())
             .spawn(move || {
@@ -124,7 +149,20 @@ impl SledStore {
                     // Everything queued before this flush starts was written
                     // before it was queued, so one flush makes all of it durable.
                     let mut waiters = vec![first];
-                    waiters.extend(rx.try_iter());
+                    let started = Instant::now();
+                    loop {
+                        waiters.extend(rx.try_iter());
+                        let waited = started.elapsed();
+                        if in_progress.load(Ordering::Acquire) == 0 || waited >= MAX_LINGER {
+                            break;
+                        }
+                        match rx.recv_timeout(MAX_LINGER - waited) {
+                            Ok(w) => waiters.push(w),
+                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                                break;
+                            }
+                        }
+                    }
                     let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
                     for w in waiters {
                         let _ = w.send(res.clone());
@@ -142,6 +180,7 @@ impl SledStore {
             meta,
             chain: Mutex::new(head),
             flush_tx: Some(tx),
+            writing,
             flusher: Some(flusher),
         })
     }
@@ -156,14 +195,26 @@ impl SledStore {
         self.chain.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Marks a write as started (until the guard is passed to
+    /// [`SledStore::durable`] or dropped).
+    fn start_write(&self) -> InFlightWrite<'_> {
+        self.writing.fetch_add(1, Ordering::AcqRel);
+        InFlightWrite(&self.writing)
+    }
+
     /// Waits until every write made before this call is on disk.
-    async fn durable(&self) -> Result<()> {
+    async fn durable(&self, write: InFlightWrite<'_>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.flush_tx
+        let queued = self
+            .flush_tx
             .as_ref()
             .ok_or_else(|| unavailable("store is closing"))?
             .send(tx)
-            .map_err(|_| unavailable("flusher thread stopped"))?;
+            .map_err(|_| unavailable("flusher thread stopped"));
+        // Queued first, then no longer counted: the flusher never sees
+        // neither, so it never misses a writer it should wait for.
+        drop(write);
+        queued?;
         rx.await
             .map_err(|_| unavailable("flusher thread stopped"))?
             .map_err(unavailable)
@@ -204,6 +255,7 @@ impl Store for SledStore {
         dedupe: bool,
         audit: &AuditBody,
     ) -> Result<InsertOutcome> {
+        let write = self.start_write();
         let rkey = record_key(&record.tenant, &record.token);
         let fkey = fingerprint_key(&record.tenant, &record.fingerprint);
         let value = record.encode_to_vec();
@@ -240,7 +292,7 @@ impl Store for SledStore {
         };
         match res {
             Ok(l) => {
-                self.durable().await?;
+                self.durable(write).await?;
                 Ok(InsertOutcome::Inserted(l))
             }
             Err(TransactionError::Abort(Abort::TokenTaken)) => Ok(InsertOutcome::TokenTaken),
@@ -263,6 +315,7 @@ impl Store for SledStore {
     }
 
     async fn update(&self, record: &StoredRecord) -> Result<bool> {
+        let write = self.start_write();
         let rkey = record_key(&record.tenant, &record.token);
         let value = record.encode_to_vec();
         let res = self.records.transaction(|records| {
@@ -274,7 +327,7 @@ impl Store for SledStore {
         });
         let updated = res.map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
         if updated {
-            self.durable().await?;
+            self.durable(write).await?;
         }
         Ok(updated)
     }
@@ -285,6 +338,7 @@ impl Store for SledStore {
         token: &str,
         audit: &AuditBody,
     ) -> Result<(bool, AuditLink)> {
+        let write = self.start_write();
         let rkey = record_key(tenant, token);
         let res = {
             let mut head = self.chain();
@@ -316,7 +370,7 @@ impl Store for SledStore {
             res.map(|d| (d, link(&arec)))
         };
         let out = res.map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
-        self.durable().await?;
+        self.durable(write).await?;
         Ok(out)
     }
 
@@ -339,13 +393,14 @@ impl Store for SledStore {
     }
 
     async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {
+        let write = self.start_write();
         let res = self
             .keys
             .compare_and_swap(name, None as Option<&[u8]>, Some(value))
             .map_err(unavailable)?;
         match res {
             Ok(()) => {
-                self.durable().await?;
+                self.durable(write).await?;
                 Ok(None)
             }
             Err(cas) => Ok(cas.current.map(|v| v.to_vec())),
@@ -363,17 +418,19 @@ impl Store for SledStore {
     }
 
     async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        let write = self.start_write();
         let mut batch = sled::Batch::default();
         for (k, v) in entries {
             batch.insert(k.as_bytes(), v.as_slice());
         }
         self.keys.apply_batch(batch).map_err(unavailable)?;
-        self.durable().await
+        self.durable(write).await
     }
 
     async fn delete_key(&self, name: &str) -> Result<()> {
+        let write = self.start_write();
         self.keys.remove(name).map_err(unavailable)?;
-        self.durable().await
+        self.durable(write).await
     }
 
     async fn scan_records(
@@ -398,6 +455,7 @@ impl Store for SledStore {
     }
 
     async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink> {
+        let write = self.start_write();
         let l = {
             let mut head = self.chain();
             let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
@@ -410,7 +468,7 @@ impl Store for SledStore {
             *head = (arec.seq, arec.hash.clone());
             link(&arec)
         };
-        self.durable().await?;
+        self.durable(write).await?;
         Ok(l)
     }
 
@@ -446,10 +504,11 @@ impl Store for SledStore {
     }
 
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let write = self.start_write();
         self.checkpoints
             .insert(checkpoint.seq.to_be_bytes(), checkpoint.encode_to_vec())
             .map_err(unavailable)?;
-        self.durable().await
+        self.durable(write).await
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {

@@ -1,0 +1,753 @@
+//! `cardvault bench`: drives a running vault over gRPC + mTLS with many
+//! concurrent clients and reports throughput and latency, optionally as a
+//! ratio of an in-process *baseline* server measured in the same run.
+//!
+//! The baseline implements the same `TokenService` with handlers that do
+//! nothing but return canned responses copied from real vault responses, so
+//! requests and responses have the same sizes; it is served with the same
+//! certificates, client CA and server builder ([`crate::server::grpc_server`])
+//! on `127.0.0.1:0`, on its own runtime with as many worker threads as the
+//! vault has. What the ratio leaves is the cost of the vault itself: parsing,
+//! crypto, storage, durable writes and logging.
+//!
+//! Every run is bounded: by `--duration` (or `--count` and `--max-seconds`),
+//! by a hard cap on requests per run, and by a per-request timeout.
+//!
+//! The cards sent are well-known test numbers; they are never printed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::ClientOpts;
+use crate::card::YearMonth;
+use crate::proto::token_service_server::{TokenService, TokenServiceServer};
+use crate::proto::{self, token_service_client::TokenServiceClient};
+
+/// Test card numbers sent by tokenize (Luhn-valid test PANs; never printed).
+const TEST_PANS: [&str; 2] = ["4111111111111111", "5555555555554444"];
+/// Cardholder name sent with every tokenize, for a realistic request size.
+const TEST_NAME: &str = "BENCH TEST CARDHOLDER";
+/// Purpose sent with every detokenize.
+const PURPOSE: &str = "benchmark";
+/// Hard cap on requests in one run, whatever the duration or count.
+const MAX_REQUESTS_PER_RUN: u64 = 20_000_000;
+/// Most concurrent clients accepted.
+const MAX_CONCURRENCY: usize = 4096;
+/// Longest run accepted, in seconds (duration, warmup or --max-seconds).
+const MAX_RUN_SECS: f64 = 3600.0;
+/// A request that takes longer is abandoned and counted as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which calls the bench makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchOp {
+    /// `Tokenize` of a new card (no dedupe, no CVV), durable write.
+    Tokenize,
+    /// `Detokenize` (no CVV) of tokens created before the run.
+    Detokenize,
+    /// `GetMetadata` of tokens created before the run.
+    Metadata,
+    /// 20% tokenize, 60% detokenize, 20% metadata.
+    Mix,
+    /// Each of tokenize, detokenize, metadata and mix in turn.
+    All,
+}
+
+impl BenchOp {
+    fn name(self) -> &'static str {
+        match self {
+            BenchOp::Tokenize => "tokenize",
+            BenchOp::Detokenize => "detokenize",
+            BenchOp::Metadata => "metadata",
+            BenchOp::Mix => "mix",
+            BenchOp::All => "all",
+        }
+    }
+}
+
+/// `cardvault bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchCmd {
+    /// Operation to measure.
+    #[arg(long, value_enum, default_value = "mix")]
+    pub op: BenchOp,
+    /// Concurrent clients (each keeps one request in flight).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// gRPC (HTTP/2) connections per identity; clients are spread over them.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Measured seconds per run (ignored with --count).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Measure exactly this many requests per run instead of a duration.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Upper bound in seconds on a --count run.
+    #[arg(long, default_value_t = 600.0)]
+    pub max_seconds: f64,
+    /// Unmeasured seconds of the same load before each run.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Tenant to use.
+    #[arg(long, default_value = "demo")]
+    pub tenant: String,
+    /// Tokens created before the run for detokenize and metadata to read.
+    #[arg(long, default_value_t = 256)]
+    pub tokens: usize,
+    /// Dev identity for tokenize (default: --as, else merchant).
+    #[arg(long)]
+    pub tokenize_as: Option<String>,
+    /// Dev identity for detokenize and metadata (default: --as, else processor).
+    #[arg(long)]
+    pub detokenize_as: Option<String>,
+    /// Also run the same load against an in-process no-op baseline server
+    /// and report the vault's throughput as a ratio of it.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Baseline server certificate (default: <dev-dir>/certs/server.pem).
+    #[arg(long)]
+    pub baseline_cert: Option<PathBuf>,
+    /// Baseline server key (default: <dev-dir>/certs/server.key).
+    #[arg(long)]
+    pub baseline_key: Option<PathBuf>,
+    /// CA of the clients the baseline accepts (default: --ca, else <dev-dir>/certs/ca.pem).
+    #[arg(long)]
+    pub baseline_client_ca: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One call kind.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Tokenize,
+    Detokenize,
+    Metadata,
+}
+
+impl Call {
+    /// The call a run of `op` makes as its `n`th request.
+    fn pick(op: BenchOp, n: u64) -> Call {
+        match op {
+            BenchOp::Tokenize => Call::Tokenize,
+            BenchOp::Detokenize => Call::Detokenize,
+            BenchOp::Metadata => Call::Metadata,
+            BenchOp::Mix | BenchOp::All => match n % 10 {
+                0 | 1 => Call::Tokenize,
+                2..=7 => Call::Detokenize,
+                _ => Call::Metadata,
+            },
+        }
+    }
+}
+
+/// Clients of one server: per connection, a tokenize and a read client.
+struct Clients {
+    tokenize: Vec<TokenServiceClient<Channel>>,
+    read: Vec<TokenServiceClient<Channel>>,
+}
+
+/// What every request of a run needs.
+struct Load {
+    tenant: String,
+    tokens: Vec<String>,
+    exp_year: u32,
+}
+
+impl Load {
+    async fn call(
+        &self,
+        call: Call,
+        n: u64,
+        tok: &mut TokenServiceClient<Channel>,
+        read: &mut TokenServiceClient<Channel>,
+    ) -> Result<(), Status> {
+        match call {
+            Call::Tokenize => tok.tokenize(self.tokenize_request(n)).await.map(|_| ()),
+            Call::Detokenize => read
+                .detokenize(proto::DetokenizeRequest {
+                    tenant: self.tenant.clone(),
+                    token: self.token(n).to_owned(),
+                    purpose: PURPOSE.to_owned(),
+                    include_cvv: false,
+                })
+                .await
+                .map(|_| ()),
+            Call::Metadata => read
+                .get_metadata(proto::GetMetadataRequest {
+                    tenant: self.tenant.clone(),
+                    token: self.token(n).to_owned(),
+                })
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    fn token(&self, n: u64) -> &str {
+        &self.tokens[(n % self.tokens.len() as u64) as usize]
+    }
+
+    fn tokenize_request(&self, n: u64) -> proto::TokenizeRequest {
+        proto::TokenizeRequest {
+            tenant: self.tenant.clone(),
+            pan: TEST_PANS[(n % TEST_PANS.len() as u64) as usize].to_owned(),
+            exp_month: 12,
+            exp_year: self.exp_year,
+            cardholder_name: Some(TEST_NAME.to_owned()),
+            cvv: None,
+            format: proto::TokenFormat::Opaque as i32,
+            dedupe: false,
+        }
+    }
+}
+
+/// Results of one measured run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStats {
+    /// Successful requests.
+    pub ops: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Failed requests by gRPC code (`Timeout` for the client's own timeout).
+    pub errors_by_code: BTreeMap<String, u64>,
+    /// Wall-clock seconds of the run.
+    pub elapsed_s: f64,
+    /// Successful requests per second.
+    pub ops_per_s: f64,
+    /// Median latency of successful requests, milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile latency, milliseconds.
+    pub p90_ms: f64,
+    /// 99th percentile latency, milliseconds.
+    pub p99_ms: f64,
+    /// Slowest successful request, milliseconds.
+    pub max_ms: f64,
+}
+
+/// One operation's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpResult {
+    /// The operation.
+    pub op: BenchOp,
+    /// Against the vault.
+    pub vault: RunStats,
+    /// Against the baseline, with --baseline.
+    pub baseline: Option<RunStats>,
+    /// vault ops/s divided by baseline ops/s, with --baseline.
+    pub ratio: Option<f64>,
+}
+
+/// The whole report (`--json` prints it as one object).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Vault address.
+    pub addr: String,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Connections per identity.
+    pub connections: usize,
+    /// Seconds per run, unless `count` is set.
+    pub duration_s: f64,
+    /// Requests per run, if set.
+    pub count: Option<u64>,
+    /// Warmup seconds before each run.
+    pub warmup_s: f64,
+    /// Tenant.
+    pub tenant: String,
+    /// Logical CPUs of this machine.
+    pub cores: usize,
+    /// Results per operation.
+    pub results: Vec<OpResult>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64 / 1000.0
+}
+
+/// Runs `op` with `concurrency` clients until `deadline` or `limit` requests.
+/// Latencies are recorded in microseconds.
+async fn run_load(
+    clients: &Clients,
+    load: &Arc<Load>,
+    op: BenchOp,
+    concurrency: usize,
+    limit: u64,
+    deadline: Instant,
+) -> RunStats {
+    let started = Instant::now();
+    let issued = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for i in 0..concurrency {
+        let mut tok = clients.tokenize[i % clients.tokenize.len()].clone();
+        let mut read = clients.read[i % clients.read.len()].clone();
+        let load = load.clone();
+        let issued = issued.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u64> = Vec::new();
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                if n >= limit {
+                    break;
+                }
+                let call = Call::pick(op, n);
+                let t0 = Instant::now();
+                let res =
+                    tokio::time::timeout(REQUEST_TIMEOUT, load.call(call, n, &mut tok, &mut read))
+                        .await;
+                let micros = t0.elapsed().as_micros() as u64;
+                match res {
+                    Ok(Ok(())) => latencies.push(micros),
+                    Ok(Err(s)) => *errors.entry(format!("{:?}", s.code())).or_default() += 1,
+                    Err(_) => *errors.entry("Timeout".to_owned()).or_default() += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors_by_code: BTreeMap<String, u64> = BTreeMap::new();
+    for t in tasks {
+        match t.await {
+            Ok((l, e)) => {
+                latencies.extend(l);
+                for (k, v) in e {
+                    *errors_by_code.entry(k).or_default() += v;
+                }
+            }
+            Err(_) => *errors_by_code.entry("ClientPanic".to_owned()).or_default() += 1,
+        }
+    }
+    let elapsed_s = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let ops = latencies.len() as u64;
+    RunStats {
+        ops,
+        errors: errors_by_code.values().sum(),
+        errors_by_code,
+        elapsed_s,
+        ops_per_s: if elapsed_s > 0.0 {
+            ops as f64 / elapsed_s
+        } else {
+            0.0
+        },
+        p50_ms: percentile(&latencies, 0.50),
+        p90_ms: percentile(&latencies, 0.90),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().map_or(0.0, |&m| m as f64 / 1000.0),
+    }
+}
+
+/// Warmup, then one measured run.
+async fn measure(clients: &Clients, load: &Arc<Load>, op: BenchOp, cmd: &BenchCmd) -> RunStats {
+    if cmd.warmup > 0.0 {
+        let until = Instant::now() + Duration::from_secs_f64(cmd.warmup);
+        run_load(
+            clients,
+            load,
+            op,
+            cmd.concurrency,
+            MAX_REQUESTS_PER_RUN,
+            until,
+        )
+        .await;
+    }
+    let (limit, secs) = match cmd.count {
+        Some(n) => (n.min(MAX_REQUESTS_PER_RUN), cmd.max_seconds),
+        None => (MAX_REQUESTS_PER_RUN, cmd.duration),
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    run_load(clients, load, op, cmd.concurrency, limit, deadline).await
+}
+
+/// Opens `connections` channels for each of the two identities.
+async fn connect_all(
+    opts: &ClientOpts,
+    connections: usize,
+    tokenize_as: &str,
+    read_as: &str,
+) -> Result<Clients, String> {
+    let mut clients = Clients {
+        tokenize: Vec::with_capacity(connections),
+        read: Vec::with_capacity(connections),
+    };
+    for _ in 0..connections {
+        clients
+            .tokenize
+            .push(TokenServiceClient::new(opts.connect(tokenize_as).await?));
+        clients
+            .read
+            .push(TokenServiceClient::new(opts.connect(read_as).await?));
+    }
+    Ok(clients)
+}
+
+/// Creates the tokens detokenize and metadata read, and captures one real
+/// response of each kind for the baseline to send back.
+async fn setup(clients: &Clients, load: &mut Load, tokens: usize) -> Result<Canned, String> {
+    let mut tok = clients.tokenize[0].clone();
+    let mut read = clients.read[0].clone();
+    let first = tok
+        .tokenize(load.tokenize_request(0))
+        .await
+        .map_err(|s| format!("setup tokenize failed: {}", super::status_text(&s)))?
+        .into_inner();
+    load.tokens.push(first.token.clone());
+    // The rest concurrently, 32 at a time.
+    let mut n = 1u64;
+    while load.tokens.len() < tokens {
+        let batch = (tokens - load.tokens.len()).min(32);
+        let calls = (0..batch).map(|i| {
+            let mut c = clients.tokenize[i % clients.tokenize.len()].clone();
+            let req = load.tokenize_request(n + i as u64);
+            async move { c.tokenize(req).await }
+        });
+        for r in futures::future::join_all(calls).await {
+            let r = r.map_err(|s| format!("setup tokenize failed: {}", super::status_text(&s)))?;
+            load.tokens.push(r.into_inner().token);
+        }
+        n += batch as u64;
+    }
+    let detokenize = read
+        .detokenize(proto::DetokenizeRequest {
+            tenant: load.tenant.clone(),
+            token: first.token.clone(),
+            purpose: PURPOSE.to_owned(),
+            include_cvv: false,
+        })
+        .await
+        .map_err(|s| format!("setup detokenize failed: {}", super::status_text(&s)))?
+        .into_inner();
+    let metadata = read
+        .get_metadata(proto::GetMetadataRequest {
+            tenant: load.tenant.clone(),
+            token: first.token.clone(),
+        })
+        .await
+        .map_err(|s| format!("setup metadata failed: {}", super::status_text(&s)))?
+        .into_inner();
+    Ok(Canned {
+        tokenize: first,
+        detokenize,
+        metadata,
+    })
+}
+
+/// Responses the baseline returns: copies of real vault responses.
+#[derive(Clone)]
+struct Canned {
+    tokenize: proto::TokenizeResponse,
+    detokenize: proto::DetokenizeResponse,
+    metadata: proto::CardMetadata,
+}
+
+/// The baseline: the vault's service interface with no-op handlers.
+struct BaselineService {
+    canned: Canned,
+}
+
+#[tonic::async_trait]
+impl TokenService for BaselineService {
+    async fn tokenize(
+        &self,
+        _request: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        Ok(Response::new(self.canned.tokenize.clone()))
+    }
+
+    async fn tokenize_batch(
+        &self,
+        _request: Request<proto::TokenizeBatchRequest>,
+    ) -> Result<Response<proto::TokenizeBatchResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn detokenize(
+        &self,
+        _request: Request<proto::DetokenizeRequest>,
+    ) -> Result<Response<proto::DetokenizeResponse>, Status> {
+        Ok(Response::new(self.canned.detokenize.clone()))
+    }
+
+    async fn detokenize_batch(
+        &self,
+        _request: Request<proto::DetokenizeBatchRequest>,
+    ) -> Result<Response<proto::DetokenizeBatchResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn get_metadata(
+        &self,
+        _request: Request<proto::GetMetadataRequest>,
+    ) -> Result<Response<proto::CardMetadata>, Status> {
+        Ok(Response::new(self.canned.metadata.clone()))
+    }
+
+    async fn delete_token(
+        &self,
+        _request: Request<proto::DeleteTokenRequest>,
+    ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+}
+
+/// A running baseline server on its own runtime.
+struct Baseline {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Baseline {
+    fn start(opts: &ClientOpts, cmd: &BenchCmd, canned: Canned) -> Result<Baseline, String> {
+        let certs = opts.dev_dir.join("certs");
+        let cert = cmd
+            .baseline_cert
+            .clone()
+            .unwrap_or_else(|| certs.join("server.pem"));
+        let key = cmd
+            .baseline_key
+            .clone()
+            .unwrap_or_else(|| certs.join("server.key"));
+        let client_ca = cmd
+            .baseline_client_ca
+            .clone()
+            .or_else(|| opts.ca.clone())
+            .unwrap_or_else(|| certs.join("ca.pem"));
+        let tls = crate::tls::server_config(&cert, &key, &client_ca)?;
+        // Its own worker threads, as many as a vault process gets by default,
+        // so the client's runtime is shared with neither server.
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("bench-baseline")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("baseline runtime: {e}"))?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| format!("baseline listen: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut builder = crate::server::grpc_server();
+        runtime.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("bench: baseline listener: {e}");
+                    return;
+                }
+            };
+            let served = builder
+                .add_service(TokenServiceServer::new(BaselineService { canned }))
+                .serve_with_incoming_shutdown(
+                    crate::tls::incoming(listener, tls, Default::default()),
+                    async move {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+            if let Err(e) = served {
+                eprintln!("bench: baseline server: {e}");
+            }
+        });
+        Ok(Baseline {
+            addr,
+            stop: Some(stop),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn check_args(cmd: &BenchCmd) -> Result<(), String> {
+    let secs_ok = |s: f64| s.is_finite() && (0.0..=MAX_RUN_SECS).contains(&s);
+    if cmd.concurrency == 0 || cmd.concurrency > MAX_CONCURRENCY {
+        return Err(format!("--concurrency must be 1-{MAX_CONCURRENCY}"));
+    }
+    if cmd.connections == 0 || cmd.connections > cmd.concurrency {
+        return Err("--connections must be 1 to --concurrency".into());
+    }
+    if !secs_ok(cmd.duration) || cmd.duration == 0.0 {
+        return Err(format!(
+            "--duration must be above 0 and at most {MAX_RUN_SECS}"
+        ));
+    }
+    if !secs_ok(cmd.warmup) {
+        return Err(format!("--warmup must be 0-{MAX_RUN_SECS}"));
+    }
+    if !secs_ok(cmd.max_seconds) || cmd.max_seconds == 0.0 {
+        return Err(format!(
+            "--max-seconds must be above 0 and at most {MAX_RUN_SECS}"
+        ));
+    }
+    if cmd.count == Some(0) {
+        return Err("--count must be at least 1".into());
+    }
+    if cmd.tokens == 0 || cmd.tokens > 100_000 {
+        return Err("--tokens must be 1-100000".into());
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
+    check_args(&cmd)?;
+    let tokenize_as = cmd
+        .tokenize_as
+        .clone()
+        .or_else(|| opts.identity.clone())
+        .unwrap_or_else(|| "merchant".into());
+    let read_as = cmd
+        .detokenize_as
+        .clone()
+        .or_else(|| opts.identity.clone())
+        .unwrap_or_else(|| "processor".into());
+    let vault = connect_all(opts, cmd.connections, &tokenize_as, &read_as).await?;
+    let mut load = Load {
+        tenant: cmd.tenant.clone(),
+        tokens: Vec::with_capacity(cmd.tokens),
+        exp_year: YearMonth::now_utc().year + 3,
+    };
+    let canned = setup(&vault, &mut load, cmd.tokens).await?;
+    let load = Arc::new(load);
+
+    let baseline = if cmd.baseline {
+        let server = Baseline::start(opts, &cmd, canned)?;
+        let mut bopts = opts.clone();
+        bopts.addr = format!("https://{}", server.addr);
+        let clients = connect_all(&bopts, cmd.connections, &tokenize_as, &read_as).await?;
+        Some((server, clients))
+    } else {
+        None
+    };
+
+    let ops: Vec<BenchOp> = match cmd.op {
+        BenchOp::All => vec![
+            BenchOp::Tokenize,
+            BenchOp::Detokenize,
+            BenchOp::Metadata,
+            BenchOp::Mix,
+        ],
+        op => vec![op],
+    };
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        if !cmd.json {
+            eprintln!("bench: {} against the vault", op.name());
+        }
+        let vault_stats = measure(&vault, &load, op, &cmd).await;
+        let baseline_stats = match &baseline {
+            Some((_, clients)) => {
+                if !cmd.json {
+                    eprintln!("bench: {} against the baseline", op.name());
+                }
+                Some(measure(clients, &load, op, &cmd).await)
+            }
+            None => None,
+        };
+        let ratio = baseline_stats
+            .as_ref()
+            .filter(|b| b.ops_per_s > 0.0)
+            .map(|b| vault_stats.ops_per_s / b.ops_per_s);
+        results.push(OpResult {
+            op,
+            vault: vault_stats,
+            baseline: baseline_stats,
+            ratio,
+        });
+    }
+    drop(baseline);
+
+    let report = Report {
+        addr: opts.addr.clone(),
+        concurrency: cmd.concurrency,
+        connections: cmd.connections,
+        duration_s: cmd.duration,
+        count: cmd.count,
+        warmup_s: cmd.warmup,
+        tenant: cmd.tenant.clone(),
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        results,
+    };
+    if cmd.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    let run = match r.count {
+        Some(n) => format!("{n} requests"),
+        None => format!("{} s", r.duration_s),
+    };
+    println!(
+        "{}  concurrency {}  connections {}  {run} per run (after {} s warmup)  {} cores",
+        r.addr, r.concurrency, r.connections, r.warmup_s, r.cores
+    );
+    println!(
+        "{:<11} {:<9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "op", "server", "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
+    );
+    let row = |op: &str, server: &str, s: &RunStats| {
+        println!(
+            "{op:<11} {server:<9} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
+            s.ops, s.ops_per_s, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.errors
+        );
+    };
+    for res in &r.results {
+        row(res.op.name(), "vault", &res.vault);
+        if let Some(b) = &res.baseline {
+            row(res.op.name(), "baseline", b);
+        }
+        if let Some(ratio) = res.ratio {
+            println!(
+                "{:<11} {:<9} {:>9.1}% of baseline",
+                res.op.name(),
+                "ratio",
+                ratio * 100.0
+            );
+        }
+        let by_server = std::iter::once(("vault", &res.vault))
+            .chain(res.baseline.as_ref().map(|b| ("baseline", b)));
+        for (server, stats) in by_server {
+            for (code, n) in &stats.errors_by_code {
+                println!("{:<11} {server:<9} errors {code}: {n}", res.op.name());
+            }
+        }
+    }
+}

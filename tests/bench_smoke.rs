@@ -1,0 +1,58 @@
+//! Smoke test of `cardvault bench`: it runs for a second against a real dev
+//! vault (and the in-process baseline) and reports work done. No timing
+//! assertions: only that requests succeeded.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Opts, VaultProcess};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_and_reports_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
+    let out = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+        .args(["bench", "--addr"])
+        .arg(format!("https://{}", vault.addr))
+        .arg("--dev-dir")
+        .arg(&vault.data_dir)
+        .args([
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--tokens",
+            "8",
+            "--op",
+            "mix",
+            "--json",
+            "--baseline",
+        ])
+        .output()
+        .expect("run cardvault bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    // Never a card number in the bench's output.
+    for pan in ["4111111111111111", "5555555555554444"] {
+        assert!(!stdout.contains(pan) && !stderr.contains(pan));
+    }
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1);
+    let r = &results[0];
+    assert_eq!(r["op"], "mix");
+    for server in ["vault", "baseline"] {
+        let s = &r[server];
+        assert!(s["ops"].as_u64().unwrap() > 0, "{server}: no ops: {s}");
+        assert_eq!(s["errors"].as_u64().unwrap(), 0, "{server}: errors: {s}");
+        assert!(s["p99_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap());
+    }
+    assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    vault.stop().await;
+}
