@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::auth::Authorizer;
-use crate::grpc::identity::principal_from_cert;
+use crate::grpc::identity::principal_cached;
 use crate::vault::Vault;
 
 /// Latency histogram bucket bounds, seconds.
@@ -300,7 +300,7 @@ where
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs())
-            .and_then(|c| c.first().and_then(|c| principal_from_cert(c.as_ref())));
+            .and_then(|c| c.first().and_then(|c| principal_cached(c.as_ref())));
         let role = self.layer.auth.role_label(principal.as_deref());
         let metrics = self.layer.metrics.clone();
         let fut = self.inner.call(req);

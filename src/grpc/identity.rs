@@ -43,10 +43,35 @@ fn request_id<T>(req: &Request<T>) -> String {
     hex::encode(crate::crypto::random_array::<8>())
 }
 
+/// Most certificates whose principal is remembered (clients reuse a handful
+/// of certificates for many calls; parsing X.509 on every call showed up in
+/// profiles).
+const PRINCIPAL_CACHE_MAX: usize = 1024;
+
+static PRINCIPALS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<String>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// [`principal_from_cert`] with a bounded cache keyed by the certificate's
+/// DER bytes. The certificate has already been verified by the TLS layer;
+/// the cache only saves re-parsing it.
+pub fn principal_cached(der: &[u8]) -> Option<String> {
+    let mut cache = PRINCIPALS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = cache.get(der) {
+        return p.clone();
+    }
+    let p = principal_from_cert(der);
+    if cache.len() >= PRINCIPAL_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(der.to_vec(), p.clone());
+    p
+}
+
 /// The principal named by the request's verified client certificate, if any.
 pub fn peer_principal<T>(req: &Request<T>) -> Option<String> {
     req.peer_certs()
-        .and_then(|certs| certs.first().and_then(|c| principal_from_cert(c.as_ref())))
+        .and_then(|certs| certs.first().and_then(|c| principal_cached(c.as_ref())))
 }
 
 /// Builds the call context of a request: request id and the principal from

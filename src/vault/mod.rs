@@ -533,7 +533,9 @@ impl Vault {
                 }
             };
             let cvv_held = self.cvv.is_held(tenant.as_str(), &rec.token);
-            tracing::info!(
+            // debug, not info: every operation is already in the audit log,
+            // and a log line per request is measurable at thousands per second.
+            tracing::debug!(
                 request_id = %ctx.request_id,
                 principal = %ctx.principal,
                 tenant = %tenant,
@@ -613,7 +615,7 @@ impl Vault {
         if include_cvv {
             body.detail = "cvv requested".into();
         }
-        tracing::info!(
+        tracing::debug!(
             request_id = %ctx.request_id,
             principal = %ctx.principal,
             tenant = %tenant,
