@@ -152,6 +152,15 @@ pub trait Store: Send + Sync + 'static {
     /// Appends one audit record to the chain; durable when it returns.
     async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink>;
 
+    /// Appends one audit record that need not be durable when this returns
+    /// (it is written, in chain order, and becomes durable with the next
+    /// flush). For records of operations that return no card data, where
+    /// a crash losing the last instant of records is acceptable; backends
+    /// whose every commit is durable simply append.
+    async fn append_audit_buffered(&self, audit: &AuditBody) -> Result<AuditLink> {
+        self.append_audit(audit).await
+    }
+
     /// The chain head `(seq, hash)` as the store records it; `None` when empty.
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>>;
 

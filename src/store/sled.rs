@@ -49,8 +49,11 @@ impl Drop for InFlightWrite<'_> {
     }
 }
 
-/// Key of the audit head `(seq, hash)` in the meta tree.
-const AUDIT_HEAD: &[u8] = b"audit_head";
+/// Key of the audit head `(seq, hash)`, kept in the audit tree itself so
+/// that a record and the head move together in one single-tree batch (far
+/// cheaper than a multi-tree transaction). Record keys are 8-byte seqs;
+/// this key is longer and sorts after every seq below 2^62.
+const AUDIT_HEAD: &[u8] = b"~audit-head";
 
 /// sled-backed [`Store`].
 pub struct SledStore {
@@ -64,8 +67,6 @@ pub struct SledStore {
     audit: sled::Tree,
     /// Signed checkpoints by big-endian seq.
     checkpoints: sled::Tree,
-    /// Store metadata (audit head).
-    meta: sled::Tree,
     /// Serialises audit appends and caches the head `(seq, hash)`.
     chain: Mutex<(u64, Vec<u8>)>,
     /// Queue to the flusher thread; `None` only while dropping.
@@ -116,11 +117,10 @@ fn decode_head(v: &[u8]) -> Option<(u64, Vec<u8>)> {
 /// Writes `rec` and the new head inside a transaction.
 fn put_audit(
     audit: &TransactionalTree,
-    meta: &TransactionalTree,
     rec: &AuditRecord,
 ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
     audit.insert(&rec.seq.to_be_bytes(), rec.encode_to_vec())?;
-    meta.insert(AUDIT_HEAD, encode_head(rec.seq, &rec.hash))?;
+    audit.insert(AUDIT_HEAD, encode_head(rec.seq, &rec.hash))?;
     Ok(())
 }
 
@@ -131,9 +131,8 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         let (records, fingerprints, keys) =
             (tree("records")?, tree("fingerprints")?, tree("keys")?);
-        let (audit, checkpoints, meta) =
-            (tree("audit")?, tree("audit_checkpoints")?, tree("meta")?);
-        let head = match meta.get(AUDIT_HEAD).map_err(unavailable)? {
+        let (audit, checkpoints) = (tree("audit")?, tree("audit_checkpoints")?);
+        let head = match audit.get(AUDIT_HEAD).map_err(unavailable)? {
             Some(v) => {
                 decode_head(&v).ok_or_else(|| Error::DataLoss("audit head is corrupt".into()))?
             }
@@ -177,7 +176,6 @@ impl SledStore {
             keys,
             audit,
             checkpoints,
-            meta,
             chain: Mutex::new(head),
             flush_tx: Some(tx),
             writing,
@@ -193,6 +191,18 @@ impl SledStore {
 
     fn chain(&self) -> MutexGuard<'_, (u64, Vec<u8>)> {
         self.chain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an audit record to the chain (not yet flushed).
+    fn append_audit_now(&self, audit: &AuditBody) -> Result<AuditLink> {
+        let mut head = self.chain();
+        let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
+        let mut batch = sled::Batch::default();
+        batch.insert(&arec.seq.to_be_bytes(), arec.encode_to_vec());
+        batch.insert(AUDIT_HEAD, encode_head(arec.seq, &arec.hash));
+        self.audit.apply_batch(batch).map_err(unavailable)?;
+        *head = (arec.seq, arec.hash.clone());
+        Ok(link(&arec))
     }
 
     /// Marks a write as started (until the guard is passed to
@@ -262,8 +272,8 @@ impl Store for SledStore {
         let res = {
             let mut head = self.chain();
             let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
-            let res = (&self.records, &self.fingerprints, &self.audit, &self.meta).transaction(
-                |(records, fps, audit_t, meta)| {
+            let res = (&self.records, &self.fingerprints, &self.audit).transaction(
+                |(records, fps, audit_t)| {
                     let indexed = match fps.get(&fkey)? {
                         Some(tok) => records
                             .get(record_key(&record.tenant, &String::from_utf8_lossy(&tok)))?,
@@ -281,7 +291,7 @@ impl Store for SledStore {
                     if indexed.is_none() {
                         fps.insert(fkey.as_slice(), record.token.as_bytes())?;
                     }
-                    put_audit(audit_t, meta, &arec)?;
+                    put_audit(audit_t, &arec)?;
                     Ok(())
                 },
             );
@@ -343,9 +353,9 @@ impl Store for SledStore {
         let res = {
             let mut head = self.chain();
             let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
-            let res = (&self.records, &self.fingerprints, &self.audit, &self.meta).transaction(
-                |(records, fps, audit_t, meta)| {
-                    put_audit(audit_t, meta, &arec)?;
+            let res = (&self.records, &self.fingerprints, &self.audit).transaction(
+                |(records, fps, audit_t)| {
+                    put_audit(audit_t, &arec)?;
                     let Some(old) = records.remove(rkey.as_slice())? else {
                         return Ok(false);
                     };
@@ -456,24 +466,19 @@ impl Store for SledStore {
 
     async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink> {
         let write = self.start_write();
-        let l = {
-            let mut head = self.chain();
-            let arec = AuditRecord::next(head.0, &head.1, audit.encode_to_vec());
-            (&self.audit, &self.meta)
-                .transaction(|(audit_t, meta)| {
-                    put_audit(audit_t, meta, &arec)?;
-                    Ok(())
-                })
-                .map_err(|e: TransactionError<()>| unavailable(format!("{e:?}")))?;
-            *head = (arec.seq, arec.hash.clone());
-            link(&arec)
-        };
+        let l = self.append_audit_now(audit)?;
         self.durable(write).await?;
         Ok(l)
     }
 
+    async fn append_audit_buffered(&self, audit: &AuditBody) -> Result<AuditLink> {
+        // sled writes its log in order, so a crash can lose only a suffix
+        // of such records: the chain that survives is still unbroken.
+        self.append_audit_now(audit)
+    }
+
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
-        match self.meta.get(AUDIT_HEAD).map_err(unavailable)? {
+        match self.audit.get(AUDIT_HEAD).map_err(unavailable)? {
             Some(v) => {
                 Ok(Some(decode_head(&v).ok_or_else(|| {
                     Error::DataLoss("audit head is corrupt".into())
@@ -487,6 +492,8 @@ impl Store for SledStore {
         let start = after_seq.saturating_add(1).to_be_bytes();
         self.audit
             .range(start..)
+            // Every other key in the tree (the head) is not 8 bytes long.
+            .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k.len() == 8))
             .take(limit)
             .map(|kv| {
                 let (k, v) = kv.map_err(unavailable)?;

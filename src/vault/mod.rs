@@ -353,7 +353,18 @@ impl Vault {
 
     /// Appends an audit record (and signs a checkpoint when one is due).
     pub async fn record(&self, body: AuditBody) -> Result<AuditLink> {
-        let link = self.store.append_audit(&body).await.inspect_err(|_| {
+        self.record_with(body, true).await
+    }
+
+    /// Appends an audit record; `durable` says whether to wait for it to
+    /// reach disk (always for anything that returns card data).
+    async fn record_with(&self, body: AuditBody, durable: bool) -> Result<AuditLink> {
+        let appended = if durable {
+            self.store.append_audit(&body).await
+        } else {
+            self.store.append_audit_buffered(&body).await
+        };
+        let link = appended.inspect_err(|_| {
             self.audit_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         self.after_append(&link, &body).await;
@@ -725,7 +736,12 @@ impl Vault {
             token.as_str(),
             result.as_ref().map(|_| ()),
         );
-        self.record(body).await.map_err(|e| audit_unavailable(&e))?;
+        // Metadata returns no card data, so its record is appended (in chain
+        // order, failing the call if it cannot be) but not waited on for
+        // durability; it reaches disk with the next flush.
+        self.record_with(body, false)
+            .await
+            .map_err(|e| audit_unavailable(&e))?;
         let rec = result?;
         Ok(metadata_of(
             &rec,
