@@ -50,8 +50,15 @@ pub struct QueryArgs {
 #[derive(Debug, Args)]
 pub struct BlastArgs {
     /// Principal whose reads are wanted.
+    #[arg(
+        long,
+        required_unless_present = "certificate",
+        conflicts_with = "certificate"
+    )]
+    pub principal: Option<String>,
+    /// Or: the (leaked) client certificate, PEM; its principal is used.
     #[arg(long)]
-    pub principal: String,
+    pub certificate: Option<std::path::PathBuf>,
     /// From (inclusive): Unix seconds or YYYY-MM-DDTHH:MM:SSZ.
     #[arg(long)]
     pub since: Option<String>,
@@ -120,6 +127,16 @@ fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
     t.as_ref().map_or(0, |t| t.seconds)
 }
 
+/// The principal a PEM certificate file names (as the vault would see it).
+fn principal_of_pem(path: &std::path::Path) -> Result<String, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_file(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    crate::grpc::identity::principal_from_cert(der.as_ref())
+        .ok_or_else(|| format!("{} names no principal (no SAN URI or CN)", path.display()))
+}
+
 /// Runs an audit subcommand.
 pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
     let mut client = AuditServiceClient::new(opts.connect("auditor").await?);
@@ -172,9 +189,14 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
             }
         }
         AuditCmd::BlastRadius(b) => {
+            let principal = match (&b.principal, &b.certificate) {
+                (Some(p), _) => p.clone(),
+                (None, Some(path)) => principal_of_pem(path)?,
+                (None, None) => return Err("give --principal or --certificate".into()),
+            };
             let r = client
                 .blast_radius(proto::BlastRadiusRequest {
-                    principal: b.principal,
+                    principal,
                     since: opt_time(&b.since)?,
                     until: opt_time(&b.until)?,
                 })

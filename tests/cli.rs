@@ -1,0 +1,130 @@
+//! The `cardvault` CLI against a dev vault, as the README and the dev
+//! banner tell a newcomer to use it.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Opts, VaultProcess, exp_year};
+
+fn cli(v: &VaultProcess, args: &[&str]) -> (bool, String, String) {
+    let port = v.addr.rsplit(':').next().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+        .args(["--addr", &format!("https://localhost:{port}"), "--dev-dir"])
+        .arg(&v.data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn newcomer_flow_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let exp = format!("12/{}", exp_year());
+    let (ok, out, err) = cli(
+        &v,
+        &[
+            "tokenize",
+            "--pan",
+            "4111111111111111",
+            "--exp",
+            &exp,
+            "--cvv",
+            "123",
+        ],
+    );
+    assert!(ok, "{err}");
+    let t: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let token = t["token"].as_str().unwrap().to_owned();
+    assert_eq!(t["last4"], "1111");
+
+    let (ok, out, err) = cli(&v, &["metadata", &token]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"cvv_held\":true"), "{out}");
+
+    let (ok, out, err) = cli(
+        &v,
+        &[
+            "detokenize",
+            &token,
+            "--purpose",
+            "authorization",
+            "--include-cvv",
+        ],
+    );
+    assert!(ok, "{err}");
+    let c: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (c["pan"].as_str(), c["cvv"].as_str()),
+        (Some("4111111111111111"), Some("123"))
+    );
+
+    // A merchant identity cannot read the card, and says why.
+    let (ok, _, err) = cli(
+        &v,
+        &["--as", "merchant", "detokenize", &token, "--purpose", "x"],
+    );
+    assert!(!ok);
+    assert!(err.contains("PermissionDenied"), "{err}");
+    // Bad input: the field and the reason, never the value.
+    let (ok, _, err) = cli(
+        &v,
+        &["tokenize", "--pan", "4111111111111112", "--exp", &exp],
+    );
+    assert!(
+        !ok && err.contains("pan: fails the Luhn check") && !err.contains("4111111111111112"),
+        "{err}"
+    );
+
+    let cert = v.data_dir.join("certs/processor.pem");
+    let (ok, out, err) = cli(
+        &v,
+        &[
+            "audit",
+            "blast-radius",
+            "--certificate",
+            cert.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["distinct_tokens"], 1);
+    assert_eq!(r["tenants"][0]["tokens"][0]["token"], token.as_str());
+
+    let (ok, out, err) = cli(&v, &["audit", "query", "--action", "Detokenize"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&token) && out.contains("PERMISSION_DENIED"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&v, &["audit", "verify"]);
+    assert!(ok && out.contains("audit log intact"), "{out}{err}");
+
+    let (ok, out, err) = cli(&v, &["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("sealed: false")
+            && out.contains("mode: dev")
+            && out.contains("tenant demo: active v1"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&v, &["keys", "rotate", "--tenant", "demo"]);
+    assert!(ok && out.contains("now v2"), "{out}{err}");
+    let (ok, _, err) = cli(&v, &["keys", "rewrap"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("1/1 (100%)"), "progress bar: {err}");
+    let (ok, out, err) = cli(
+        &v,
+        &["keys", "retire", "--tenant", "demo", "--version", "1"],
+    );
+    assert!(ok && out.contains("v1 destroyed"), "{out}{err}");
+    let (ok, out, _) = cli(&v, &["detokenize", &token, "--purpose", "after rewrap"]);
+    assert!(ok && out.contains("4111111111111111"));
+}
