@@ -2,6 +2,7 @@
 //! optional JSON-lines copy for a SIEM.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::sync::Mutex;
 
 use serde_json::json;
@@ -67,6 +68,29 @@ pub struct AuditHit {
 }
 
 impl Vault {
+    /// Feeds every audit record with seq > `after` to `f`, in chain order,
+    /// page by page, until the log ends or `f` breaks. Returns the seq of
+    /// the last record fed (or `after`).
+    async fn scan_audit(
+        &self,
+        after: u64,
+        mut f: impl FnMut(u64, AuditRecord) -> ControlFlow<()>,
+    ) -> Result<u64> {
+        let mut cursor = after;
+        loop {
+            let page = self.store.audit_records(cursor, PAGE).await?;
+            if page.is_empty() {
+                return Ok(cursor);
+            }
+            for (seq, record) in page {
+                cursor = seq;
+                if f(seq, record).is_break() {
+                    return Ok(cursor);
+                }
+            }
+        }
+    }
+
     /// Audit records matching `filter` with seq > `after_seq`, at most
     /// `limit`. Returns the hits and the seq to continue after.
     pub async fn query_audit(
@@ -78,24 +102,20 @@ impl Vault {
     ) -> Result<(Vec<AuditHit>, u64)> {
         let limit = limit.clamp(1, MAX_QUERY_LIMIT);
         let mut hits = Vec::new();
-        let mut cursor = after_seq;
-        'scan: loop {
-            let page = self.store.audit_records(cursor, PAGE).await?;
-            if page.is_empty() {
-                break;
-            }
-            for (seq, record) in page {
-                cursor = seq;
+        let cursor = self
+            .scan_audit(after_seq, |_, record| {
                 if let Some(body) = record.decode_body()
                     && filter.matches(&body)
                 {
                     hits.push(AuditHit { record, body });
-                    if hits.len() >= limit {
-                        break 'scan;
-                    }
                 }
-            }
-        }
+                if hits.len() >= limit {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .await?;
         let mut body = audit_body(ctx, "AuditQuery", &filter.tenant, &filter.token, Ok(()));
         body.detail = format!(
             "principal={} action={} hits={}",
@@ -126,21 +146,15 @@ impl Vault {
             ..Default::default()
         };
         let mut radius = BlastRadius::default();
-        let mut cursor = 0;
-        loop {
-            let page = self.store.audit_records(cursor, PAGE).await?;
-            if page.is_empty() {
-                break;
+        self.scan_audit(0, |_, record| {
+            if let Some(body) = record.decode_body()
+                && filter.matches(&body)
+            {
+                radius.add(&body);
             }
-            for (seq, record) in page {
-                cursor = seq;
-                if let Some(body) = record.decode_body()
-                    && filter.matches(&body)
-                {
-                    radius.add(&body);
-                }
-            }
-        }
+            ControlFlow::Continue(())
+        })
+        .await?;
         let mut body = audit_body(ctx, "AuditBlastRadius", "", "", Ok(()));
         body.detail = format!("principal={principal} tokens={}", radius.distinct_tokens());
         self.record(body).await?;
@@ -158,17 +172,15 @@ impl Vault {
             public_key(keyring.audit_key()),
         );
         let head = self.store.audit_head().await?;
-        let mut cursor = 0;
-        loop {
-            let page = self.store.audit_records(cursor, PAGE).await?;
-            if page.is_empty() || v.failed() {
-                break;
+        self.scan_audit(0, |seq, record| {
+            v.record(seq, &record);
+            if v.failed() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
             }
-            for (seq, record) in page {
-                cursor = seq;
-                v.record(seq, &record);
-            }
-        }
+        })
+        .await?;
         let report = v.finish(head);
         let mut body = audit_body(ctx, "AuditVerify", "", "", Ok(()));
         body.detail = if report.ok() {
