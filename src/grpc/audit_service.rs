@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::identity::context_of;
+use super::timestamp;
 use crate::audit::query::AuditFilter;
 use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
@@ -55,13 +56,6 @@ impl AuditServiceImpl {
     }
 }
 
-fn ts(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
-}
-
 fn ms_of(t: &Option<prost_types::Timestamp>, field: &str) -> Result<i64> {
     match t {
         None => Ok(0),
@@ -76,7 +70,7 @@ fn event(hit: AuditHit) -> proto::AuditEvent {
     let b = hit.body;
     proto::AuditEvent {
         seq: hit.record.seq,
-        time: Some(ts(b.time_ms)),
+        time: Some(timestamp(b.time_ms)),
         principal: b.principal,
         roles: b.roles,
         tenant: b.tenant,
@@ -158,8 +152,8 @@ impl AuditService for AuditServiceImpl {
                         proto::TokenReads {
                             token: token.clone(),
                             reads: r.reads,
-                            first_read: Some(ts(r.first_ms)),
-                            last_read: Some(ts(r.last_ms)),
+                            first_read: Some(timestamp(r.first_ms)),
+                            last_read: Some(timestamp(r.last_ms)),
                         }
                     })
                     .collect(),

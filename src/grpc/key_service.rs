@@ -6,6 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::identity::context_of;
+use super::timestamp;
 use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
 use crate::proto::{self, key_service_server::KeyService};
@@ -58,11 +59,9 @@ impl KeyServiceImpl {
     }
 }
 
+/// A timestamp, or none for "never" (0).
 fn ts(ms: i64) -> Option<prost_types::Timestamp> {
-    (ms > 0).then(|| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
+    (ms > 0).then(|| timestamp(ms))
 }
 
 fn shares_out(shares: Vec<zeroize::Zeroizing<String>>) -> Vec<String> {

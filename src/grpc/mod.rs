@@ -46,6 +46,14 @@ pub fn code_name(err: &Error) -> &'static str {
     }
 }
 
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
 /// A batch item's error in protobuf form.
 pub fn item_error(err: &Error) -> crate::proto::ItemError {
     crate::proto::ItemError {

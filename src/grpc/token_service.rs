@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
 use super::identity::context_of;
-use super::item_error;
+use super::{item_error, timestamp};
 use crate::auth::{Action, Authorized, Authorizer};
 use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
 use crate::error::Result;
@@ -156,13 +156,6 @@ fn format_of(value: i32) -> Result<TokenFormat> {
             Ok(TokenFormat::FormatPreserving { keep_bin: true })
         }
         Err(_) => Err(crate::Error::invalid("format", "unknown token format")),
-    }
-}
-
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
 
