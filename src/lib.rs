@@ -35,6 +35,9 @@
 //! * No CVV persistence, ever, and no CVV survives a restart.
 //! * No plaintext (non-TLS) listener.
 //! * No web UI; operations use the `cardvault` CLI or any gRPC client.
+//! * No wiping of copies held inside libraries (tonic/prost/rustls buffers,
+//!   `ring` key schedules); core dumps are disabled instead, and `mlockall`
+//!   is available.
 //!
 //! ## Design
 //! Requests flow one way: [`grpc`] (protobuf <-> domain types, errors ->
