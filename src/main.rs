@@ -65,6 +65,12 @@ enum Command {
     Audit(cli::audit::AuditCmd),
     /// Seal state and key versions (role: admin).
     Status,
+    /// gRPC health of a service; exits non-zero unless SERVING (probes).
+    Health {
+        /// Service name; TokenService is not serving while sealed.
+        #[arg(long, default_value = "cardvault.v1.TokenService")]
+        service: String,
+    },
     /// Create the master key and split it into key shares (role: admin).
     Init(cli::keys::InitCmd),
     /// Enter one key share (role: admin).
@@ -206,6 +212,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Delete(cmd) => cli::token::delete(&cli.client, cmd).await,
         Command::Audit(cmd) => cli::audit::run(&cli.client, cmd).await,
         Command::Status => cli::keys::status(&cli.client).await,
+        Command::Health { service } => cli::health(&cli.client, service).await,
         Command::Init(cmd) => cli::keys::init(&cli.client, cmd).await,
         Command::Unseal(cmd) => cli::keys::unseal(&cli.client, cmd).await,
         Command::Seal => cli::keys::seal(&cli.client).await,

@@ -36,6 +36,9 @@ pub struct ClientOpts {
     /// Dev-mode data directory; certificates default to `<dev-dir>/certs`.
     #[arg(long, default_value = "./cardvault-dev", global = true)]
     pub dev_dir: PathBuf,
+    /// TLS server name to verify (default: the host of --addr).
+    #[arg(long, env = "CARDVAULT_SERVER_NAME", global = true)]
+    pub server_name: Option<String>,
     /// Dev identity to use when --cert/--key are not given (merchant,
     /// processor, admin, auditor, other-merchant, other-processor).
     #[arg(long = "as", global = true)]
@@ -59,10 +62,19 @@ impl ClientOpts {
             .unwrap_or_else(|| certs.join(format!("{name}.key")));
         let read =
             |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let server_name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => self
+                .addr
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_owned))
+                .unwrap_or_else(|| "localhost".into()),
+        };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&ca)?))
             .identity(Identity::from_pem(read(&cert)?, read(&key)?))
-            .domain_name("localhost");
+            .domain_name(server_name);
         Channel::from_shared(self.addr.clone())
             .map_err(|e| format!("bad --addr: {e}"))?
             .tls_config(tls)
@@ -80,6 +92,29 @@ impl ClientOpts {
         Ok(TokenServiceClient::new(
             self.connect(default_identity).await?,
         ))
+    }
+}
+
+/// `cardvault health`: asks the gRPC health service about `service` and
+/// exits non-zero unless it is SERVING (for exec readiness probes, which
+/// can present the client certificate the port requires).
+pub async fn health(opts: &ClientOpts, service: String) -> Result<(), String> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let mut client =
+        tonic_health::pb::health_client::HealthClient::new(opts.connect("admin").await?);
+    let r = client
+        .check(HealthCheckRequest {
+            service: service.clone(),
+        })
+        .await
+        .map_err(|s| status_text(&s))?
+        .into_inner();
+    let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
+    println!("{service}: {}", status.as_str_name());
+    if status == ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!("{service} is {}", status.as_str_name()))
     }
 }
 
