@@ -135,12 +135,23 @@ for w in workloads:
         need(set(ports.values()) <= {7443, 9464}, f"{cw}: only ports 7443 and 9464 (metrics): {ports}")
         for sp in svc["spec"].get("ports", []):
             need(sp["targetPort"] in ports or sp["targetPort"] == 7443, f"{cw}: Service targetPort not a container port")
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             p = c.get(probe)
             need(p is not None, f"{cw}: no {probe}")
             if p:
                 need("tcpSocket" in p and "grpc" not in p,
-                     f"{cw}: {probe} must be tcpSocket (the port requires a client certificate)")
+                     f"{cw}: {probe} must be tcpSocket (the port requires a client certificate; a sealed vault is alive)")
+        probe_files = []
+        rp = c.get("readinessProbe") or {}
+        cmd = rp.get("exec", {}).get("command", [])
+        need(cmd[:1] == ["/usr/local/bin/cardvault"] and "health" in cmd
+             and "--service=cardvault.v1.TokenService" in cmd,
+             f"{cw}: readinessProbe must exec `cardvault health --service=cardvault.v1.TokenService`")
+        for flag in ("--ca=", "--cert=", "--key="):
+            paths = [a[len(flag):] for a in cmd if a.startswith(flag)]
+            need(len(paths) == 1, f"{cw}: readinessProbe needs {flag}PATH")
+            if paths:
+                probe_files.append((cw, paths[0]))
         # Resolve every mounted file: mount path + item path -> (source kind, name, key).
         mounted = {}
         mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
@@ -179,6 +190,8 @@ for w in workloads:
             continue
         for p in [cfg.get("policy")] + [cfg.get("tls", {}).get(k) for k in ("cert", "key", "client_ca")]:
             need(p in mounted, f"{cw}: config names {p}, which is not mounted")
+        for pw, p in probe_files:
+            need(p in mounted, f"{pw}: readiness probe names {p}, which is not mounted")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         for e in c.get("env", []):
             ref = e.get("valueFrom", {}).get("secretKeyRef")
