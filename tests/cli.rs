@@ -130,12 +130,18 @@ async fn newcomer_flow_through_the_cli() {
 
     // Readiness for exec probes: SERVING while unsealed, not after a seal.
     let (ok, out, err) = cli(&v, &["health"]);
-    assert!(ok && out.contains("cardvault.v1.TokenService: SERVING"), "{out}{err}");
+    assert!(
+        ok && out.contains("cardvault.v1.TokenService: SERVING"),
+        "{out}{err}"
+    );
     let (ok, _, err) = cli(&v, &["seal"]);
     assert!(ok, "{err}");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let (ok, out, _) = cli(&v, &["health"]);
     assert!(!ok && out.contains("NOT_SERVING"), "{out}");
     let (ok, out, _) = cli(&v, &["health", "--service", "cardvault.v1.KeyService"]);
-    assert!(ok && out.contains("SERVING"), "KeyService stays up while sealed: {out}");
+    assert!(
+        ok && out.contains("SERVING"),
+        "KeyService stays up while sealed: {out}"
+    );
 }
