@@ -176,9 +176,11 @@ pub fn grpc_server() -> Server {
     Server::builder().timeout(Duration::from_secs(30))
 }
 
-/// Runs the vault until `shutdown` resolves: binds, unseals with `kek`,
-/// serves gRPC over mTLS, then drains in-flight calls and wipes keys and
-/// CVVs. `on_ready` receives the bound address (useful with port 0).
+/// Runs the vault until `shutdown` resolves: hardens the process, opens the
+/// store, unseals from `keys` (or starts sealed in Shamir mode), serves gRPC
+/// over mTLS (plus metrics if configured), then drains in-flight calls,
+/// signs a final audit checkpoint and wipes keys and CVVs. `on_ready`
+/// receives the bound address (useful with port 0).
 pub async fn serve(
     cfg: &Config,
     keys: KeySource,
