@@ -115,13 +115,13 @@ pub struct BenchCmd {
     /// and report the vault's throughput as a ratio of it.
     #[arg(long)]
     pub baseline: bool,
-    /// Baseline server certificate (default: <dev-dir>/certs/server.pem).
+    /// Baseline server certificate (default: `<dev-dir>/certs/server.pem`).
     #[arg(long)]
     pub baseline_cert: Option<PathBuf>,
-    /// Baseline server key (default: <dev-dir>/certs/server.key).
+    /// Baseline server key (default: `<dev-dir>/certs/server.key`).
     #[arg(long)]
     pub baseline_key: Option<PathBuf>,
-    /// CA of the clients the baseline accepts (default: --ca, else <dev-dir>/certs/ca.pem).
+    /// CA of the clients the baseline accepts (default: --ca, else `<dev-dir>/certs/ca.pem`).
     #[arg(long)]
     pub baseline_client_ca: Option<PathBuf>,
     /// Print one JSON object instead of a table.
