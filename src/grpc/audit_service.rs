@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::identity::context_of;
+use super::authorize_call;
 use super::timestamp;
 use crate::audit::query::AuditFilter;
 use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
 use crate::proto::{self, audit_service_server::AuditService};
+use crate::vault::Vault;
 use crate::vault::audit_log::AuditHit;
-use crate::vault::{CallContext, Vault};
 
 /// The service, holding the shared vault and the authorizer.
 pub struct AuditServiceImpl {
@@ -25,34 +25,6 @@ impl AuditServiceImpl {
     /// Serves the audit log of `vault`.
     pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
         AuditServiceImpl { vault, auth }
-    }
-
-    /// Authorises; `tenant` is `Some` for a tenant-scoped query, `None` for a
-    /// call across all tenants. Denials are logged and audited.
-    async fn authorize(
-        &self,
-        ctx: &mut CallContext,
-        principal: Option<&str>,
-        action: Action,
-        tenant: Option<&str>,
-    ) -> Result<()> {
-        let res = match tenant {
-            Some(t) => self.auth.authorize(principal, action, t).map(|a| a.grant),
-            None => self.auth.authorize_global(principal, action),
-        };
-        match res {
-            Ok(grant) => {
-                ctx.roles = grant.roles.iter().map(|r| r.as_str().to_owned()).collect();
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = action.as_str(), error = %e, "denied");
-                self.vault
-                    .audit_rejected(ctx, action.as_str(), "", "", &e)
-                    .await;
-                Err(e)
-            }
-        }
     }
 }
 
@@ -92,11 +64,16 @@ impl AuditService for AuditServiceImpl {
         &self,
         request: Request<proto::AuditQueryRequest>,
     ) -> Result<Response<proto::AuditQueryResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let scope = Some(request.get_ref().tenant.clone()).filter(|t| !t.is_empty());
+        let ctx = authorize_call(
+            &self.vault,
+            &self.auth,
+            &request,
+            Action::AuditQuery,
+            scope.as_deref(),
+        )
+        .await?;
         let req = request.into_inner();
-        let scope = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
-        self.authorize(&mut ctx, principal.as_deref(), Action::AuditQuery, scope)
-            .await?;
         let filter = AuditFilter {
             principal: req.principal,
             tenant: req.tenant,
@@ -124,15 +101,15 @@ impl AuditService for AuditServiceImpl {
         &self,
         request: Request<proto::BlastRadiusRequest>,
     ) -> Result<Response<proto::BlastRadiusResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
-        let req = request.into_inner();
-        self.authorize(
-            &mut ctx,
-            principal.as_deref(),
+        let ctx = authorize_call(
+            &self.vault,
+            &self.auth,
+            &request,
             Action::AuditBlastRadius,
             None,
         )
         .await?;
+        let req = request.into_inner();
         let since = ms_of(&req.since, "since")?;
         let until = ms_of(&req.until, "until")?;
         let radius = self
@@ -171,9 +148,8 @@ impl AuditService for AuditServiceImpl {
         &self,
         request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
-        self.authorize(&mut ctx, principal.as_deref(), Action::AuditVerify, None)
-            .await?;
+        let ctx =
+            authorize_call(&self.vault, &self.auth, &request, Action::AuditVerify, None).await?;
         let r = self.vault.verify_audit(&ctx).await?;
         Ok(Response::new(proto::VerifyAuditResponse {
             ok: r.ok(),

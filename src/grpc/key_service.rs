@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::identity::context_of;
+use super::authorize_call;
 use super::timestamp;
 use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
@@ -27,35 +27,14 @@ impl KeyServiceImpl {
         KeyServiceImpl { vault, auth }
     }
 
-    /// Authorises; `tenant` scopes per-tenant operations, `None` needs a
-    /// grant for all tenants. Denials are logged and audited.
+    /// Authorises (see [`authorize_call`]).
     async fn authorize<T>(
         &self,
         req: &Request<T>,
         action: Action,
         tenant: Option<&str>,
     ) -> Result<CallContext> {
-        let (mut ctx, principal) = context_of(req);
-        let res = match tenant {
-            Some(t) => self
-                .auth
-                .authorize(principal.as_deref(), action, t)
-                .map(|a| a.grant),
-            None => self.auth.authorize_global(principal.as_deref(), action),
-        };
-        match res {
-            Ok(grant) => {
-                ctx.roles = grant.roles.iter().map(|r| r.as_str().to_owned()).collect();
-                Ok(ctx)
-            }
-            Err(e) => {
-                tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = action.as_str(), error = %e, "denied");
-                self.vault
-                    .audit_rejected(&ctx, action.as_str(), "", "", &e)
-                    .await;
-                Err(e)
-            }
-        }
+        authorize_call(&self.vault, &self.auth, req, action, tenant).await
     }
 }
 

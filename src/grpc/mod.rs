@@ -46,6 +46,39 @@ pub fn code_name(err: &Error) -> &'static str {
     }
 }
 
+/// Authorises a request to an admin or audit RPC and returns its call
+/// context with the caller's roles. `scope` is the tenant of a per-tenant
+/// call; `None` needs a grant for all tenants. Denials are logged and
+/// audited.
+pub(crate) async fn authorize_call<T>(
+    vault: &crate::vault::Vault,
+    auth: &crate::auth::Authorizer,
+    req: &tonic::Request<T>,
+    action: crate::auth::Action,
+    scope: Option<&str>,
+) -> Result<crate::vault::CallContext, Error> {
+    let (mut ctx, principal) = identity::context_of(req);
+    let res = match scope {
+        Some(t) => auth
+            .authorize(principal.as_deref(), action, t)
+            .map(|a| a.grant),
+        None => auth.authorize_global(principal.as_deref(), action),
+    };
+    match res {
+        Ok(grant) => {
+            ctx.roles = grant.roles.iter().map(|r| r.as_str().to_owned()).collect();
+            Ok(ctx)
+        }
+        Err(e) => {
+            tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = action.as_str(), error = %e, "denied");
+            vault
+                .audit_rejected(&ctx, action.as_str(), "", "", &e)
+                .await;
+            Err(e)
+        }
+    }
+}
+
 /// Milliseconds since the epoch as a protobuf timestamp.
 pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
