@@ -359,14 +359,15 @@ impl Vault {
         Ok(out)
     }
 
-    /// Checks the automatic rotation triggers for a tenant's active key and
-    /// rotates when one fires: the GCM random-nonce budget or the cryptoperiod.
+    /// Counts one encryption under the tenant's active key and rotates when
+    /// a trigger fires: the GCM random-nonce budget or the cryptoperiod.
+    /// Returns whether it rotated (the caller then reloads the keys).
     pub(crate) async fn maybe_auto_rotate(
         &self,
         keyring: &Keyring,
         tenant: &str,
         keys: &super::keyring::TenantKeys,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let n = keys.active_encryptions.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_multiple_of(super::keyring::ENCRYPTION_COUNT_SLACK) {
             let meta = DekMeta {
@@ -397,8 +398,9 @@ impl Vault {
             );
             self.record(body).await?;
             tracing::info!(tenant, version = v, "data key rotated automatically");
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Re-encrypts every record under an older data key version with the

@@ -421,23 +421,6 @@ impl Vault {
         Ok(Some(seq))
     }
 
-    /// Counts one encryption under the tenant's active key and rotates if a
-    /// limit is reached; returns whether it rotated.
-    async fn auto_rotation_due(
-        &self,
-        keyring: &Keyring,
-        tenant: &str,
-        keys: &keyring::TenantKeys,
-    ) -> Result<bool> {
-        let before = keys.active;
-        self.maybe_auto_rotate(keyring, tenant, keys).await?;
-        Ok(keyring
-            .tenant(&*self.store, tenant, false)
-            .await
-            .map(|k| k.active != before)
-            .unwrap_or(false))
-    }
-
     /// Stores a card and returns its token.
     pub async fn tokenize(
         &self,
@@ -467,7 +450,7 @@ impl Vault {
             keyring.tenant(&*self.store, tenant.as_str(), true).await?
         };
         if self
-            .auto_rotation_due(&keyring, tenant.as_str(), &keys)
+            .maybe_auto_rotate(&keyring, tenant.as_str(), &keys)
             .await?
         {
             keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
