@@ -12,3 +12,130 @@ async fn sled_store() -> Option<(Arc<dyn Store>, tempfile::TempDir)> {
 }
 
 cardvault::store_conformance_tests!(sled_store);
+
+use cardvault::store::InsertOutcome;
+use cardvault::store::conformance::{assert_chain_intact, audit_body, sample};
+use cardvault::store::wal;
+
+/// Copies the write-ahead log segments of `from` into `to`.
+fn copy_log(from: &std::path::Path, to: &std::path::Path) -> Vec<u64> {
+    let segs = wal::segments(from).unwrap();
+    for n in &segs {
+        std::fs::copy(wal::segment_path(from, *n), wal::segment_path(to, *n)).unwrap();
+    }
+    segs
+}
+
+/// Writes that a store acknowledged, copied as log segments alone into an
+/// empty directory, come back on open: the log, not sled's own flush, is
+/// what makes a write durable. Replay also deletes the replayed segments.
+#[tokio::test]
+async fn the_log_alone_rebuilds_acknowledged_writes() {
+    let (crashed, fresh) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store = SledStore::open(crashed.path()).unwrap();
+    for i in 0..50u8 {
+        let r = sample("acme", &format!("tok_{i:03}"), i);
+        let out = store
+            .insert(&r, false, &audit_body("Tokenize"))
+            .await
+            .unwrap();
+        assert!(matches!(out, InsertOutcome::Inserted(_)));
+    }
+    store
+        .put_keys(&[("dek/acme/1".into(), vec![7; 40])])
+        .await
+        .unwrap();
+    store
+        .delete("acme", "tok_007", &audit_body("DeleteToken"))
+        .await
+        .unwrap();
+    store.append_audit(&audit_body("Detokenize")).await.unwrap();
+    // No clean shutdown: the store is leaked, as a SIGKILL would leave it.
+    std::mem::forget(store);
+
+    assert!(!copy_log(crashed.path(), fresh.path()).is_empty());
+    let s = SledStore::open(fresh.path()).unwrap();
+    assert!(wal::segments(fresh.path()).unwrap().iter().all(|n| {
+        // Only the new, empty segment of the reopened store remains.
+        std::fs::metadata(wal::segment_path(fresh.path(), *n))
+            .unwrap()
+            .len()
+            == 0
+    }));
+    assert_eq!(s.count(Some("acme")).await.unwrap(), 49);
+    assert!(s.get("acme", "tok_007").await.unwrap().is_none());
+    assert_eq!(
+        s.get("acme", "tok_008").await.unwrap().unwrap(),
+        sample("acme", "tok_008", 8)
+    );
+    assert_eq!(s.get_key("dek/acme/1").await.unwrap(), Some(vec![7; 40]));
+    assert_eq!(assert_chain_intact(&s).await, 52);
+    // The chain continues where the log left it.
+    s.append_audit(&audit_body("Detokenize")).await.unwrap();
+    assert_eq!(assert_chain_intact(&s).await, 53);
+}
+
+/// A crash in the middle of a log write leaves a torn last frame: it is
+/// dropped (it was never acknowledged) and everything before it replays.
+/// A segment that is corrupt before its end but is not the last one means
+/// acknowledged writes were lost, and open refuses with DATA_LOSS.
+#[tokio::test]
+async fn a_torn_tail_is_dropped_but_a_corrupt_middle_is_refused() {
+    let (crashed, torn, middle) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let store = SledStore::open(crashed.path()).unwrap();
+    for i in 0..10u8 {
+        let r = sample("acme", &format!("tok_{i:03}"), i);
+        store
+            .insert(&r, false, &audit_body("Tokenize"))
+            .await
+            .unwrap();
+    }
+    std::mem::forget(store);
+
+    let segs = copy_log(crashed.path(), torn.path());
+    let last = wal::segment_path(torn.path(), *segs.last().unwrap());
+    let mut half = Vec::new();
+    wal::encode_frame(
+        &[wal::Mutation {
+            tree: 0,
+            key: b"acme\0tok_999".to_vec(),
+            value: Some(vec![1; 64]),
+        }],
+        &mut half,
+    );
+    half.truncate(half.len() / 2);
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes.extend_from_slice(&half);
+    std::fs::write(&last, &bytes).unwrap();
+    {
+        let s = SledStore::open(torn.path()).unwrap();
+        assert_eq!(s.count(Some("acme")).await.unwrap(), 10);
+        assert!(s.get("acme", "tok_999").await.unwrap().is_none());
+        assert_eq!(assert_chain_intact(&s).await, 10);
+    }
+
+    // The same torn segment followed by a later one.
+    let n = *segs.last().unwrap();
+    std::fs::write(wal::segment_path(middle.path(), n), &bytes).unwrap();
+    let mut later = wal::Segment::create(middle.path(), n + 1).unwrap();
+    let mut frame = Vec::new();
+    wal::encode_frame(
+        &[wal::Mutation {
+            tree: 2,
+            key: b"k".to_vec(),
+            value: Some(b"v".to_vec()),
+        }],
+        &mut frame,
+    );
+    later.append_durable(&frame).unwrap();
+    drop(later);
+    match SledStore::open(middle.path()) {
+        Err(cardvault::error::Error::DataLoss(m)) => assert!(m.contains("corrupt"), "{m}"),
+        Err(e) => panic!("expected DATA_LOSS, got {e}"),
+        Ok(_) => panic!("a corrupt middle segment must not open"),
+    }
+}

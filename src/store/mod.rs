@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod postgres;
 pub mod sled;
+pub mod wal;
 
 use async_trait::async_trait;
 

@@ -1,0 +1,255 @@
+//! The write-ahead log of the embedded backend: how a write becomes durable
+//! without asking sled to flush.
+//!
+//! Why it exists: sled 0.34 makes every multi-key batch or transaction
+//! durable on its own (it seals its I/O buffer before and after each one and
+//! writes it with a waited `sync_file_range`), and its `flush` does the
+//! same. Measured under load, that was one synchronous disk write per
+//! request, on a pool of threads, and the vault spent most of its time
+//! there. So the vault keeps its own log and uses sled only as the
+//! queryable state behind it:
+//!
+//! 1. A writer decides what to change (under the store's state lock, so
+//!    checks like "token taken" see earlier writes that are not applied
+//!    yet) and queues one [`Entry`]: the changes of one operation.
+//! 2. The log thread takes every queued entry, appends them to the current
+//!    segment file with one `write` and one `fdatasync` (group commit:
+//!    under load one sync serves dozens of requests), then applies them to
+//!    sled in log order with plain single-key writes (no sled batches, so
+//!    no forced sled I/O), then answers the writers.
+//! 3. A segment that has grown past [`SEGMENT_BYTES`] is closed; a helper
+//!    thread flushes sled (which makes everything applied so far durable in
+//!    sled) and deletes the closed segments.
+//!
+//! Recovery replays the remaining segments in order on open. Replay is
+//! exact because sled never holds a change the log does not: changes reach
+//! sled only after their log write is durable, and replaying blind
+//! puts/removes in log order over any prefix of them gives the same state.
+//! A torn last frame (crash in mid-write) fails its CRC and is dropped with
+//! everything after it; such a frame was never acknowledged.
+//!
+//! Frame: `len u32 LE | crc32 u32 LE | payload`; payload: repeated
+//! `tree u8 | op u8 (0 remove, 1 put) | klen u32 LE | key | [vlen u32 LE | value]`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// A segment is closed (and deleted once sled is flushed) past this size.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Largest frame replay accepts; a length above it is a torn or corrupt header.
+const MAX_FRAME: usize = 256 << 20;
+
+const SEGMENT_PREFIX: &str = "cardvault-wal.";
+
+/// One change to one sled tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mutation {
+    /// Which tree (an index the store assigns).
+    pub tree: u8,
+    /// The key.
+    pub key: Vec<u8>,
+    /// New value, or `None` to remove the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Appends the frame for one operation's mutations to `out`.
+pub fn encode_frame(muts: &[Mutation], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    for m in muts {
+        out.push(m.tree);
+        out.push(u8::from(m.value.is_some()));
+        out.extend_from_slice(&(m.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(&m.key);
+        if let Some(v) = &m.value {
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(v);
+        }
+    }
+    let payload = &out[start + 8..];
+    let len = (payload.len() as u32).to_le_bytes();
+    let crc = crc32fast::hash(payload).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc);
+}
+
+/// Decodes frames from `buf` until the end or the first frame that is torn
+/// or corrupt. Returns the operations and the length of the valid prefix.
+pub fn decode_frames(buf: &[u8]) -> (Vec<Vec<Mutation>>, usize) {
+    let mut ops = Vec::new();
+    let mut pos = 0;
+    while let Some(header) = buf.get(pos..pos + 8) {
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_FRAME {
+            break;
+        }
+        let Some(payload) = buf.get(pos + 8..pos + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        let Some(muts) = decode_payload(payload) else {
+            break;
+        };
+        ops.push(muts);
+        pos += 8 + len;
+    }
+    (ops, pos)
+}
+
+fn decode_payload(mut p: &[u8]) -> Option<Vec<Mutation>> {
+    fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (p.get(..n)?, p.get(n..)?);
+        *p = rest;
+        Some(head)
+    }
+    fn take_len(p: &mut &[u8]) -> Option<usize> {
+        Some(u32::from_le_bytes(take(p, 4)?.try_into().ok()?) as usize)
+    }
+    let mut muts = Vec::new();
+    while !p.is_empty() {
+        let tree = take(&mut p, 1)?[0];
+        let op = take(&mut p, 1)?[0];
+        let klen = take_len(&mut p)?;
+        let key = take(&mut p, klen)?.to_vec();
+        let value = match op {
+            0 => None,
+            1 => {
+                let vlen = take_len(&mut p)?;
+                Some(take(&mut p, vlen)?.to_vec())
+            }
+            _ => return None,
+        };
+        muts.push(Mutation { tree, key, value });
+    }
+    Some(muts)
+}
+
+/// Path of segment `n` in `dir`.
+pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{n:016}"))
+}
+
+/// Numbers of the segments in `dir`, ascending.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix(SEGMENT_PREFIX))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads segment `n`: its operations, and whether it ended in a torn or
+/// corrupt frame (then the rest of it was dropped).
+pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, bool)> {
+    let mut buf = Vec::new();
+    File::open(segment_path(dir, n))?.read_to_end(&mut buf)?;
+    let (ops, valid) = decode_frames(&buf);
+    Ok((ops, valid != buf.len()))
+}
+
+/// The segment being appended to.
+pub struct Segment {
+    /// Its number (segments sort by it).
+    pub number: u64,
+    file: File,
+    /// Bytes written so far.
+    pub len: u64,
+}
+
+impl Segment {
+    /// Creates segment `n` (empty) and makes its directory entry durable.
+    pub fn create(dir: &Path, number: u64) -> std::io::Result<Segment> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(segment_path(dir, number))?;
+        File::open(dir)?.sync_all()?;
+        Ok(Segment {
+            number,
+            file,
+            len: 0,
+        })
+    }
+
+    /// Appends `frames` and waits until they are on disk.
+    pub fn append_durable(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(frames)?;
+        self.file.sync_data()?;
+        self.len += frames.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(tree: u8, key: &[u8], value: Option<&[u8]>) -> Mutation {
+        Mutation {
+            tree,
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_stop_at_a_torn_tail() {
+        let a = vec![m(0, b"k1", Some(b"v1")), m(3, b"k2", None)];
+        let b = vec![m(2, b"", Some(b""))];
+        let mut buf = Vec::new();
+        encode_frame(&a, &mut buf);
+        encode_frame(&b, &mut buf);
+        let whole = buf.len();
+        assert_eq!(decode_frames(&buf), (vec![a.clone(), b.clone()], whole));
+        // Every truncation keeps exactly the frames that are complete.
+        let first = {
+            let mut one = Vec::new();
+            encode_frame(&a, &mut one);
+            one.len()
+        };
+        for cut in 0..whole {
+            let (ops, valid) = decode_frames(&buf[..cut]);
+            let want = if cut >= first { 1 } else { 0 };
+            assert_eq!(ops.len(), want, "cut at {cut}");
+            assert_eq!(valid, if want == 1 { first } else { 0 });
+        }
+        // A flipped bit in the second frame drops it, not the first.
+        let mut bad = buf.clone();
+        bad[whole - 1] ^= 1;
+        assert_eq!(decode_frames(&bad), (vec![a], first));
+        // Zeroes (a preallocated or never-written tail) end the log.
+        let mut zeros = buf.clone();
+        zeros.extend_from_slice(&[0; 32]);
+        assert_eq!(decode_frames(&zeros).1, whole);
+    }
+
+    #[test]
+    fn segments_are_listed_in_order_and_other_files_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [10, 2, 1] {
+            let mut s = Segment::create(dir.path(), n).unwrap();
+            let mut f = Vec::new();
+            encode_frame(&[m(1, b"k", Some(b"v"))], &mut f);
+            s.append_durable(&f).unwrap();
+        }
+        std::fs::write(dir.path().join("conf"), b"x").unwrap();
+        std::fs::write(dir.path().join("cardvault-wal.x"), b"x").unwrap();
+        assert_eq!(segments(dir.path()).unwrap(), vec![1, 2, 10]);
+        let (ops, torn) = read_segment(dir.path(), 10).unwrap();
+        assert_eq!((ops.len(), torn), (1, false));
+    }
+}
