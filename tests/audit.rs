@@ -14,7 +14,7 @@ use cardvault::proto::audit_service_client::AuditServiceClient;
 use cardvault::proto::{
     AuditQueryRequest, BlastRadiusRequest, DetokenizeRequest, TokenizeRequest, VerifyAuditRequest,
 };
-use cardvault::store::sled::SledStore;
+use cardvault::store::sled::{RawAudit, SledStore};
 use cardvault::store::{AuditLink, InsertOutcome, Store, StoredRecord};
 use cardvault::token::{Purpose, Tenant, Token};
 use cardvault::vault::{CallContext, CvvOutcome, NewCard, TokenizeOptions, Vault, VaultConfig};
@@ -122,9 +122,9 @@ async fn chain_verifies_after_10k_mixed_operations() {
     );
 }
 
-/// Builds a small log, then applies `tamper` to the raw audit tree and
+/// Builds a small log, then applies `tamper` to the stored records and
 /// returns what verification says.
-async fn tampered(tamper: impl FnOnce(&sled::Tree)) -> cardvault::audit::VerifyReport {
+async fn tampered(tamper: impl FnOnce(&RawAudit)) -> cardvault::audit::VerifyReport {
     let dir = tempfile::tempdir().unwrap();
     let (v, store) = open_vault(dir.path(), 10).await;
     let c = ctx("p");
@@ -141,28 +141,20 @@ async fn tampered(tamper: impl FnOnce(&sled::Tree)) -> cardvault::audit::VerifyR
     v.checkpoint_now().await.unwrap();
     assert!(v.verify_audit(&c).await.unwrap().ok());
     // The verify itself appended record 27 (25 tokenize + tenant-first-use has none; + verify).
-    tamper(store.raw_audit_tree());
+    tamper(&store.raw_audit());
     v.verify_audit(&c).await.unwrap()
 }
 
-/// Highest record seq in the raw tree (record keys are 8 bytes; the head
-/// key is not).
-fn last_seq(tree: &sled::Tree) -> u64 {
-    tree.iter()
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| k.len() == 8)
-        .map(|k| u64::from_be_bytes(k.as_ref().try_into().unwrap()))
-        .max()
-        .unwrap()
+fn last_seq(raw: &RawAudit) -> u64 {
+    raw.last_seq()
 }
 
-fn get(tree: &sled::Tree, seq: u64) -> AuditRecord {
-    AuditRecord::decode(tree.get(seq.to_be_bytes()).unwrap().unwrap().as_ref()).unwrap()
+fn get(raw: &RawAudit, seq: u64) -> AuditRecord {
+    raw.get(seq).unwrap()
 }
 
-fn put(tree: &sled::Tree, key: u64, r: &AuditRecord) {
-    tree.insert(key.to_be_bytes(), r.encode_to_vec()).unwrap();
+fn put(raw: &RawAudit, seq: u64, r: &AuditRecord) {
+    raw.put(seq, r).unwrap();
 }
 
 #[tokio::test]
@@ -182,7 +174,7 @@ async fn an_edited_record_is_located() {
 #[tokio::test]
 async fn a_deleted_record_is_located() {
     let rep = tampered(|tree| {
-        tree.remove(12u64.to_be_bytes()).unwrap();
+        tree.remove(12).unwrap();
     })
     .await;
     assert_eq!(rep.first_bad_seq, 12, "{rep:?}");

@@ -21,7 +21,7 @@
 //! If the log cannot be written the store fails closed: that batch and
 //! every later write return `UNAVAILABLE` until a restart replays the log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
@@ -31,9 +31,12 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::wal::{self, Mutation, Segment};
+
+mod buckets;
 use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
+pub use buckets::RawAudit;
 
 /// Key of the audit head `(seq, hash)`, kept in the audit tree itself.
 /// Record keys are 8-byte seqs; this key is longer, so scans skip it.
@@ -77,17 +80,48 @@ impl Trees {
         }
     }
 
-    /// Applies one operation's changes (in order) to sled.
-    fn apply(&self, muts: &[Mutation]) -> Result<()> {
+    fn write_one(&self, m: &Mutation) -> Result<()> {
+        let tree = self
+            .get(m.tree)
+            .ok_or_else(|| Error::DataLoss(format!("log names unknown tree {}", m.tree)))?;
+        match &m.value {
+            Some(v) => tree.insert(m.key.as_slice(), v.as_slice()),
+            None => tree.remove(m.key.as_slice()),
+        }
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Applies logged changes to sled, in log order except that audit
+    /// records are gathered into one write per bucket (see [`buckets`]) and
+    /// the audit head, written once with its last value, goes last, so a
+    /// reader never sees a head ahead of its records.
+    fn apply<'a>(&self, muts: impl IntoIterator<Item = &'a Mutation>) -> Result<()> {
+        let mut head = None;
+        let mut audit: BTreeMap<[u8; 8], buckets::Changes<'_>> = BTreeMap::new();
         for m in muts {
-            let tree = self
-                .get(m.tree)
-                .ok_or_else(|| Error::DataLoss(format!("log names unknown tree {}", m.tree)))?;
-            match &m.value {
-                Some(v) => tree.insert(m.key.as_slice(), v.as_slice()),
-                None => tree.remove(m.key.as_slice()),
+            if m.tree != AUDIT {
+                self.write_one(m)?;
+            } else if m.key == AUDIT_HEAD {
+                head = Some(m);
+            } else {
+                let seq = m
+                    .key
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::DataLoss("log holds a malformed audit key".into()))?;
+                audit
+                    .entry(buckets::key(seq))
+                    .or_default()
+                    .push((seq, m.value.as_deref()));
             }
-            .map_err(unavailable)?;
+        }
+        for (base, changes) in &audit {
+            buckets::update(&self.audit, *base, changes)?;
+        }
+        if let Some(h) = head {
+            self.write_one(h)?;
         }
         Ok(())
     }
@@ -145,8 +179,12 @@ pub struct SledStore {
     db: sled::Db,
     /// Directory of the database and the log segments.
     dir: PathBuf,
-    /// Group-commit thread; joined on drop (after draining the queue).
-    log_thread: Option<JoinHandle<()>>,
+    /// Group-commit (write + fdatasync) thread; joined on drop after it
+    /// drained the queue.
+    sync_thread: Option<JoinHandle<()>>,
+    /// Applies synced batches to sled and answers writers; joined after
+    /// the sync thread.
+    apply_thread: Option<JoinHandle<()>>,
     /// Deletes closed segments once sled is flushed; joined on drop.
     cleaner: Option<JoinHandle<()>>,
 }
@@ -216,9 +254,7 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
     let segs = wal::segments(dir).map_err(unavailable)?;
     for (i, &n) in segs.iter().enumerate() {
         let (ops, torn) = wal::read_segment(dir, n).map_err(unavailable)?;
-        for muts in &ops {
-            trees.apply(muts)?;
-        }
+        trees.apply(ops.iter().flatten())?;
         // Only the last segment can end mid-frame (a crash while writing
         // it); an earlier one was complete and synced before the next began.
         if torn && i + 1 != segs.len() {
@@ -245,9 +281,19 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
     Ok(1)
 }
 
-/// The group-commit loop: takes every queued entry, makes it durable with
-/// one write + fdatasync, applies it to sled, answers its writer.
-fn run_log(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mpsc::Sender<u64>) {
+/// What the sync thread hands to the apply thread, in log order.
+enum Synced {
+    /// Entries written (or failed to write) with one sync.
+    Batch(Vec<Entry>, std::result::Result<(), String>),
+    /// Segment `n` is closed: once everything before this message is
+    /// applied, a sled flush makes it deletable.
+    Closed(u64),
+}
+
+/// The group-commit loop: takes every queued entry and makes them durable
+/// with one write + fdatasync, then hands them to the apply thread. Applying
+/// on another thread lets the next sync start while sled is updated.
+fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, out: mpsc::Sender<Synced>) {
     let mut frames = Vec::new();
     loop {
         let (batch, failed) = {
@@ -260,7 +306,6 @@ fn run_log(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mpsc
             }
             (std::mem::take(&mut st.queue), st.failed.clone())
         };
-        let last = batch.last().map_or(0, |e| e.lsn);
         let res = match failed {
             Some(why) => Err(why),
             None => {
@@ -268,21 +313,55 @@ fn run_log(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mpsc
                 for e in batch.iter().filter(|e| !e.muts.is_empty()) {
                     wal::encode_frame(&e.muts, &mut frames);
                 }
-                let written = if frames.is_empty() {
+                if frames.is_empty() {
                     Ok(())
                 } else {
                     segment
                         .append_durable(&frames)
                         .map_err(|e| format!("write-ahead log: {e}"))
-                };
-                written.and_then(|()| {
-                    batch
-                        .iter()
-                        .try_for_each(|e| shared.trees.apply(&e.muts))
-                        .map_err(|e| e.to_string())
-                })
+                }
             }
         };
+        if let Err(why) = &res {
+            // Refuse new writes at once, not only after the apply thread saw it.
+            shared.lock().failed.get_or_insert_with(|| why.clone());
+        }
+        let rotate = res.is_ok() && segment.len >= wal::SEGMENT_BYTES;
+        if out.send(Synced::Batch(batch, res)).is_err() {
+            return;
+        }
+        if rotate {
+            match Segment::create(&dir, segment.number + 1) {
+                Ok(next) => {
+                    let closed = std::mem::replace(&mut segment, next).number;
+                    let _ = out.send(Synced::Closed(closed));
+                }
+                // Keep appending to the old segment; only disk use grows.
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a new write-ahead log segment")
+                }
+            }
+        }
+    }
+}
+
+/// Applies durable batches to sled in log order, then answers the writers.
+fn run_apply(shared: Arc<Shared>, synced: mpsc::Receiver<Synced>, closed: mpsc::Sender<u64>) {
+    while let Ok(msg) = synced.recv() {
+        let (batch, res) = match msg {
+            Synced::Batch(batch, res) => (batch, res),
+            Synced::Closed(n) => {
+                let _ = closed.send(n);
+                continue;
+            }
+        };
+        let res = res.and_then(|()| {
+            shared
+                .trees
+                .apply(batch.iter().flat_map(|e| &e.muts))
+                .map_err(|e| e.to_string())
+        });
+        let last = batch.last().map_or(0, |e| e.lsn);
         {
             let mut st = shared.lock();
             if let Err(why) = &res {
@@ -297,17 +376,6 @@ fn run_log(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mpsc
         for e in batch {
             if let Some(reply) = e.reply {
                 let _ = reply.send(res.clone());
-            }
-        }
-        if res.is_ok() && segment.len >= wal::SEGMENT_BYTES {
-            match Segment::create(&dir, segment.number + 1) {
-                Ok(next) => {
-                    let _ = closed.send(std::mem::replace(&mut segment, next).number);
-                }
-                // Keep appending to the old segment; only disk use grows.
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not start a new write-ahead log segment")
-                }
             }
         }
     }
@@ -372,26 +440,35 @@ impl SledStore {
                 .spawn(move || run_cleaner(db, dir, closed_rx))
                 .map_err(unavailable)?
         };
-        let log_thread = {
+        let (synced_tx, synced_rx) = mpsc::channel();
+        let apply_thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("sled-apply".into())
+                .spawn(move || run_apply(shared, synced_rx, closed_tx))
+                .map_err(unavailable)?
+        };
+        let sync_thread = {
             let (shared, dir) = (shared.clone(), path.to_path_buf());
             std::thread::Builder::new()
                 .name("sled-group-commit".into())
-                .spawn(move || run_log(shared, dir, segment, closed_tx))
+                .spawn(move || run_sync(shared, dir, segment, synced_tx))
                 .map_err(unavailable)?
         };
         Ok(SledStore {
             shared,
             db,
             dir: path.to_path_buf(),
-            log_thread: Some(log_thread),
+            sync_thread: Some(sync_thread),
+            apply_thread: Some(apply_thread),
             cleaner: Some(cleaner),
         })
     }
 
-    /// The raw audit tree (seq -> record), for forensics and tamper tests.
-    /// Writing to it bypasses the chain: that is what `audit verify` detects.
-    pub fn raw_audit_tree(&self) -> &sled::Tree {
-        &self.shared.trees.audit
+    /// The stored audit records, for forensics and tamper tests. Writing
+    /// through it bypasses the chain: that is what `audit verify` detects.
+    pub fn raw_audit(&self) -> RawAudit<'_> {
+        RawAudit(&self.shared.trees.audit)
     }
 
     /// Reads a key as writers must see it: queued changes first, then sled.
@@ -476,7 +553,10 @@ impl Drop for SledStore {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.work.notify_all();
-        if let Some(t) = self.log_thread.take() {
+        if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.apply_thread.take() {
             let _ = t.join();
         }
         if let Some(t) = self.cleaner.take() {
@@ -731,27 +811,27 @@ impl Store for SledStore {
 
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         self.barrier().await?;
-        let start = after_seq.saturating_add(1).to_be_bytes();
-        self.shared
-            .trees
-            .audit
-            .range(start..)
-            // Every other key in the tree (the head) is not 8 bytes long.
-            .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k.len() == 8))
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv.map_err(unavailable)?;
-                let seq = k
-                    .as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| Error::DataLoss("audit key is corrupt".into()))?;
+        let first = after_seq.saturating_add(1);
+        let mut out = Vec::new();
+        for kv in self.shared.trees.audit.range(buckets::key(first)..) {
+            let (k, v) = kv.map_err(unavailable)?;
+            // The only other key in the tree (the head) is not 8 bytes long.
+            if k.len() != 8 {
+                continue;
+            }
+            for (seq, rec) in buckets::decode(&v)? {
+                if seq < first {
+                    continue;
+                }
                 // A record that does not decode is reported as an empty one,
                 // so verification can name it instead of failing outright.
-                let rec = AuditRecord::decode(v.as_ref()).unwrap_or_default();
-                Ok((seq, rec))
-            })
-            .collect()
+                out.push((seq, AuditRecord::decode(rec).unwrap_or_default()));
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
