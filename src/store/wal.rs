@@ -32,11 +32,17 @@
 //! `tree u8 | op u8 (0 remove, 1 put) | klen u32 LE | key | [vlen u32 LE | value]`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A segment is closed (and deleted once sled is flushed) past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// The segment file is extended with written zeros this much at a time, so
+/// that most syncs only flush data: appending past the end of a file (or
+/// into unwritten space) also makes `fdatasync` write the inode.
+const PREALLOCATE: u64 = 1 << 20;
 
 /// Largest frame replay accepts; a length above it is a torn or corrupt header.
 const MAX_FRAME: usize = 256 << 20;
@@ -157,7 +163,8 @@ pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, 
     let mut buf = Vec::new();
     File::open(segment_path(dir, n))?.read_to_end(&mut buf)?;
     let (ops, valid) = decode_frames(&buf);
-    Ok((ops, valid != buf.len()))
+    // Zeroes after the last frame are preallocated space, not damage.
+    Ok((ops, buf[valid..].iter().any(|b| *b != 0)))
 }
 
 /// The segment being appended to.
@@ -165,8 +172,10 @@ pub struct Segment {
     /// Its number (segments sort by it).
     pub number: u64,
     file: File,
-    /// Bytes written so far.
+    /// Bytes of frames written so far (where the next frame goes).
     pub len: u64,
+    /// Bytes of the file that exist on disk (frames, then zeroes).
+    allocated: u64,
 }
 
 impl Segment {
@@ -182,12 +191,21 @@ impl Segment {
             number,
             file,
             len: 0,
+            allocated: 0,
         })
     }
 
     /// Appends `frames` and waits until they are on disk.
     pub fn append_durable(&mut self, frames: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(frames)?;
+        let end = self.len + frames.len() as u64;
+        if end > self.allocated {
+            // Durable with the sync below; replay stops at the zeroes.
+            let grow = (end - self.allocated).div_ceil(PREALLOCATE) * PREALLOCATE;
+            self.file
+                .write_all_at(&vec![0; grow as usize], self.allocated)?;
+            self.allocated += grow;
+        }
+        self.file.write_all_at(frames, self.len)?;
         self.file.sync_data()?;
         self.len += frames.len() as u64;
         Ok(())

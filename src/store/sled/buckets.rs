@@ -21,8 +21,11 @@ use crate::error::{Error, Result};
 /// Changes to one bucket: seq -> new record bytes, or `None` to remove.
 pub type Changes<'a> = Vec<(u64, Option<&'a [u8]>)>;
 
-/// Records per bucket.
-pub const BUCKET: u64 = 64;
+/// Records per bucket. sled splits a leaf above 16 entries and writes a
+/// node larger than a quarter segment (128 KiB) as a separate blob file,
+/// so 17 buckets must stay well under that: 16 records of a few hundred
+/// bytes each do.
+pub const BUCKET: u64 = 16;
 
 /// The key of the bucket holding `seq`.
 pub fn key(seq: u64) -> [u8; 8] {
@@ -123,8 +126,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let t = db.open_tree("a").unwrap();
-        assert_eq!(key(1), key(63));
-        assert_ne!(key(63), key(64));
+        assert_eq!(key(1), key(BUCKET - 1));
+        assert_ne!(key(BUCKET - 1), key(BUCKET));
         update(&t, key(1), &[(2, Some(b"two")), (1, Some(b"one"))]).unwrap();
         update(&t, key(3), &[(3, Some(b"three")), (2, Some(b"TWO"))]).unwrap();
         let v = t.get(key(1)).unwrap().unwrap();
