@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prost::Message;
@@ -37,6 +38,10 @@ use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
 pub use buckets::RawAudit;
+
+/// Longest a batch of buffered audit records (nobody waiting) is held
+/// back to share one sync with later writes.
+pub const BUFFERED_LINGER: Duration = Duration::from_millis(5);
 
 /// Key of the audit head `(seq, hash)`, kept in the audit tree itself.
 /// Record keys are 8-byte seqs; this key is longer, so scans skip it.
@@ -157,10 +162,14 @@ struct State {
     failed: Option<String>,
     /// Set on drop: the log thread drains the queue and stops.
     closing: bool,
+    /// Whether some queued entry has a writer waiting for it.
+    waited_for: bool,
 }
 
 struct Shared {
     trees: Trees,
+    /// Log segment size past which a segment is closed.
+    segment_bytes: u64,
     state: Mutex<State>,
     /// Wakes the log thread when the queue goes from empty to non-empty.
     work: Condvar,
@@ -304,6 +313,18 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, out: mpsc::
             if st.queue.is_empty() {
                 return;
             }
+            // Only buffered audit records (metadata reads): nobody waits, so
+            // gather more of them for one sync instead of syncing each.
+            let deadline = Instant::now() + BUFFERED_LINGER;
+            while !st.waited_for && !st.closing {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                st = (shared.work.wait_timeout(st, left))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            st.waited_for = false;
             (std::mem::take(&mut st.queue), st.failed.clone())
         };
         let res = match failed {
@@ -326,7 +347,7 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, out: mpsc::
             // Refuse new writes at once, not only after the apply thread saw it.
             shared.lock().failed.get_or_insert_with(|| why.clone());
         }
-        let rotate = res.is_ok() && segment.len >= wal::SEGMENT_BYTES;
+        let rotate = res.is_ok() && segment.len >= shared.segment_bytes;
         if out.send(Synced::Batch(batch, res)).is_err() {
             return;
         }
@@ -402,6 +423,12 @@ impl SledStore {
     /// Opens (or creates) the database in `path`, replaying the write-ahead
     /// log left by a crash.
     pub fn open(path: &Path) -> Result<SledStore> {
+        Self::open_with(path, wal::SEGMENT_BYTES)
+    }
+
+    /// [`SledStore::open`] with log segments closed past `segment_bytes`
+    /// (small values exercise rotation in tests).
+    pub fn open_with(path: &Path, segment_bytes: u64) -> Result<SledStore> {
         let db = sled::Config::new().path(path).open().map_err(unavailable)?;
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         let trees = Trees {
@@ -421,6 +448,7 @@ impl SledStore {
         let segment = Segment::create(path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             trees,
+            segment_bytes,
             state: Mutex::new(State {
                 head,
                 next_lsn: 1,
@@ -429,6 +457,7 @@ impl SledStore {
                 pending: Pending::new(),
                 failed: None,
                 closing: false,
+                waited_for: false,
             }),
             work: Condvar::new(),
         });
@@ -510,9 +539,12 @@ impl SledStore {
         } else {
             (None, None)
         };
-        let was_idle = st.queue.is_empty();
+        // The sync thread sleeps on an empty queue, and lingers on a queue
+        // nobody waits for: wake it when either ends.
+        let wake = st.queue.is_empty() || (wait && !st.waited_for);
+        st.waited_for |= wait;
         st.queue.push(Entry { lsn, muts, reply });
-        if was_idle {
+        if wake {
             self.shared.work.notify_one();
         }
         Ok(rx)
