@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -168,6 +169,9 @@ struct State {
 
 struct Shared {
     trees: Trees,
+    /// Copy of `State::applied_lsn`, readable without the lock (see
+    /// [`Prefetch`]); written under the lock together with it.
+    applied: AtomicU64,
     /// Log segment size past which a segment is closed.
     segment_bytes: u64,
     state: Mutex<State>,
@@ -178,6 +182,34 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// sled values read before taking the state lock, so that the lock is
+/// held for hash lookups rather than sled reads. They are still valid
+/// under the lock if no batch finished applying since they were read:
+/// changes of a batch being applied meanwhile are all still in
+/// `State::pending`, which is consulted first.
+struct Prefetch {
+    /// `Shared::applied` before the reads.
+    seen: u64,
+    values: Vec<(u8, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Prefetch {
+    fn new(shared: &Shared) -> Prefetch {
+        Prefetch {
+            seen: shared.applied.load(Ordering::Acquire),
+            values: Vec::new(),
+        }
+    }
+
+    /// Reads `key` from sled and remembers it; returns the value.
+    fn read(&mut self, trees: &Trees, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let t = trees.get(tree).expect("known tree");
+        let v = t.get(key).map_err(unavailable)?.map(|v| v.to_vec());
+        self.values.push((tree, key.to_vec(), v.clone()));
+        Ok(v)
     }
 }
 
@@ -390,6 +422,7 @@ fn run_apply(shared: Arc<Shared>, synced: mpsc::Receiver<Synced>, closed: mpsc::
             }
             st.pending.retain(|_, (lsn, _)| *lsn > last);
             st.applied_lsn = last;
+            shared.applied.store(last, Ordering::Release);
         }
         if let Err(why) = &res {
             tracing::error!(error = %why, "storage write failed; refusing writes until restart");
@@ -448,6 +481,7 @@ impl SledStore {
         let segment = Segment::create(path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             trees,
+            applied: AtomicU64::new(0),
             segment_bytes,
             state: Mutex::new(State {
                 head,
@@ -502,7 +536,24 @@ impl SledStore {
 
     /// Reads a key as writers must see it: queued changes first, then sled.
     fn lookup(&self, st: &State, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.lookup_pre(st, None, tree, key)
+    }
+
+    /// [`SledStore::lookup`], using a value prefetched without the lock
+    /// when it is still valid.
+    fn lookup_pre(
+        &self,
+        st: &State,
+        pre: Option<&Prefetch>,
+        tree: u8,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
         if let Some((_, v)) = st.pending.get(&(tree, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        if let Some(pre) = pre.filter(|p| p.seen == st.applied_lsn)
+            && let Some((_, _, v)) = pre.values.iter().find(|(t, k, _)| *t == tree && k == key)
+        {
             return Ok(v.clone());
         }
         let t = self.shared.trees.get(tree).expect("known tree");
@@ -625,11 +676,20 @@ impl Store for SledStore {
         let rkey = record_key(&record.tenant, &record.token);
         let fkey = fingerprint_key(&record.tenant, &record.fingerprint);
         let value = record.encode_to_vec();
+        let trees = &self.shared.trees;
+        let mut pre = Prefetch::new(&self.shared);
+        if let Some(tok) = pre.read(trees, FINGERPRINTS, &fkey)? {
+            let key = record_key(&record.tenant, &String::from_utf8_lossy(&tok));
+            pre.read(trees, RECORDS, &key)?;
+        }
+        pre.read(trees, RECORDS, &rkey)?;
         let queued = {
             let mut st = self.shared.lock();
-            let indexed = match self.lookup(&st, FINGERPRINTS, &fkey)? {
-                Some(tok) => self.lookup(
+            let pre = Some(&pre);
+            let indexed = match self.lookup_pre(&st, pre, FINGERPRINTS, &fkey)? {
+                Some(tok) => self.lookup_pre(
                     &st,
+                    pre,
                     RECORDS,
                     &record_key(&record.tenant, &String::from_utf8_lossy(&tok)),
                 )?,
@@ -637,7 +697,7 @@ impl Store for SledStore {
             };
             if dedupe && let Some(existing) = indexed.clone() {
                 Err(Skip::Deduplicated(existing))
-            } else if self.lookup(&st, RECORDS, &rkey)?.is_some() {
+            } else if self.lookup_pre(&st, pre, RECORDS, &rkey)?.is_some() {
                 Err(Skip::TokenTaken)
             } else {
                 let mut muts = vec![put(RECORDS, rkey, value)];
