@@ -678,7 +678,9 @@ impl Store for SledStore {
         let value = record.encode_to_vec();
         let trees = &self.shared.trees;
         let mut pre = Prefetch::new(&self.shared);
-        if let Some(tok) = pre.read(trees, FINGERPRINTS, &fkey)? {
+        if let Some(tok) = pre.read(trees, FINGERPRINTS, &fkey)?
+            && dedupe
+        {
             let key = record_key(&record.tenant, &String::from_utf8_lossy(&tok));
             pre.read(trees, RECORDS, &key)?;
         }
@@ -686,14 +688,18 @@ impl Store for SledStore {
         let queued = {
             let mut st = self.shared.lock();
             let pre = Some(&pre);
-            let indexed = match self.lookup_pre(&st, pre, FINGERPRINTS, &fkey)? {
-                Some(tok) => self.lookup_pre(
+            let fp_token = self.lookup_pre(&st, pre, FINGERPRINTS, &fkey)?;
+            // The record the index points at, if live. Only dedupe needs it:
+            // without dedupe an existing entry is simply kept (delete
+            // removes entries pointing at the deleted token).
+            let indexed = match &fp_token {
+                Some(tok) if dedupe => self.lookup_pre(
                     &st,
                     pre,
                     RECORDS,
-                    &record_key(&record.tenant, &String::from_utf8_lossy(&tok)),
+                    &record_key(&record.tenant, &String::from_utf8_lossy(tok)),
                 )?,
-                None => None,
+                _ => None,
             };
             if dedupe && let Some(existing) = indexed.clone() {
                 Err(Skip::Deduplicated(existing))
@@ -701,7 +707,8 @@ impl Store for SledStore {
                 Err(Skip::TokenTaken)
             } else {
                 let mut muts = vec![put(RECORDS, rkey, value)];
-                if indexed.is_none() {
+                // A dangling entry (its record gone) is replaced under dedupe.
+                if fp_token.is_none() || (dedupe && indexed.is_none()) {
                     muts.push(put(FINGERPRINTS, fkey, record.token.as_bytes()));
                 }
                 let l = Self::chain(&mut st, audit, &mut muts);
