@@ -26,8 +26,9 @@
 //! * Key custody: a KEK split into Shamir key shares (sealed start, unseal by
 //!   custodians), versioned per-tenant data keys with manual and automatic
 //!   rotation, online resumable rewrap, retirement, master key rotation.
-//! * Embedded storage (sled) with group-committed, durable writes, or
-//!   PostgreSQL for many stateless replicas on one database.
+//! * Embedded storage (sled behind the vault's own write-ahead log, with
+//!   group-committed durable writes and crash replay), or PostgreSQL for
+//!   many stateless replicas on one database.
 //!
 //! ## Non-features
 //! * No card-network connectivity: the vault stores and returns cards, it

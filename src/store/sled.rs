@@ -7,14 +7,20 @@
 //! the grouping; measured, that bounded the vault at a fraction of what
 //! gRPC + TLS alone reach. Here a write works like this:
 //!
-//! * Under the state lock the writer checks what it must (token taken,
-//!   dedupe, key present) against sled plus the changes queued but not yet
-//!   applied, extends the audit chain if it writes an audit record, and
-//!   queues the operation's changes as one log entry.
-//! * The log thread appends all queued entries with one `write` and one
-//!   `fdatasync` (group commit), applies them to sled in log order with
-//!   plain single-key writes, then answers the writers. An acknowledged
-//!   write is therefore durable in the log and visible in sled.
+//! * The writer reads from sled what its checks need (token taken, dedupe,
+//!   key present), then, under the state lock, checks against those values
+//!   overlaid with the changes queued but not yet applied (re-reading if a
+//!   batch finished applying meanwhile), extends the audit chain if it
+//!   writes an audit record, and queues the operation's changes as one log
+//!   entry.
+//! * The sync thread appends all queued entries with one synchronous write
+//!   (group commit) and hands them to the apply thread, which applies them
+//!   to sled in log order with plain single-key writes and then answers
+//!   the writers. An acknowledged write is therefore durable in the log and
+//!   visible in sled. Audit records are stored 16 to a sled value
+//!   (see [`RawAudit`]); the head is written once per batch, after them.
+//! * Entries nobody waits for (metadata reads' audit records) are held up
+//!   to [`BUFFERED_LINGER`] to share a sync; a waiting writer ends the wait.
 //! * Closed log segments are deleted after a sled flush on a helper thread;
 //!   on open, what is left of the log is replayed (see [`super::wal`]).
 //!
