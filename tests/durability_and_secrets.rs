@@ -98,6 +98,59 @@ async fn acknowledged_writes_survive_kill_9() {
     }
 }
 
+/// Every acknowledged card read is in the audit log after SIGKILL: the
+/// record is durable before the PAN leaves, so a crash cannot leave a read
+/// that the blast-radius report does not count.
+#[tokio::test]
+async fn acknowledged_card_reads_stay_audited_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let v = VaultProcess::start(&data, &Opts::default());
+    let token = {
+        let mut m = v.client("merchant").await;
+        m.tokenize(card("4111111111111111"))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    };
+    let ch = v.channel("processor").await;
+    let mut tasks = Vec::new();
+    for _ in 0..150 {
+        let mut p = cardvault::proto::token_service_client::TokenServiceClient::new(ch.clone());
+        let req = DetokenizeRequest {
+            include_cvv: false,
+            ..detok(&token)
+        };
+        tasks.push(tokio::spawn(async move { p.detokenize(req).await.is_ok() }));
+    }
+    let mut acked = 0;
+    for t in tasks {
+        acked += u64::from(t.await.unwrap());
+    }
+    assert_eq!(acked, 150);
+    v.kill9().await;
+
+    let v = VaultProcess::start(&data, &Opts::default());
+    let mut a =
+        cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await);
+    let radius = a
+        .blast_radius(cardvault::proto::BlastRadiusRequest {
+            principal: "spiffe://cardvault.dev/demo/processor".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(radius.total_reads, acked, "{radius:?}");
+    let report = a
+        .verify(cardvault::proto::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+}
+
 /// Flipping one ciphertext byte, or swapping two records' ciphertexts, makes
 /// detokenize fail with DATA_LOSS (and no panic, no PAN in the message).
 #[tokio::test]
