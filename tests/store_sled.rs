@@ -175,3 +175,51 @@ async fn closed_segments_are_deleted_and_reopen_keeps_everything() {
     assert_eq!(s.count(Some("acme")).await.unwrap(), 300);
     assert_eq!(assert_chain_intact(&s).await, 600);
 }
+
+/// A failed log write fails that write and every later one (fail closed:
+/// nothing is acknowledged that might not be on disk), reads keep working,
+/// and after a restart the store holds exactly what was acknowledged.
+#[tokio::test]
+async fn a_failed_log_write_fails_closed_until_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        let first = sample("acme", "tok_ok", 1);
+        store
+            .insert(&first, false, &audit_body("Tokenize"))
+            .await
+            .unwrap();
+        store.fail_next_log_write();
+        let failed = store
+            .insert(
+                &sample("acme", "tok_lost", 2),
+                false,
+                &audit_body("Tokenize"),
+            )
+            .await;
+        assert!(
+            matches!(failed, Err(cardvault::error::Error::Unavailable(_))),
+            "{failed:?}"
+        );
+        // Later writes are refused too, without another injected failure.
+        let later = store.append_audit(&audit_body("Detokenize")).await;
+        assert!(
+            matches!(later, Err(cardvault::error::Error::Unavailable(ref m)) if m.contains("injected")),
+            "{later:?}"
+        );
+        assert!(store.put_keys(&[("k".into(), vec![1])]).await.is_err());
+        assert_eq!(store.get("acme", "tok_ok").await.unwrap(), Some(first));
+        assert!(store.get("acme", "tok_lost").await.unwrap().is_none());
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(s.count(Some("acme")).await.unwrap(), 1);
+    assert_eq!(assert_chain_intact(&s).await, 1);
+    s.insert(
+        &sample("acme", "tok_new", 3),
+        false,
+        &audit_body("Tokenize"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(assert_chain_intact(&s).await, 2);
+}

@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -178,6 +178,8 @@ struct Shared {
     /// Copy of `State::applied_lsn`, readable without the lock (see
     /// [`Prefetch`]); written under the lock together with it.
     applied: AtomicU64,
+    /// Test hook: fail the next log write (see [`SledStore::fail_next_log_write`]).
+    fail_next_write: AtomicBool,
     /// Log segment size past which a segment is closed.
     segment_bytes: u64,
     state: Mutex<State>,
@@ -374,6 +376,8 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, out: mpsc::
                 }
                 if frames.is_empty() {
                     Ok(())
+                } else if shared.fail_next_write.swap(false, Ordering::AcqRel) {
+                    Err("write-ahead log: injected write failure".to_owned())
                 } else {
                     segment
                         .append_durable(&frames)
@@ -488,6 +492,7 @@ impl SledStore {
         let shared = Arc::new(Shared {
             trees,
             applied: AtomicU64::new(0),
+            fail_next_write: AtomicBool::new(false),
             segment_bytes,
             state: Mutex::new(State {
                 head,
@@ -532,6 +537,13 @@ impl SledStore {
             apply_thread: Some(apply_thread),
             cleaner: Some(cleaner),
         })
+    }
+
+    /// Makes the next log write fail as a full or broken disk would, to
+    /// test that the store then fails closed.
+    #[doc(hidden)]
+    pub fn fail_next_log_write(&self) {
+        self.shared.fail_next_write.store(true, Ordering::Release);
     }
 
     /// The stored audit records, for forensics and tamper tests. Writing
