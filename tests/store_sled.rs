@@ -223,3 +223,36 @@ async fn a_failed_log_write_fails_closed_until_reopened() {
     .unwrap();
     assert_eq!(assert_chain_intact(&s).await, 2);
 }
+
+/// A data directory written before audit records were bucketed (one sled
+/// key per record in tree `audit`) is migrated on open: the chain is
+/// intact and continues, and the old tree is gone.
+#[tokio::test]
+async fn an_audit_log_of_storage_format_1_is_migrated() {
+    use cardvault::audit::{AuditRecord, GENESIS};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let old = db.open_tree("audit").unwrap();
+        let (mut seq, mut hash) = (0, GENESIS.to_vec());
+        for _ in 0..40 {
+            let r = AuditRecord::next(seq, &hash, audit_body("Detokenize").encode_to_vec());
+            old.insert(r.seq.to_be_bytes(), r.encode_to_vec()).unwrap();
+            (seq, hash) = (r.seq, r.hash);
+        }
+        let mut head = seq.to_be_bytes().to_vec();
+        head.extend_from_slice(&hash);
+        old.insert(b"~audit-head", head).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(assert_chain_intact(&s).await, 40);
+        assert_eq!(s.raw_audit().last_seq(), 40);
+        s.append_audit(&audit_body("Detokenize")).await.unwrap();
+        assert_eq!(assert_chain_intact(&s).await, 41);
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(assert_chain_intact(&s).await, 41);
+}

@@ -478,7 +478,7 @@ impl SledStore {
             records: tree("records")?,
             fingerprints: tree("fingerprints")?,
             keys: tree("keys")?,
-            audit: tree("audit")?,
+            audit: buckets::open(&db, AUDIT_HEAD)?,
             checkpoints: tree("audit_checkpoints")?,
         };
         let next_segment = recover(&db, &trees, path)?;

@@ -82,6 +82,75 @@ pub fn update(tree: &sled::Tree, base: [u8; 8], changes: &[(u64, Option<&[u8]>)]
     Ok(())
 }
 
+/// A bucket being gathered during migration: its key and records.
+type Gathered = ([u8; 8], Vec<(u64, Vec<u8>)>);
+
+/// Tree holding the buckets (format 2).
+pub const TREE: &str = "audit_buckets";
+/// Tree of format 1 (one record per key), read only to migrate it.
+const OLD_TREE: &str = "audit";
+/// Key, in the `meta` tree, of the storage format number.
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"2";
+
+/// Opens the bucket tree, first migrating a format 1 audit tree (one sled
+/// key per record, written by cardvault before 2026-11-25) if there is one.
+///
+/// The migration fills a fresh bucket tree, flushes, then records the new
+/// format and drops the old tree; a crash before the format is recorded
+/// leaves the old tree intact and the migration starts over.
+pub fn open(db: &sled::Db, head_key: &[u8]) -> Result<sled::Tree> {
+    let unavailable = |e: sled::Error| Error::Unavailable(format!("storage (sled): {e}"));
+    let meta = db.open_tree("meta").map_err(unavailable)?;
+    let tree = db.open_tree(TREE).map_err(unavailable)?;
+    if meta.get(FORMAT_KEY).map_err(unavailable)?.as_deref() == Some(FORMAT) {
+        return Ok(tree);
+    }
+    tree.clear().map_err(unavailable)?;
+    let old = db.open_tree(OLD_TREE).map_err(unavailable)?;
+    let mut migrated = 0u64;
+    let mut bucket: Option<Gathered> = None;
+    let flush = |b: Option<Gathered>| -> Result<()> {
+        if let Some((base, recs)) = b {
+            let value = encode(recs.iter().map(|(s, r)| (*s, r.as_slice())));
+            tree.insert(base, value).map_err(unavailable)?;
+        }
+        Ok(())
+    };
+    for kv in old.iter() {
+        let (k, v) = kv.map_err(unavailable)?;
+        if k.as_ref() == head_key {
+            tree.insert(head_key, v).map_err(unavailable)?;
+            continue;
+        }
+        let seq = u64::from_be_bytes(
+            k.as_ref()
+                .try_into()
+                .map_err(|_| Error::DataLoss("format 1 audit key is corrupt".into()))?,
+        );
+        match &mut bucket {
+            Some((base, recs)) if *base == key(seq) => recs.push((seq, v.to_vec())),
+            _ => {
+                flush(bucket.take())?;
+                bucket = Some((key(seq), vec![(seq, v.to_vec())]));
+            }
+        }
+        migrated += 1;
+    }
+    flush(bucket)?;
+    db.flush().map_err(unavailable)?;
+    meta.insert(FORMAT_KEY, FORMAT).map_err(unavailable)?;
+    db.flush().map_err(unavailable)?;
+    db.drop_tree(OLD_TREE).map_err(unavailable)?;
+    if migrated > 0 {
+        tracing::info!(
+            records = migrated,
+            "migrated the audit log to storage format 2"
+        );
+    }
+    Ok(tree)
+}
+
 /// Direct access to stored audit records, bypassing the chain and the
 /// write-ahead log: for forensics and for tests that tamper with the log
 /// the way an attacker with file access would.
