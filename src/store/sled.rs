@@ -74,7 +74,8 @@ struct Trees {
     fingerprints: sled::Tree,
     /// Wrapped keys and vault metadata by name.
     keys: sled::Tree,
-    /// Audit records by big-endian seq, and the head.
+    /// Audit records, 16 to a value keyed by big-endian seq (see
+    /// [`RawAudit`]), and the head.
     audit: sled::Tree,
     /// Signed checkpoints by big-endian seq.
     checkpoints: sled::Tree,
@@ -92,6 +93,7 @@ impl Trees {
         }
     }
 
+    /// Applies one change as it is.
     fn write_one(&self, m: &Mutation) -> Result<()> {
         let tree = self
             .get(m.tree)
@@ -139,7 +141,7 @@ impl Trees {
     }
 }
 
-/// One operation waiting for the log thread.
+/// One operation waiting for the sync thread.
 struct Entry {
     /// Position in the log; entries are applied in this order.
     lsn: u64,
@@ -150,7 +152,7 @@ struct Entry {
     reply: Option<Reply>,
 }
 
-/// Everything writers and the log thread share, under one lock.
+/// What writers and the log threads share, under one lock.
 struct State {
     /// Audit chain head `(seq, hash)` including queued records, so each new
     /// record links to the one queued before it.
@@ -159,7 +161,7 @@ struct State {
     next_lsn: u64,
     /// Every entry up to this lsn is durable and applied to sled.
     applied_lsn: u64,
-    /// Entries not yet taken by the log thread.
+    /// Entries not yet taken by the sync thread.
     queue: Vec<Entry>,
     /// Latest queued-but-unapplied value per `(tree, key)` with its lsn, so
     /// writers' checks see writes that sled does not show yet.
@@ -167,12 +169,13 @@ struct State {
     /// Set when the log could not be written or applied: the store then
     /// refuses every write (fail closed) until reopened.
     failed: Option<String>,
-    /// Set on drop: the log thread drains the queue and stops.
+    /// Set on drop: the sync thread drains the queue and stops.
     closing: bool,
     /// Whether some queued entry has a writer waiting for it.
     waited_for: bool,
 }
 
+/// State shared by the store handle and its threads.
 struct Shared {
     trees: Trees,
     /// Copy of `State::applied_lsn`, readable without the lock (see
@@ -183,7 +186,8 @@ struct Shared {
     /// Log segment size past which a segment is closed.
     segment_bytes: u64,
     state: Mutex<State>,
-    /// Wakes the log thread when the queue goes from empty to non-empty.
+    /// Wakes the sync thread: the queue became non-empty, or got its first
+    /// entry that a writer waits for.
     work: Condvar,
 }
 
