@@ -14,9 +14,9 @@
 //!    yet) and queues the changes of one operation as one entry.
 //! 2. A sync thread takes every queued entry and appends them to the
 //!    current [`Segment`] with one synchronous write (group commit: under
-//!    load one write serves dozens of requests); an apply thread then
-//!    applies them to sled in log order with plain single-key writes (no
-//!    sled batches, so no forced sled I/O) and answers the writers.
+//!    load one write serves dozens of requests), then applies them to sled
+//!    in log order with plain single-key writes (no sled batches, so no
+//!    forced sled I/O) and answers the writers.
 //! 3. A segment that has grown past [`SEGMENT_BYTES`] is closed; a helper
 //!    thread flushes sled (which makes everything applied so far durable in
 //!    sled) and deletes the closed segments.
