@@ -173,6 +173,8 @@ struct State {
     closing: bool,
     /// Whether some queued entry has a writer waiting for it.
     waited_for: bool,
+    /// Whether the sync thread is waiting on `Shared::work`.
+    sleeping: bool,
 }
 
 /// State shared by the store handle and its threads.
@@ -341,7 +343,9 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mps
         let (batch, failed) = {
             let mut st = shared.lock();
             while st.queue.is_empty() && !st.closing {
+                st.sleeping = true;
                 st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.sleeping = false;
             }
             if st.queue.is_empty() {
                 return;
@@ -353,9 +357,11 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mps
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     break;
                 };
+                st.sleeping = true;
                 st = (shared.work.wait_timeout(st, left))
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                st.sleeping = false;
             }
             st.waited_for = false;
             (std::mem::take(&mut st.queue), st.failed.clone())
@@ -485,6 +491,7 @@ impl SledStore {
                 failed: None,
                 closing: false,
                 waited_for: false,
+                sleeping: false,
             }),
             work: Condvar::new(),
         });
@@ -583,7 +590,8 @@ impl SledStore {
         };
         // The sync thread sleeps on an empty queue, and lingers on a queue
         // nobody waits for: wake it when either ends.
-        let wake = st.queue.is_empty() || (wait && !st.waited_for);
+        // (A notify costs a system call, so only when it is asleep.)
+        let wake = st.sleeping && (st.queue.is_empty() || (wait && !st.waited_for));
         st.waited_for |= wait;
         st.queue.push(Entry { lsn, muts, reply });
         if wake {
