@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 
+use super::unavailable;
 use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
 
@@ -62,7 +63,6 @@ fn encode<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
 /// Applies `changes` (seq -> new record bytes, or `None` to remove) to the
 /// bucket at `base` with one read and one write.
 pub fn update(tree: &sled::Tree, base: [u8; 8], changes: &[(u64, Option<&[u8]>)]) -> Result<()> {
-    let unavailable = |e: sled::Error| Error::Unavailable(format!("storage (sled): {e}"));
     let old = tree.get(base).map_err(unavailable)?;
     let mut entries: BTreeMap<u64, &[u8]> = match &old {
         Some(v) => decode(v)?.into_iter().collect(),
@@ -100,7 +100,6 @@ const FORMAT: &[u8] = b"2";
 /// format and drops the old tree; a crash before the format is recorded
 /// leaves the old tree intact and the migration starts over.
 pub fn open(db: &sled::Db, head_key: &[u8]) -> Result<sled::Tree> {
-    let unavailable = |e: sled::Error| Error::Unavailable(format!("storage (sled): {e}"));
     let meta = db.open_tree("meta").map_err(unavailable)?;
     let tree = db.open_tree(TREE).map_err(unavailable)?;
     if meta.get(FORMAT_KEY).map_err(unavailable)?.as_deref() == Some(FORMAT) {
