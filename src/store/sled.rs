@@ -546,6 +546,10 @@ impl SledStore {
         tree: u8,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>> {
+        debug_assert!(
+            matches!(tree, RECORDS | FINGERPRINTS | KEYS),
+            "queued changes are only tracked for records, fingerprints and keys"
+        );
         if let Some((_, v)) = st.pending.get(&(tree, key.to_vec())) {
             return Ok(v.clone());
         }
@@ -578,7 +582,12 @@ impl SledStore {
         }
         let lsn = st.next_lsn;
         st.next_lsn += 1;
-        for m in &muts {
+        // Writers only ever check records, fingerprints and keys; audit
+        // records and checkpoints (most of the bytes) need no overlay.
+        for m in muts
+            .iter()
+            .filter(|m| matches!(m.tree, RECORDS | FINGERPRINTS | KEYS))
+        {
             st.pending
                 .insert((m.tree, m.key.clone()), (lsn, m.value.clone()));
         }
