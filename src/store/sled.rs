@@ -159,8 +159,6 @@ struct State {
     head: (u64, Vec<u8>),
     /// Lsn the next entry gets.
     next_lsn: u64,
-    /// Every entry up to this lsn is durable and applied to sled.
-    applied_lsn: u64,
     /// Entries not yet taken by the sync thread.
     queue: Vec<Entry>,
     /// Latest queued-but-unapplied value per `(tree, key)` with its lsn, so
@@ -180,8 +178,9 @@ struct State {
 /// State shared by the store handle and its threads.
 struct Shared {
     trees: Trees,
-    /// Copy of `State::applied_lsn`, readable without the lock (see
-    /// [`Prefetch`]); written under the lock together with it.
+    /// Every entry up to this lsn is durable and applied to sled. Written
+    /// under the state lock (with `State::pending`), readable without it
+    /// (see [`Prefetch`]).
     applied: AtomicU64,
     /// Test hook: fail the next log write (see [`SledStore::fail_next_log_write`]).
     fail_next_write: AtomicBool,
@@ -420,7 +419,6 @@ fn finish_batch(shared: &Shared, batch: Vec<Entry>, res: std::result::Result<(),
             st.failed.get_or_insert_with(|| why.clone());
         }
         st.pending.retain(|_, (lsn, _)| *lsn > last);
-        st.applied_lsn = last;
         shared.applied.store(last, Ordering::Release);
     }
     if let Err(why) = &res {
@@ -485,7 +483,6 @@ impl SledStore {
             state: Mutex::new(State {
                 head,
                 next_lsn: 1,
-                applied_lsn: 0,
                 queue: Vec::new(),
                 pending: Pending::new(),
                 failed: None,
@@ -553,7 +550,7 @@ impl SledStore {
         if let Some((_, v)) = st.pending.get(&(tree, key.to_vec())) {
             return Ok(v.clone());
         }
-        if let Some(pre) = pre.filter(|p| p.seen == st.applied_lsn)
+        if let Some(pre) = pre.filter(|p| p.seen == self.shared.applied.load(Ordering::Acquire))
             && let Some((_, _, v)) = pre.values.iter().find(|(t, k, _)| *t == tree && k == key)
         {
             return Ok(v.clone());
@@ -631,7 +628,7 @@ impl SledStore {
     async fn barrier(&self) -> Result<()> {
         let rx = {
             let mut st = self.shared.lock();
-            if st.applied_lsn + 1 >= st.next_lsn {
+            if self.shared.applied.load(Ordering::Acquire) + 1 >= st.next_lsn {
                 return Ok(());
             }
             self.enqueue(&mut st, Vec::new(), true)?
