@@ -93,6 +93,12 @@ impl Trees {
         }
     }
 
+    /// Reads one key of one of the store's own trees.
+    fn read(&self, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let t = self.get(tree).expect("the store names only its own trees");
+        Ok(t.get(key).map_err(unavailable)?.map(|v| v.to_vec()))
+    }
+
     /// Applies one change as it is.
     fn write_one(&self, m: &Mutation) -> Result<()> {
         let tree = self
@@ -219,8 +225,7 @@ impl Prefetch {
 
     /// Reads `key` from sled and remembers it; returns the value.
     fn read(&mut self, trees: &Trees, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let t = trees.get(tree).expect("known tree");
-        let v = t.get(key).map_err(unavailable)?.map(|v| v.to_vec());
+        let v = trees.read(tree, key)?;
         self.values.push((tree, key.to_vec(), v.clone()));
         Ok(v)
     }
@@ -555,8 +560,7 @@ impl SledStore {
         {
             return Ok(v.clone());
         }
-        let t = self.shared.trees.get(tree).expect("known tree");
-        Ok(t.get(key).map_err(unavailable)?.map(|v| v.to_vec()))
+        self.shared.trees.read(tree, key)
     }
 
     /// Extends the chain with `audit` and adds its two writes to `muts`.
