@@ -388,9 +388,6 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mps
                 }
             }
         };
-        if let Err(why) = &res {
-            shared.lock().failed.get_or_insert_with(|| why.clone());
-        }
         let rotate = res.is_ok() && segment.len >= shared.segment_bytes;
         finish_batch(&shared, batch, res);
         if rotate {
