@@ -8,7 +8,8 @@
 //! gRPC + TLS alone reach. Here a write works like this:
 //!
 //! * The writer reads from sled what its checks need (token taken, dedupe,
-//!   key present), then, under the state lock, checks against those values
+//!   key present; skipped for record and fingerprint keys an in-memory
+//!   filter has never seen, see [`filter`]), then, under the state lock, checks against those values
 //!   overlaid with the changes queued but not yet applied (re-reading if a
 //!   batch finished applying meanwhile), extends the audit chain if it
 //!   writes an audit record, and queues the operation's changes as one log
@@ -41,6 +42,7 @@ use tokio::sync::oneshot;
 use super::wal::{self, Mutation, Segment};
 
 mod buckets;
+mod filter;
 use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
@@ -184,6 +186,9 @@ struct State {
 /// State shared by the store handle and its threads.
 struct Shared {
     trees: Trees,
+    /// Record and fingerprint keys ever written, so tokenize's checks skip
+    /// sled for keys certainly absent (see [`filter`]).
+    filter: filter::KeyFilter,
     /// Every entry up to this lsn is durable and applied to sled. Written
     /// under the state lock (with `State::pending`), readable without it
     /// (see [`Prefetch`]).
@@ -201,6 +206,19 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a key from sled, unless the filter says it was never written.
+    ///
+    /// Sound for a key applied by a batch this caller has seen as applied
+    /// (`applied` loaded with acquire ordering first, as [`Prefetch`] and
+    /// the state lock do): its writer added it to the filter before queuing
+    /// it. Keys present at open are in the filter once it is ready.
+    fn read_filtered(&self, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if matches!(tree, RECORDS | FINGERPRINTS) && !self.filter.may_contain(tree, key) {
+            return Ok(None);
+        }
+        self.trees.read(tree, key)
     }
 }
 
@@ -224,8 +242,8 @@ impl Prefetch {
     }
 
     /// Reads `key` from sled and remembers it; returns the value.
-    fn read(&mut self, trees: &Trees, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let v = trees.read(tree, key)?;
+    fn read(&mut self, shared: &Shared, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let v = shared.read_filtered(tree, key)?;
         self.values.push((tree, key.to_vec(), v.clone()));
         Ok(v)
     }
@@ -243,6 +261,8 @@ pub struct SledStore {
     sync_thread: Option<JoinHandle<()>>,
     /// Deletes closed segments once sled is flushed; joined on drop.
     cleaner: Option<JoinHandle<()>>,
+    /// Fills the key filter with the keys present at open; joined on drop.
+    filler: Option<JoinHandle<()>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -433,6 +453,38 @@ fn finish_batch(shared: &Shared, batch: Vec<Entry>, res: std::result::Result<(),
     }
 }
 
+/// Adds the record and fingerprint keys present at open to the filter,
+/// then marks it ready. Stops early (filter never ready) when the store
+/// closes or sled fails; checks then keep reading sled, which is correct.
+fn fill_filter(shared: &Shared) {
+    let started = Instant::now();
+    let mut n = 0u64;
+    for (no, tree) in [
+        (RECORDS, &shared.trees.records),
+        (FINGERPRINTS, &shared.trees.fingerprints),
+    ] {
+        for key in tree.iter().keys() {
+            match key {
+                Ok(k) => shared.filter.add(no, &k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not scan keys for the key filter; tokenize reads sled for every check");
+                    return;
+                }
+            }
+            n += 1;
+            if n.is_multiple_of(4096) && shared.lock().closing {
+                return;
+            }
+        }
+    }
+    shared.filter.set_ready();
+    tracing::info!(
+        keys = n,
+        ms = started.elapsed().as_millis() as u64,
+        "key filter ready"
+    );
+}
+
 /// Deletes closed segments once a sled flush has made their changes
 /// durable in sled itself.
 fn run_cleaner(db: sled::Db, dir: PathBuf, closed: mpsc::Receiver<u64>) {
@@ -479,6 +531,7 @@ impl SledStore {
         let segment = Segment::create(path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             trees,
+            filter: filter::KeyFilter::new(),
             applied: AtomicU64::new(0),
             fail_next_write: AtomicBool::new(false),
             segment_bytes,
@@ -502,6 +555,13 @@ impl SledStore {
                 .spawn(move || run_cleaner(db, dir, closed_rx))
                 .map_err(unavailable)?
         };
+        let filler = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("sled-key-filter".into())
+                .spawn(move || fill_filter(&shared))
+                .map_err(unavailable)?
+        };
         let sync_thread = {
             let (shared, dir) = (shared.clone(), path.to_path_buf());
             std::thread::Builder::new()
@@ -515,7 +575,15 @@ impl SledStore {
             dir: path.to_path_buf(),
             sync_thread: Some(sync_thread),
             cleaner: Some(cleaner),
+            filler: Some(filler),
         })
+    }
+
+    /// Whether the key filter has all keys present at open (tests wait for
+    /// it to check that tokenize still sees those keys).
+    #[doc(hidden)]
+    pub fn key_filter_ready(&self) -> bool {
+        self.shared.filter.is_ready()
     }
 
     /// Makes the next log write fail as a full or broken disk would, to
@@ -557,7 +625,7 @@ impl SledStore {
         {
             return Ok(v.clone());
         }
-        self.shared.trees.read(tree, key)
+        self.shared.read_filtered(tree, key)
     }
 
     /// Extends the chain with `audit` and adds its two writes to `muts`.
@@ -586,6 +654,9 @@ impl SledStore {
             .iter()
             .filter(|m| matches!(m.tree, RECORDS | FINGERPRINTS | KEYS))
         {
+            if m.value.is_some() && m.tree != KEYS {
+                self.shared.filter.add(m.tree, &m.key);
+            }
             st.pending
                 .insert((m.tree, m.key.clone()), (lsn, m.value.clone()));
         }
@@ -648,6 +719,9 @@ impl Drop for SledStore {
         if let Some(t) = self.cleaner.take() {
             let _ = t.join();
         }
+        if let Some(t) = self.filler.take() {
+            let _ = t.join();
+        }
         // Clean close: sled holds everything, the log is no longer needed.
         // After a failure the log is kept for the next open to replay.
         if self.shared.lock().failed.is_none() && self.db.flush().is_ok() {
@@ -679,15 +753,15 @@ impl Store for SledStore {
         let rkey = record_key(&record.tenant, &record.token);
         let fkey = fingerprint_key(&record.tenant, &record.fingerprint);
         let value = record.encode_to_vec();
-        let trees = &self.shared.trees;
-        let mut pre = Prefetch::new(&self.shared);
-        if let Some(tok) = pre.read(trees, FINGERPRINTS, &fkey)?
+        let shared = &*self.shared;
+        let mut pre = Prefetch::new(shared);
+        if let Some(tok) = pre.read(shared, FINGERPRINTS, &fkey)?
             && dedupe
         {
             let key = record_key(&record.tenant, &String::from_utf8_lossy(&tok));
-            pre.read(trees, RECORDS, &key)?;
+            pre.read(shared, RECORDS, &key)?;
         }
-        pre.read(trees, RECORDS, &rkey)?;
+        pre.read(shared, RECORDS, &rkey)?;
         let queued = {
             let mut st = self.shared.lock();
             let pre = Some(&pre);
