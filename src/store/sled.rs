@@ -9,7 +9,7 @@
 //!
 //! * The writer reads from sled what its checks need (token taken, dedupe,
 //!   key present; skipped for record and fingerprint keys an in-memory
-//!   filter has never seen, see [`filter`]), then, under the state lock, checks against those values
+//!   filter has never seen, see `sled/filter.rs`), then, under the state lock, checks against those values
 //!   overlaid with the changes queued but not yet applied (re-reading if a
 //!   batch finished applying meanwhile), extends the audit chain if it
 //!   writes an audit record, and queues the operation's changes as one log
