@@ -300,3 +300,60 @@ async fn after_reopen_the_key_filter_still_sees_existing_tokens_and_cards() {
     let out = s.insert(&r, true, &audit_body("Tokenize")).await.unwrap();
     assert!(matches!(out, InsertOutcome::Inserted(_)));
 }
+
+/// A data directory of storage format 2 (audit records 16 to a sled value
+/// in tree `audit_buckets`, 2026-11-25) is migrated to the audit journal
+/// file on open, also when an earlier migration was cut short by a crash
+/// (a partial journal file, format still 2).
+#[tokio::test]
+async fn an_audit_log_of_storage_format_2_is_migrated() {
+    use cardvault::audit::{AuditRecord, GENESIS};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        db.open_tree("meta").unwrap().insert("format", "2").unwrap();
+        let buckets = db.open_tree("audit_buckets").unwrap();
+        let (mut seq, mut hash) = (0u64, GENESIS.to_vec());
+        let mut values: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+        for _ in 0..40 {
+            let r = AuditRecord::next(seq, &hash, audit_body("Detokenize").encode_to_vec());
+            let bytes = r.encode_to_vec();
+            let v = values.entry(r.seq - r.seq % 16).or_default();
+            v.extend_from_slice(&r.seq.to_be_bytes());
+            v.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            v.extend_from_slice(&bytes);
+            (seq, hash) = (r.seq, r.hash);
+        }
+        for (base, v) in values {
+            buckets.insert(base.to_be_bytes(), v).unwrap();
+        }
+        let mut head = seq.to_be_bytes().to_vec();
+        head.extend_from_slice(&hash);
+        buckets.insert(b"~audit-head", head).unwrap();
+        db.flush().unwrap();
+    }
+    // What a crash during a first migration attempt leaves behind.
+    std::fs::write(dir.path().join("cardvault-audit.log"), [7u8; 100]).unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(assert_chain_intact(&s).await, 40);
+        assert_eq!(s.raw_audit().last_seq(), 40);
+        assert_eq!(s.audit_head().await.unwrap().unwrap().0, 40);
+        s.append_audit(&audit_body("Detokenize")).await.unwrap();
+        assert_eq!(assert_chain_intact(&s).await, 41);
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(assert_chain_intact(&s).await, 41);
+    drop(s);
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let names: Vec<String> = db
+        .tree_names()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "audit_buckets" || n == "audit"),
+        "old audit trees left: {names:?}"
+    );
+}

@@ -28,7 +28,7 @@
 //! If the log cannot be written the store fails closed: that batch and
 //! every later write return `UNAVAILABLE` until a restart replays the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
@@ -43,17 +43,20 @@ use super::wal::{self, Mutation, Segment};
 
 mod buckets;
 mod filter;
+mod journal;
 use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
-pub use buckets::RawAudit;
+pub use journal::RawAudit;
 
 /// Longest a batch of buffered audit records (nobody waiting) is held
 /// back to share one sync with later writes.
 pub const BUFFERED_LINGER: Duration = Duration::from_millis(5);
 
-/// Key of the audit head `(seq, hash)`, kept in the audit tree itself.
-/// Record keys are 8-byte seqs; this key is longer, so scans skip it.
+/// Key of the audit head `(seq, hash)`: in the `meta` tree (format 3), in
+/// the bucket tree before (where record keys were 8-byte seqs and this
+/// longer key was skipped by scans). Written to the log as a change of
+/// tree [`AUDIT`].
 const AUDIT_HEAD: &[u8] = b"~audit-head";
 
 /// Tree numbers as written in the log.
@@ -76,9 +79,9 @@ struct Trees {
     fingerprints: sled::Tree,
     /// Wrapped keys and vault metadata by name.
     keys: sled::Tree,
-    /// Audit records, 16 to a value keyed by big-endian seq (see
-    /// [`RawAudit`]), and the head.
-    audit: sled::Tree,
+    /// Audit records in their append-only file, and the head (see
+    /// [`RawAudit`]).
+    journal: journal::Journal,
     /// Signed checkpoints by big-endian seq.
     checkpoints: sled::Tree,
 }
@@ -89,7 +92,6 @@ impl Trees {
             RECORDS => Some(&self.records),
             FINGERPRINTS => Some(&self.fingerprints),
             KEYS => Some(&self.keys),
-            AUDIT => Some(&self.audit),
             CHECKPOINTS => Some(&self.checkpoints),
             _ => None,
         }
@@ -114,18 +116,18 @@ impl Trees {
         Ok(())
     }
 
-    /// Applies logged changes to sled, in log order except that audit
-    /// records are gathered into one write per bucket (see [`buckets`]) and
-    /// the audit head, written once with its last value, goes last, so a
-    /// reader never sees a head ahead of its records.
+    /// Applies logged changes in log order, except that the batch's audit
+    /// records are appended to the journal with one write, and the audit
+    /// head, written once with its last value, goes last, so a reader never
+    /// sees a head ahead of its records.
     fn apply<'a>(&self, muts: impl IntoIterator<Item = &'a Mutation>) -> Result<()> {
         let mut head = None;
-        let mut audit: BTreeMap<[u8; 8], buckets::Changes<'_>> = BTreeMap::new();
+        let mut audit: Vec<(u64, &[u8])> = Vec::new();
         for m in muts {
             if m.tree != AUDIT {
                 self.write_one(m)?;
             } else if m.key == AUDIT_HEAD {
-                head = Some(m);
+                head = m.value.as_deref();
             } else {
                 let seq = m
                     .key
@@ -133,17 +135,15 @@ impl Trees {
                     .try_into()
                     .map(u64::from_be_bytes)
                     .map_err(|_| Error::DataLoss("log holds a malformed audit key".into()))?;
-                audit
-                    .entry(buckets::key(seq))
-                    .or_default()
-                    .push((seq, m.value.as_deref()));
+                let rec = m.value.as_deref().ok_or_else(|| {
+                    Error::DataLoss("log removes an audit record (never written so)".into())
+                })?;
+                audit.push((seq, rec));
             }
         }
-        for (base, changes) in &audit {
-            buckets::update(&self.audit, *base, changes)?;
-        }
+        self.journal.append(&audit)?;
         if let Some(h) = head {
-            self.write_one(h)?;
+            self.journal.set_head(AUDIT_HEAD, h)?;
         }
         Ok(())
     }
@@ -347,6 +347,7 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
         }
     }
     if let Some(&last) = segs.last() {
+        trees.journal.sync()?;
         db.flush().map_err(unavailable)?;
         for n in &segs {
             std::fs::remove_file(wal::segment_path(dir, *n)).map_err(unavailable)?;
@@ -485,11 +486,15 @@ fn fill_filter(shared: &Shared) {
     );
 }
 
-/// Deletes closed segments once a sled flush has made their changes
-/// durable in sled itself.
-fn run_cleaner(db: sled::Db, dir: PathBuf, closed: mpsc::Receiver<u64>) {
+/// Deletes closed segments once a journal sync and a sled flush have made
+/// their changes durable without the log.
+fn run_cleaner(shared: Arc<Shared>, db: sled::Db, dir: PathBuf, closed: mpsc::Receiver<u64>) {
     while let Ok(n) = closed.recv() {
         let upto = closed.try_iter().fold(n, u64::max);
+        if let Err(e) = shared.trees.journal.sync() {
+            tracing::warn!(error = %e, "audit journal sync failed; keeping the write-ahead log");
+            continue;
+        }
         if let Err(e) = db.flush() {
             tracing::warn!(error = %e, "sled flush failed; keeping the write-ahead log");
             continue;
@@ -518,11 +523,11 @@ impl SledStore {
             records: tree("records")?,
             fingerprints: tree("fingerprints")?,
             keys: tree("keys")?,
-            audit: buckets::open(&db, AUDIT_HEAD)?,
+            journal: journal::Journal::open(&db, path, AUDIT_HEAD)?,
             checkpoints: tree("audit_checkpoints")?,
         };
         let next_segment = recover(&db, &trees, path)?;
-        let head = match trees.audit.get(AUDIT_HEAD).map_err(unavailable)? {
+        let head = match trees.journal.head(AUDIT_HEAD)? {
             Some(v) => {
                 decode_head(&v).ok_or_else(|| Error::DataLoss("audit head is corrupt".into()))?
             }
@@ -549,10 +554,10 @@ impl SledStore {
         });
         let (closed_tx, closed_rx) = mpsc::channel();
         let cleaner = {
-            let (db, dir) = (db.clone(), path.to_path_buf());
+            let (shared, db, dir) = (shared.clone(), db.clone(), path.to_path_buf());
             std::thread::Builder::new()
                 .name("sled-wal-cleaner".into())
-                .spawn(move || run_cleaner(db, dir, closed_rx))
+                .spawn(move || run_cleaner(shared, db, dir, closed_rx))
                 .map_err(unavailable)?
         };
         let filler = {
@@ -596,7 +601,7 @@ impl SledStore {
     /// The stored audit records, for forensics and tamper tests. Writing
     /// through it bypasses the chain: that is what `audit verify` detects.
     pub fn raw_audit(&self) -> RawAudit<'_> {
-        RawAudit(&self.shared.trees.audit)
+        RawAudit(&self.shared.trees.journal)
     }
 
     /// Reads a key as writers must see it: queued changes first, then sled.
@@ -724,7 +729,10 @@ impl Drop for SledStore {
         }
         // Clean close: sled holds everything, the log is no longer needed.
         // After a failure the log is kept for the next open to replay.
-        if self.shared.lock().failed.is_none() && self.db.flush().is_ok() {
+        if self.shared.lock().failed.is_none()
+            && self.shared.trees.journal.sync().is_ok()
+            && self.db.flush().is_ok()
+        {
             for s in wal::segments(&self.dir).unwrap_or_default() {
                 let _ = std::fs::remove_file(wal::segment_path(&self.dir, s));
             }
@@ -969,13 +977,7 @@ impl Store for SledStore {
 
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
         self.barrier().await?;
-        match self
-            .shared
-            .trees
-            .audit
-            .get(AUDIT_HEAD)
-            .map_err(unavailable)?
-        {
+        match self.shared.trees.journal.head(AUDIT_HEAD)? {
             Some(v) => {
                 Ok(Some(decode_head(&v).ok_or_else(|| {
                     Error::DataLoss("audit head is corrupt".into())
@@ -987,27 +989,7 @@ impl Store for SledStore {
 
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         self.barrier().await?;
-        let first = after_seq.saturating_add(1);
-        let mut out = Vec::new();
-        for kv in self.shared.trees.audit.range(buckets::key(first)..) {
-            let (k, v) = kv.map_err(unavailable)?;
-            // The only other key in the tree (the head) is not 8 bytes long.
-            if k.len() != 8 {
-                continue;
-            }
-            for (seq, rec) in buckets::decode(&v)? {
-                if seq < first {
-                    continue;
-                }
-                // A record that does not decode is reported as an empty one,
-                // so verification can name it instead of failing outright.
-                out.push((seq, AuditRecord::decode(rec).unwrap_or_default()));
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-        }
-        Ok(out)
+        self.shared.trees.journal.records(after_seq, limit)
     }
 
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {

@@ -1,26 +1,16 @@
-//! How audit records sit in sled: up to [`BUCKET`] consecutive records in
-//! one value, keyed by the bucket's first possible seq (8 bytes, big endian).
-//!
-//! Why: each sled insert costs several microseconds, and every detokenize
-//! appends an audit record. Applying a group commit's records as one
-//! read-modify-write per bucket, instead of one insert per record, removed
-//! about a quarter of the vault's CPU per detokenize in the benchmark.
+//! How audit records sat in sled in storage format 2 (2026-11-25), read
+//! now only to migrate them to the journal of format 3 (see [`super::journal`]):
+//! up to [`BUCKET`] consecutive records in one value, keyed by the bucket's
+//! first possible seq (8 bytes, big endian). Format 1 (one sled key per
+//! record) is first migrated to format 2 here.
 //!
 //! Value: repeated `seq u64 BE | len u32 BE | AuditRecord bytes`, sorted
 //! by seq. The seq stored beside each record is its storage position, the
 //! counterpart of a per-record key, so verification still detects records
 //! moved, removed or inserted behind the chain's back.
 
-use std::collections::BTreeMap;
-
-use prost::Message;
-
 use super::unavailable;
-use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
-
-/// Changes to one bucket: seq -> new record bytes, or `None` to remove.
-pub type Changes<'a> = Vec<(u64, Option<&'a [u8]>)>;
 
 /// Records per bucket. sled splits a leaf above 16 entries and writes a
 /// node larger than a quarter segment (128 KiB) as a separate blob file,
@@ -58,28 +48,6 @@ fn encode<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
         v.extend_from_slice(rec);
     }
     v
-}
-
-/// Applies `changes` (seq -> new record bytes, or `None` to remove) to the
-/// bucket at `base` with one read and one write.
-pub fn update(tree: &sled::Tree, base: [u8; 8], changes: &[(u64, Option<&[u8]>)]) -> Result<()> {
-    let old = tree.get(base).map_err(unavailable)?;
-    let mut entries: BTreeMap<u64, &[u8]> = match &old {
-        Some(v) => decode(v)?.into_iter().collect(),
-        None => BTreeMap::new(),
-    };
-    for (seq, rec) in changes {
-        match rec {
-            Some(r) => entries.insert(*seq, r),
-            None => entries.remove(seq),
-        };
-    }
-    if entries.is_empty() {
-        tree.remove(base).map_err(unavailable)?;
-    } else {
-        tree.insert(base, encode(entries)).map_err(unavailable)?;
-    }
-    Ok(())
 }
 
 /// A bucket being gathered during migration: its key and records.
@@ -150,62 +118,20 @@ pub fn open(db: &sled::Db, head_key: &[u8]) -> Result<sled::Tree> {
     Ok(tree)
 }
 
-/// Direct access to stored audit records, bypassing the chain and the
-/// write-ahead log: for forensics and for tests that tamper with the log
-/// the way an attacker with file access would.
-pub struct RawAudit<'a>(pub(super) &'a sled::Tree);
-
-impl RawAudit<'_> {
-    /// The record stored at `seq`.
-    pub fn get(&self, seq: u64) -> Option<AuditRecord> {
-        let v = self.0.get(key(seq)).ok()??;
-        let (_, rec) = decode(&v).ok()?.into_iter().find(|(s, _)| *s == seq)?;
-        AuditRecord::decode(rec).ok()
-    }
-
-    /// Stores `rec` at position `seq` (whatever seq the record itself names).
-    pub fn put(&self, seq: u64, rec: &AuditRecord) -> Result<()> {
-        update(self.0, key(seq), &[(seq, Some(&rec.encode_to_vec()))])
-    }
-
-    /// Removes the record at `seq`.
-    pub fn remove(&self, seq: u64) -> Result<()> {
-        update(self.0, key(seq), &[(seq, None)])
-    }
-
-    /// The highest stored seq (0 if none).
-    pub fn last_seq(&self) -> u64 {
-        self.0
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .filter(|(k, _)| k.len() == 8)
-            .filter_map(|(_, v)| decode(&v).ok()?.last().map(|(s, _)| *s))
-            .max()
-            .unwrap_or(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn buckets_merge_by_seq_and_disappear_when_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let t = db.open_tree("a").unwrap();
+    fn bucket_values_decode_by_seq_and_reject_truncation() {
         assert_eq!(key(1), key(BUCKET - 1));
         assert_ne!(key(BUCKET - 1), key(BUCKET));
-        update(&t, key(1), &[(2, Some(b"two")), (1, Some(b"one"))]).unwrap();
-        update(&t, key(3), &[(3, Some(b"three")), (2, Some(b"TWO"))]).unwrap();
-        let v = t.get(key(1)).unwrap().unwrap();
+        let v = encode([(1, &b"one"[..]), (2, &b"TWO"[..]), (3, &b"three"[..])]);
         let got: Vec<(u64, &[u8])> = decode(&v).unwrap();
         assert_eq!(
             got,
             vec![(1, &b"one"[..]), (2, &b"TWO"[..]), (3, &b"three"[..])]
         );
-        update(&t, key(1), &[(1, None), (2, None), (3, None)]).unwrap();
-        assert!(t.get(key(1)).unwrap().is_none());
         // A value cut short is reported, not misread.
         assert!(decode(&v[..v.len() - 1]).is_err());
     }
