@@ -27,7 +27,8 @@
 //!   custodians), versioned per-tenant data keys with manual and automatic
 //!   rotation, online resumable rewrap, retirement, master key rotation.
 //! * Embedded storage (sled behind the vault's own write-ahead log, with
-//!   group-committed durable writes and crash replay), or PostgreSQL for
+//!   group-committed durable writes and crash replay, and an append-only
+//!   audit journal file beside it), or PostgreSQL for
 //!   many stateless replicas on one database.
 //!
 //! ## Non-features

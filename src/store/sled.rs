@@ -17,13 +17,14 @@
 //! * The sync thread appends all queued entries with one synchronous write
 //!   (group commit), then applies them to sled in log order with plain
 //!   single-key writes and answers the writers. An acknowledged write is
-//!   therefore durable in the log and visible in sled. Audit records are
-//!   stored 16 to a sled value (see [`RawAudit`]); the head is written once
-//!   per batch, after them.
+//!   therefore durable in the log and visible in sled. Audit records go
+//!   to an append-only journal file instead, one write per batch (see
+//!   [`RawAudit`]); the head goes to sled once per batch, after them.
 //! * Entries nobody waits for (metadata reads' audit records) are held up
 //!   to [`BUFFERED_LINGER`] to share a sync; a waiting writer ends the wait.
-//! * Closed log segments are deleted after a sled flush on a helper thread;
-//!   on open, what is left of the log is replayed (see [`super::wal`]).
+//! * Closed log segments are deleted, once the journal is synced and sled
+//!   flushed, on a helper thread; on open, what is left of the log is
+//!   replayed (see [`super::wal`]).
 //!
 //! If the log cannot be written the store fails closed: that batch and
 //! every later write return `UNAVAILABLE` until a restart replays the log.
