@@ -36,45 +36,58 @@ struct Histogram {
 /// Request counters and latency histograms.
 #[derive(Default)]
 pub struct Metrics {
-    /// (rpc, code, role) -> count.
-    requests: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// (rpc, code, role) -> count. Labels are static strings from bounded
+    /// sets, so counting a request allocates nothing.
+    requests: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
     /// rpc -> latency histogram.
-    latency: Mutex<BTreeMap<String, Histogram>>,
+    latency: Mutex<BTreeMap<&'static str, Histogram>>,
     /// Connections refused at the TLS handshake.
     pub tls_handshake_failures: AtomicU64,
 }
 
-/// Known gRPC services; any other path is counted as `unknown`, so a
-/// client cannot create label values at will.
-const SERVICES: [&str; 5] = [
-    "/cardvault.v1.TokenService/",
-    "/cardvault.v1.KeyService/",
-    "/cardvault.v1.AuditService/",
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.",
-];
+/// Every method the server serves, as `package.Service/Method`, read once
+/// from the services' descriptor sets (so the list follows the protos).
+/// Any other path is counted as `unknown`, so a client cannot create label
+/// values at will.
+static METHODS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+    std::sync::LazyLock::new(|| {
+        use prost::Message;
+        let mut set = std::collections::HashSet::new();
+        for fds in [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let fds = prost_types::FileDescriptorSet::decode(fds)
+                .expect("built-in descriptor sets decode");
+            for f in &fds.file {
+                for svc in &f.service {
+                    for m in &svc.method {
+                        let name = format!("{}.{}/{}", f.package(), svc.name(), m.name());
+                        // Leaked once per method of a fixed set.
+                        set.insert(&*Box::leak(name.into_boxed_str()));
+                    }
+                }
+            }
+        }
+        set.insert("grpc.reflection.v1.ServerReflection/ServerReflectionInfo");
+        set.insert("grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo");
+        set
+    });
 
-fn rpc_label(path: &str) -> String {
-    let known = SERVICES.iter().any(|s| path.starts_with(s))
-        && path.len() < 100
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._".contains(&b));
-    if known {
-        path.trim_start_matches('/').to_owned()
-    } else {
-        "unknown".to_owned()
-    }
+fn rpc_label(path: &str) -> &'static str {
+    path.strip_prefix('/')
+        .and_then(|p| METHODS.get(p).copied())
+        .unwrap_or("unknown")
 }
 
 impl Metrics {
     /// Records one finished request.
-    pub fn observe(&self, rpc: String, code: &str, role: String, seconds: f64) {
+    pub fn observe(&self, rpc: &'static str, code: &'static str, role: &'static str, seconds: f64) {
         *self
             .requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((rpc.clone(), code.to_owned(), role))
+            .entry((rpc, code, role))
             .or_insert(0) += 1;
         let mut lat = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         let h = lat.entry(rpc).or_default();
@@ -338,5 +351,33 @@ fn code_name(c: i32) -> &'static str {
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
         tonic::Code::Unimplemented => "UNIMPLEMENTED",
         _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_methods_become_rpc_labels() {
+        for m in [
+            "cardvault.v1.TokenService/Tokenize",
+            "cardvault.v1.TokenService/Detokenize",
+            "cardvault.v1.KeyService/Rewrap",
+            "cardvault.v1.AuditService/Verify",
+            "grpc.health.v1.Health/Check",
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(rpc_label(&format!("/{m}")), m);
+        }
+        for p in [
+            "/cardvault.v1.TokenService/Tokenize2",
+            "/cardvault.v1.TokenService/",
+            "cardvault.v1.TokenService/Tokenize",
+            "/x",
+            "",
+        ] {
+            assert_eq!(rpc_label(p), "unknown", "{p}");
+        }
     }
 }
