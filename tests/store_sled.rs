@@ -120,8 +120,19 @@ async fn a_torn_tail_is_dropped_but_a_corrupt_middle_is_refused() {
         assert_eq!(assert_chain_intact(&s).await, 10);
     }
 
-    // The same torn segment followed by a later one.
+    // The same torn segment followed by a spare that was prepared ahead of
+    // need but never written: still the segment being written at the crash.
+    let spare = tempfile::tempdir().unwrap();
     let n = *segs.last().unwrap();
+    std::fs::write(wal::segment_path(spare.path(), n), &bytes).unwrap();
+    drop(wal::Segment::prepare(spare.path(), n + 1, 2 << 20).unwrap());
+    {
+        let s = SledStore::open(spare.path()).unwrap();
+        assert_eq!(s.count(Some("acme")).await.unwrap(), 10);
+        assert_eq!(assert_chain_intact(&s).await, 10);
+    }
+
+    // The same torn segment followed by a later one that holds writes.
     std::fs::write(wal::segment_path(middle.path(), n), &bytes).unwrap();
     let mut later = wal::Segment::create(middle.path(), n + 1).unwrap();
     let mut frame = Vec::new();

@@ -264,6 +264,9 @@ pub struct SledStore {
     cleaner: Option<JoinHandle<()>>,
     /// Fills the key filter with the keys present at open; joined on drop.
     filler: Option<JoinHandle<()>>,
+    /// Creates and zero-fills the next log segment ahead of need; ends
+    /// with the sync thread, joined on drop.
+    prepare_thread: Option<JoinHandle<()>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -325,6 +328,17 @@ fn link(rec: &AuditRecord) -> AuditLink {
     }
 }
 
+/// Whether every one of `segs` holds no frame at all (zero-filled spares).
+fn later_segments_are_unused(dir: &Path, segs: &[u64]) -> Result<bool> {
+    for &n in segs {
+        let (ops, torn) = wal::read_segment(dir, n).map_err(unavailable)?;
+        if !ops.is_empty() || torn {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Replays what is left of the log into sled, flushes sled and deletes the
 /// replayed segments. Returns the number for the next segment.
 fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
@@ -332,9 +346,11 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
     for (i, &n) in segs.iter().enumerate() {
         let (ops, torn) = wal::read_segment(dir, n).map_err(unavailable)?;
         trees.apply(ops.iter().flatten())?;
-        // Only the last segment can end mid-frame (a crash while writing
-        // it); an earlier one was complete and synced before the next began.
-        if torn && i + 1 != segs.len() {
+        // Only the segment being written at the crash can end mid-frame;
+        // an earlier one was complete and synced before the next began.
+        // Segments after it may exist but be empty: prepared ahead of need
+        // (see `Preparer`), never written.
+        if torn && !later_segments_are_unused(dir, &segs[i + 1..])? {
             return Err(Error::DataLoss(format!(
                 "write-ahead log segment {n} is corrupt before its end"
             )));
@@ -363,8 +379,17 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
 /// one synchronous write, applies them to sled and answers the writers.
 /// (Applying on a second thread, to overlap it with the next write, was
 /// measured slower: the extra wake-up per batch cost more than it saved.)
-fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mpsc::Sender<u64>) {
+fn run_sync(
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    mut segment: Segment,
+    closed: mpsc::Sender<u64>,
+    prepared: Preparer,
+) {
     let mut frames = Vec::new();
+    // Whether the next segment was asked for: once this one is half full,
+    // so that short-lived stores (tests, CLI commands) never write one.
+    let mut asked = false;
     loop {
         let (batch, failed) = {
             let mut st = shared.lock();
@@ -411,18 +436,81 @@ fn run_sync(shared: Arc<Shared>, dir: PathBuf, mut segment: Segment, closed: mps
             }
         };
         let rotate = res.is_ok() && segment.len >= shared.segment_bytes;
+        if !asked && segment.len >= shared.segment_bytes / 2 {
+            prepared.want(segment.number + 1);
+            asked = true;
+        }
         finish_batch(&shared, batch, res);
         if rotate {
-            match Segment::create(&dir, segment.number + 1) {
+            let next = if asked {
+                prepared.take(&dir, segment.number + 1)
+            } else {
+                Segment::create(&dir, segment.number + 1)
+            };
+            match next {
                 Ok(next) => {
                     let old = std::mem::replace(&mut segment, next).number;
                     let _ = closed.send(old);
+                    asked = false;
                 }
                 // Keep appending to the old segment; only disk use grows.
+                // The next attempt asks for (or creates) a segment afresh.
                 Err(e) => {
+                    asked = false;
                     tracing::warn!(error = %e, "could not start a new write-ahead log segment")
                 }
             }
+        }
+    }
+}
+
+/// The group-commit thread's side of the segment preparer: it asks for
+/// the next segment once the current one is half full, and takes it at
+/// rotation.
+struct Preparer {
+    want: mpsc::Sender<u64>,
+    ready: mpsc::Receiver<std::io::Result<Segment>>,
+}
+
+impl Preparer {
+    /// Starts the helper thread that creates and zero-fills segments ahead
+    /// of need ([`Segment::prepare`]).
+    fn start(dir: PathBuf, bytes: u64) -> std::io::Result<(Preparer, JoinHandle<()>)> {
+        let (want, wanted) = mpsc::channel::<u64>();
+        let (done, ready) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sled-wal-prepare".into())
+            .spawn(move || {
+                // Ends when the group-commit thread drops its sender.
+                while let Ok(n) = wanted.recv() {
+                    if done.send(Segment::prepare(&dir, n, bytes)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok((Preparer { want, ready }, thread))
+    }
+
+    fn want(&self, number: u64) {
+        let _ = self.want.send(number);
+    }
+
+    /// Segment `number`: the prepared one (waiting for it if the helper is
+    /// not done), or, if preparing failed, one created here. The helper
+    /// never touches a number again once it has answered for it, so the
+    /// two never create the same file.
+    fn take(&self, dir: &Path, number: u64) -> std::io::Result<Segment> {
+        match self.ready.recv() {
+            Ok(Ok(seg)) if seg.number == number => Ok(seg),
+            Ok(Ok(seg)) => Err(std::io::Error::other(format!(
+                "prepared segment {} where {number} was due",
+                seg.number
+            ))),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not prepare a write-ahead log segment ahead; creating it now");
+                Segment::create(dir, number)
+            }
+            Err(_) => Segment::create(dir, number),
         }
     }
 }
@@ -568,11 +656,14 @@ impl SledStore {
                 .spawn(move || fill_filter(&shared))
                 .map_err(unavailable)?
         };
+        let (preparer, prepare_thread) =
+            Preparer::start(path.to_path_buf(), segment_bytes + wal::PREALLOCATE)
+                .map_err(unavailable)?;
         let sync_thread = {
             let (shared, dir) = (shared.clone(), path.to_path_buf());
             std::thread::Builder::new()
                 .name("sled-group-commit".into())
-                .spawn(move || run_sync(shared, dir, segment, closed_tx))
+                .spawn(move || run_sync(shared, dir, segment, closed_tx, preparer))
                 .map_err(unavailable)?
         };
         Ok(SledStore {
@@ -582,6 +673,7 @@ impl SledStore {
             sync_thread: Some(sync_thread),
             cleaner: Some(cleaner),
             filler: Some(filler),
+            prepare_thread: Some(prepare_thread),
         })
     }
 
@@ -726,6 +818,9 @@ impl Drop for SledStore {
             let _ = t.join();
         }
         if let Some(t) = self.filler.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.prepare_thread.take() {
             let _ = t.join();
         }
         // Clean close: sled holds everything, the log is no longer needed.

@@ -42,7 +42,7 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// The segment file is extended with written zeros this much at a time, so
 /// that most syncs only flush data: appending past the end of a file (or
 /// into unwritten space) also makes `fdatasync` write the inode.
-const PREALLOCATE: u64 = 1 << 20;
+pub const PREALLOCATE: u64 = 1 << 20;
 
 /// Largest frame replay accepts; a length above it is a torn or corrupt header.
 const MAX_FRAME: usize = 256 << 20;
@@ -261,6 +261,24 @@ impl Segment {
         Ok(seg)
     }
 
+    /// Creates segment `number` with its first `bytes` already written as
+    /// zeroes (and synced), so appends into it never stop to grow the file.
+    /// Run ahead of time on a helper thread: growing by
+    /// [`PREALLOCATE`] on the group-commit thread stalled one commit per MiB.
+    pub fn prepare(dir: &Path, number: u64, bytes: u64) -> std::io::Result<Segment> {
+        let mut seg = Self::create(dir, number)?;
+        while seg.allocated < bytes {
+            let zeros = seg.buf.window(PREALLOCATE as usize);
+            zeros.fill(0);
+            seg.file.write_all_at(zeros, seg.allocated)?;
+            seg.allocated += PREALLOCATE;
+        }
+        if !seg.direct {
+            seg.file.sync_data()?;
+        }
+        Ok(seg)
+    }
+
     /// Appends `frames` and waits until they are on disk.
     pub fn append_durable(&mut self, frames: &[u8]) -> std::io::Result<()> {
         let end = self.len + frames.len() as u64;
@@ -366,6 +384,28 @@ mod tests {
             assert!(seg.allocated >= seg.len && seg.allocated.is_multiple_of(PREALLOCATE));
             eprintln!("asked direct={direct}, got direct={}", seg.direct);
         }
+    }
+
+    #[test]
+    fn a_prepared_segment_is_zeroed_ahead_and_replays_empty_or_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::prepare(dir.path(), 9, 3 * PREALLOCATE - 1).unwrap();
+        assert_eq!(seg.allocated, 3 * PREALLOCATE);
+        assert_eq!(
+            std::fs::metadata(segment_path(dir.path(), 9))
+                .unwrap()
+                .len(),
+            3 * PREALLOCATE
+        );
+        // Unused, it replays as an empty segment (not a torn one).
+        let (ops, torn) = read_segment(dir.path(), 9).unwrap();
+        assert!(ops.is_empty() && !torn);
+        let mut frames = Vec::new();
+        encode_frame(&[m(1, b"k", Some(b"v"))], &mut frames);
+        seg.append_durable(&frames).unwrap();
+        assert_eq!(seg.allocated, 3 * PREALLOCATE, "no growth needed");
+        let (ops, torn) = read_segment(dir.path(), 9).unwrap();
+        assert_eq!((ops.len(), torn), (1, false));
     }
 
     #[test]
