@@ -125,7 +125,7 @@ async fn a_torn_tail_is_dropped_but_a_corrupt_middle_is_refused() {
     let spare = tempfile::tempdir().unwrap();
     let n = *segs.last().unwrap();
     std::fs::write(wal::segment_path(spare.path(), n), &bytes).unwrap();
-    drop(wal::Segment::prepare(spare.path(), n + 1, 2 << 20).unwrap());
+    drop(wal::Segment::prepare(spare.path(), n + 1, 2 << 20, Default::default()).unwrap());
     {
         let s = SledStore::open(spare.path()).unwrap();
         assert_eq!(s.count(Some("acme")).await.unwrap(), 10);

@@ -265,13 +265,22 @@ impl Segment {
     /// zeroes (and synced), so appends into it never stop to grow the file.
     /// Run ahead of time on a helper thread: growing by
     /// [`PREALLOCATE`] on the group-commit thread stalled one commit per MiB.
-    pub fn prepare(dir: &Path, number: u64, bytes: u64) -> std::io::Result<Segment> {
+    ///
+    /// `pause` is slept between 1 MiB writes so that the fill does not
+    /// monopolise the disk the group commits are waiting on.
+    pub fn prepare(
+        dir: &Path,
+        number: u64,
+        bytes: u64,
+        pause: std::time::Duration,
+    ) -> std::io::Result<Segment> {
         let mut seg = Self::create(dir, number)?;
         while seg.allocated < bytes {
             let zeros = seg.buf.window(PREALLOCATE as usize);
             zeros.fill(0);
             seg.file.write_all_at(zeros, seg.allocated)?;
             seg.allocated += PREALLOCATE;
+            std::thread::sleep(pause);
         }
         if !seg.direct {
             seg.file.sync_data()?;
@@ -389,7 +398,8 @@ mod tests {
     #[test]
     fn a_prepared_segment_is_zeroed_ahead_and_replays_empty_or_as_written() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = Segment::prepare(dir.path(), 9, 3 * PREALLOCATE - 1).unwrap();
+        let mut seg =
+            Segment::prepare(dir.path(), 9, 3 * PREALLOCATE - 1, Default::default()).unwrap();
         assert_eq!(seg.allocated, 3 * PREALLOCATE);
         assert_eq!(
             std::fs::metadata(segment_path(dir.path(), 9))
