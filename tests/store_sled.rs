@@ -368,3 +368,31 @@ async fn an_audit_log_of_storage_format_2_is_migrated() {
         "old audit trees left: {names:?}"
     );
 }
+
+/// sled locks its directory. A second open while a store is live is
+/// refused with a clear error after a bounded wait (and before it touches
+/// the live store's log or journal); right after the store is dropped,
+/// opening succeeds even if sled's threads still hold the lock briefly.
+#[tokio::test]
+async fn a_live_directory_cannot_be_opened_twice_but_reopens_after_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    s.insert(&sample("acme", "tok_a", 1), false, &audit_body("Tokenize"))
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    match SledStore::open(dir.path()) {
+        Err(e) => assert!(e.to_string().contains("lock"), "{e}"),
+        Ok(_) => panic!("a live directory was opened twice"),
+    }
+    assert!(t.elapsed() >= std::time::Duration::from_secs(1));
+    assert!(s.get("acme", "tok_a").await.unwrap().is_some());
+    drop(s);
+    for i in 0..20u8 {
+        let s = SledStore::open(dir.path()).unwrap();
+        let r = sample("acme", &format!("tok_{i}"), i);
+        s.insert(&r, false, &audit_body("Tokenize")).await.unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(assert_chain_intact(&s).await, 21);
+}

@@ -334,6 +334,30 @@ fn link(rec: &AuditRecord) -> AuditLink {
     }
 }
 
+/// Opens sled in `path`. sled takes an exclusive file lock, and a handle
+/// dropped in this process can keep it a few milliseconds longer (sled's
+/// I/O threads finish their last jobs), so a lock conflict is retried for
+/// up to [`LOCK_WAIT`] before it is reported (e.g. another vault running
+/// on the same directory).
+fn open_db(path: &Path) -> Result<sled::Db> {
+    let started = Instant::now();
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+    }
+}
+
+/// How long [`open_db`] waits for sled's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// Whether every one of `segs` holds no frame at all (zero-filled spares).
 fn later_segments_are_unused(dir: &Path, segs: &[u64]) -> Result<bool> {
     for &n in segs {
@@ -615,7 +639,7 @@ impl SledStore {
     /// [`SledStore::open`] with log segments closed past `segment_bytes`
     /// (small values exercise rotation in tests).
     pub fn open_with(path: &Path, segment_bytes: u64) -> Result<SledStore> {
-        let db = sled::Config::new().path(path).open().map_err(unavailable)?;
+        let db = open_db(path)?;
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         let trees = Trees {
             records: tree("records")?,
