@@ -15,9 +15,12 @@
 //!   writes an audit record, and queues the operation's changes as one log
 //!   entry.
 //! * The sync thread appends all queued entries with one synchronous write
-//!   (group commit), then applies them to sled in log order with plain
-//!   single-key writes and answers the writers. An acknowledged write is
-//!   therefore durable in the log and visible in sled. Audit records go
+//!   (group commit), answers the writers (their changes are durable), then
+//!   applies the changes to sled in log order with plain single-key
+//!   writes. Until then point reads find acknowledged changes in the
+//!   overlay of queued changes, and scans first wait for a barrier
+//!   (answered after the apply), so every read sees every acknowledged
+//!   write. Audit records go
 //!   to an append-only journal file instead, one write per batch (see
 //!   [`RawAudit`]); the head goes to sled once per batch, after them.
 //! * Entries nobody waits for (metadata reads' audit records) are held up
@@ -31,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -200,8 +203,17 @@ struct Shared {
     /// under the state lock (with `State::pending`), readable without it
     /// (see [`Prefetch`]).
     applied: AtomicU64,
+    /// Every entry up to this lsn is durable in the log (writers are
+    /// answered then, before the sled apply; see [`SledStore::unapplied`]).
+    durable: AtomicU64,
+    /// `State::pending.len()`, readable without the lock, so that reads
+    /// skip the lock when no change is waiting to be applied.
+    pending_len: AtomicUsize,
     /// Test hook: fail the next log write (see [`SledStore::fail_next_log_write`]).
     fail_next_write: AtomicBool,
+    /// Test hook: the apply waits while a test holds this for writing
+    /// (see [`SledStore::hold_apply`]).
+    apply_gate: std::sync::RwLock<()>,
     /// Log segment size past which a segment is closed.
     segment_bytes: u64,
     state: Mutex<State>,
@@ -406,7 +418,8 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
 }
 
 /// The group-commit loop: takes every queued entry, makes them durable with
-/// one synchronous write, applies them to sled and answers the writers.
+/// one synchronous write, answers the writers, then applies the entries to
+/// sled and answers the barriers.
 /// (Applying on a second thread, to overlap it with the next write, was
 /// measured slower: the extra wake-up per batch cost more than it saved.)
 fn run_sync(
@@ -548,30 +561,56 @@ impl Preparer {
     }
 }
 
-/// Applies a synced batch to sled (unless the sync failed), records it as
-/// applied, and answers its writers.
-fn finish_batch(shared: &Shared, batch: Vec<Entry>, res: std::result::Result<(), String>) {
-    let res = res.and_then(|()| {
+/// Answers a synced batch's writers, applies the batch to sled (unless the
+/// sync failed), records it as applied, and answers its barriers.
+///
+/// Writers are answered as soon as their changes are durable in the log,
+/// before the apply: the apply is a third of a tokenize's cost, and
+/// answering after it kept every caller of the batch waiting for it.
+/// Until applied, reads find those changes in `State::pending` (see
+/// [`SledStore::unapplied`]); scans wait on a barrier, which is answered
+/// after the apply.
+fn finish_batch(shared: &Shared, mut batch: Vec<Entry>, res: std::result::Result<(), String>) {
+    let last = batch.last().map_or(0, |e| e.lsn);
+    if res.is_ok() {
+        shared.durable.store(last, Ordering::Release);
+        for e in batch.iter_mut().filter(|e| !e.muts.is_empty()) {
+            if let Some(reply) = e.reply.take() {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+    let gate = shared.apply_gate.read().unwrap_or_else(|p| p.into_inner());
+    let applied = res.clone().and_then(|()| {
         shared
             .trees
             .apply(batch.iter().flat_map(|e| &e.muts))
             .map_err(|e| e.to_string())
     });
-    let last = batch.last().map_or(0, |e| e.lsn);
+    drop(gate);
     {
         let mut st = shared.lock();
-        if let Err(why) = &res {
+        if let Err(why) = &applied {
             st.failed.get_or_insert_with(|| why.clone());
         }
-        st.pending.retain(|_, (lsn, _)| *lsn > last);
+        // Applied changes leave the overlay, and so do changes whose log
+        // write failed (never acknowledged). Acknowledged changes that
+        // could not be applied stay, so reads keep seeing them; the log
+        // replays them on the next open.
+        if applied.is_ok() || res.is_err() {
+            st.pending.retain(|_, (lsn, _)| *lsn > last);
+            shared
+                .pending_len
+                .store(st.pending.len(), Ordering::Release);
+        }
         shared.applied.store(last, Ordering::Release);
     }
-    if let Err(why) = &res {
+    if let Err(why) = &applied {
         tracing::error!(error = %why, "storage write failed; refusing writes until restart");
     }
     for e in batch {
         if let Some(reply) = e.reply {
-            let _ = reply.send(res.clone());
+            let _ = reply.send(applied.clone());
         }
     }
 }
@@ -660,7 +699,10 @@ impl SledStore {
             trees,
             filter: filter::KeyFilter::new(),
             applied: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            pending_len: AtomicUsize::new(0),
             fail_next_write: AtomicBool::new(false),
+            apply_gate: std::sync::RwLock::new(()),
             segment_bytes,
             state: Mutex::new(State {
                 head,
@@ -715,6 +757,22 @@ impl SledStore {
     #[doc(hidden)]
     pub fn key_filter_ready(&self) -> bool {
         self.shared.filter.is_ready()
+    }
+
+    /// Holds every sled apply (after its writers were answered) until the
+    /// guard is dropped, to test reads of acknowledged, unapplied writes.
+    #[doc(hidden)]
+    pub fn hold_apply(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.shared
+            .apply_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes acknowledged or queued but not yet applied to sled.
+    #[doc(hidden)]
+    pub fn unapplied_changes(&self) -> usize {
+        self.shared.pending_len.load(Ordering::Acquire)
     }
 
     /// Makes the next log write fail as a full or broken disk would, to
@@ -803,6 +861,9 @@ impl SledStore {
         let wake = st.sleeping && (st.queue.is_empty() || (wait && !st.waited_for));
         st.waited_for |= wait;
         st.queue.push(Entry { lsn, muts, reply });
+        self.shared
+            .pending_len
+            .store(st.pending.len(), Ordering::Release);
         if wake {
             self.shared.work.notify_one();
         }
@@ -828,6 +889,30 @@ impl SledStore {
 
     /// Waits until everything queued so far (including buffered audit
     /// records) is applied, so reads of the audit tree see it.
+    /// The acknowledged but not yet applied value of `key`, if it has one
+    /// (`Some(None)`: removed); `None`: sled holds its latest acknowledged
+    /// value. If its latest change is queued but not yet durable, waits
+    /// until it is applied (a barrier) and answers `None`.
+    async fn unapplied(&self, tree: u8, key: &[u8]) -> Result<Option<Option<Vec<u8>>>> {
+        // A writer's pending entry is counted before it is acknowledged,
+        // and the reader of an acknowledged write comes after the ack.
+        if self.shared.pending_len.load(Ordering::Acquire) == 0 {
+            return Ok(None);
+        }
+        {
+            let st = self.shared.lock();
+            match st.pending.get(&(tree, key.to_vec())) {
+                None => return Ok(None),
+                Some((lsn, v)) if *lsn <= self.shared.durable.load(Ordering::Acquire) => {
+                    return Ok(Some(v.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        self.barrier().await?;
+        Ok(None)
+    }
+
     async fn barrier(&self) -> Result<()> {
         let rx = {
             let mut st = self.shared.lock();
@@ -940,13 +1025,11 @@ impl Store for SledStore {
     }
 
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
-        match self
-            .shared
-            .trees
-            .records
-            .get(record_key(tenant, token))
-            .map_err(unavailable)?
-        {
+        let key = record_key(tenant, token);
+        if let Some(v) = self.unapplied(RECORDS, &key).await? {
+            return v.map(|b| decode(&b)).transpose();
+        }
+        match self.shared.trees.records.get(key).map_err(unavailable)? {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
@@ -1007,6 +1090,7 @@ impl Store for SledStore {
     }
 
     async fn count(&self, tenant: Option<&str>) -> Result<u64> {
+        self.barrier().await?;
         let records = &self.shared.trees.records;
         match tenant {
             None => Ok(records.len() as u64),
@@ -1015,6 +1099,9 @@ impl Store for SledStore {
     }
 
     async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.unapplied(KEYS, name.as_bytes()).await? {
+            return Ok(v);
+        }
         Ok(self
             .shared
             .trees
@@ -1037,6 +1124,7 @@ impl Store for SledStore {
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.barrier().await?;
         self.shared
             .trees
             .keys
@@ -1065,6 +1153,7 @@ impl Store for SledStore {
         after: Option<(&str, &str)>,
         limit: usize,
     ) -> Result<Vec<StoredRecord>> {
+        self.barrier().await?;
         let records = &self.shared.trees.records;
         let iter = match after {
             // Keys are `tenant \0 token`; tenants never contain \0, so byte
@@ -1131,6 +1220,7 @@ impl Store for SledStore {
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.barrier().await?;
         self.shared
             .trees
             .checkpoints
