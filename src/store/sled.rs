@@ -9,20 +9,20 @@
 //!
 //! * The writer reads from sled what its checks need (token taken, dedupe,
 //!   key present; skipped for record and fingerprint keys an in-memory
-//!   filter has never seen, see `sled/filter.rs`), then, under the state lock, checks against those values
-//!   overlaid with the changes queued but not yet applied (re-reading if a
-//!   batch finished applying meanwhile), extends the audit chain if it
-//!   writes an audit record, and queues the operation's changes as one log
-//!   entry.
+//!   filter has never seen, see `sled/filter.rs`), then, under the state
+//!   lock, checks against those values overlaid with the changes queued
+//!   but not yet applied (re-reading if a batch finished applying
+//!   meanwhile), extends the audit chain if it writes an audit record, and
+//!   queues the operation's changes as one log entry.
 //! * The sync thread appends all queued entries with one synchronous write
 //!   (group commit), answers the writers (their changes are durable), then
 //!   applies the changes to sled in log order with plain single-key
 //!   writes. Until then point reads find acknowledged changes in the
 //!   overlay of queued changes, and scans first wait for a barrier
 //!   (answered after the apply), so every read sees every acknowledged
-//!   write. Audit records go
-//!   to an append-only journal file instead, one write per batch (see
-//!   [`RawAudit`]); the head goes to sled once per batch, after them.
+//!   write. Audit records go to an append-only journal file instead, one
+//!   write per batch (see [`RawAudit`]); the head goes to sled once per
+//!   batch, after them.
 //! * Entries nobody waits for (metadata reads' audit records) are held up
 //!   to [`BUFFERED_LINGER`] to share a sync; a waiting writer ends the wait.
 //! * Closed log segments are deleted, once the journal is synced and sled
