@@ -66,6 +66,44 @@ pub fn encode_frame(seq: u64, rec: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(rec);
 }
 
+/// Frames written together, with the index entries they need.
+#[derive(Default)]
+struct Frames {
+    /// The frames, to be written at file offset `base`.
+    buf: Vec<u8>,
+    base: u64,
+    /// `(seq, offset)` of the frames the index holds.
+    index: Vec<(u64, u64)>,
+}
+
+impl Frames {
+    fn at(base: u64) -> Frames {
+        Frames {
+            base,
+            ..Frames::default()
+        }
+    }
+
+    fn push(&mut self, seq: u64, rec: &[u8]) {
+        if seq % INDEX_EVERY == 1 {
+            self.index.push((seq, self.base + self.buf.len() as u64));
+        }
+        encode_frame(seq, rec, &mut self.buf);
+    }
+
+    /// Writes them to `file`, then their entries to `index`.
+    fn write(&self, file: &File, index: &sled::Tree) -> Result<()> {
+        file.write_all_at(&self.buf, self.base)
+            .map_err(|e| unavailable(format!("audit journal: {e}")))?;
+        for (seq, off) in &self.index {
+            index
+                .insert(seq.to_be_bytes(), &off.to_le_bytes())
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
 /// What a frame at the start of `buf` is.
 enum Frame<'a> {
     /// A whole valid frame: its seq, record bytes and total length.
@@ -240,8 +278,7 @@ impl Journal {
     /// file already had them); a gap is refused.
     pub fn append(&self, recs: &[(u64, &[u8])]) -> Result<()> {
         let mut tail = self.lock();
-        let mut buf = Vec::new();
-        let mut index = Vec::new();
+        let mut frames = Frames::at(tail.len);
         let mut last = tail.last_seq;
         for &(seq, rec) in recs {
             if seq <= last {
@@ -252,24 +289,14 @@ impl Journal {
                     "audit journal: record {seq} would follow {last} (gap)"
                 )));
             }
-            if seq % INDEX_EVERY == 1 {
-                index.push((seq, tail.len + buf.len() as u64));
-            }
-            encode_frame(seq, rec, &mut buf);
+            frames.push(seq, rec);
             last = seq;
         }
-        if buf.is_empty() {
+        if frames.buf.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all_at(&buf, tail.len)
-            .map_err(|e| unavailable(format!("audit journal: {e}")))?;
-        for (seq, off) in index {
-            self.index
-                .insert(seq.to_be_bytes(), &off.to_le_bytes())
-                .map_err(unavailable)?;
-        }
-        tail.len += buf.len() as u64;
+        frames.write(&self.file, &self.index)?;
+        tail.len += frames.buf.len() as u64;
         tail.last_seq = last;
         Ok(())
     }
@@ -348,19 +375,14 @@ impl Journal {
         })
         .map_err(unavailable)?;
         edit(&mut recs);
-        let mut buf = Vec::new();
-        self.index.clear().map_err(unavailable)?;
+        let mut frames = Frames::at(0);
         for (seq, rec) in &recs {
-            if seq % INDEX_EVERY == 1 {
-                self.index
-                    .insert(seq.to_be_bytes(), &(buf.len() as u64).to_le_bytes())
-                    .map_err(unavailable)?;
-            }
-            encode_frame(*seq, rec, &mut buf);
+            frames.push(*seq, rec);
         }
+        self.index.clear().map_err(unavailable)?;
         self.file.set_len(0).map_err(unavailable)?;
-        self.file.write_all_at(&buf, 0).map_err(unavailable)?;
-        tail.len = buf.len() as u64;
+        frames.write(&self.file, &self.index)?;
+        tail.len = frames.buf.len() as u64;
         tail.last_seq = recs.keys().next_back().copied().unwrap_or(0);
         drop(tail);
         self.sync()
@@ -380,7 +402,7 @@ fn migrate(
     let old = buckets::open(db, head_key)?;
     index.clear().map_err(unavailable)?;
     let file = File::create(path).map_err(unavailable)?;
-    let mut buf = Vec::new();
+    let mut frames = Frames::at(0);
     let mut migrated = 0u64;
     let mut last = 0u64;
     for kv in old.iter() {
@@ -395,23 +417,18 @@ fn migrate(
                     "format 2 audit records are out of order".into(),
                 ));
             }
-            if seq % INDEX_EVERY == 1 {
-                index
-                    .insert(seq.to_be_bytes(), &(buf.len() as u64).to_le_bytes())
-                    .map_err(unavailable)?;
-            }
-            encode_frame(seq, rec, &mut buf);
+            frames.push(seq, rec);
             (last, migrated) = (seq, migrated + 1);
         }
     }
-    file.write_all_at(&buf, 0).map_err(unavailable)?;
+    frames.write(&file, index)?;
     file.sync_all().map_err(unavailable)?;
     if let Some(parent) = path.parent() {
         File::open(parent)
             .and_then(|d| d.sync_all())
             .map_err(unavailable)?;
     }
-    meta.insert(SYNCED_KEY, &(buf.len() as u64).to_le_bytes())
+    meta.insert(SYNCED_KEY, &(frames.buf.len() as u64).to_le_bytes())
         .map_err(unavailable)?;
     db.flush().map_err(unavailable)?;
     meta.insert(FORMAT_KEY, FORMAT).map_err(unavailable)?;
