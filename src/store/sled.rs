@@ -153,7 +153,7 @@ impl Trees {
         }
         self.journal.append(&audit)?;
         if let Some(h) = head {
-            self.journal.set_head(AUDIT_HEAD, h)?;
+            self.journal.set_head(h)?;
         }
         Ok(())
     }
@@ -165,8 +165,8 @@ struct Entry {
     lsn: u64,
     /// Its changes (empty for a barrier).
     muts: Vec<Mutation>,
-    /// Who to tell once it is durable and applied (`None` for buffered
-    /// audit records nobody waits for).
+    /// Who to tell: a write once it is durable in the log, a barrier once
+    /// it is applied (`None` for buffered audit records nobody waits for).
     reply: Option<Reply>,
 }
 
@@ -180,7 +180,8 @@ struct State {
     /// Entries not yet taken by the sync thread.
     queue: Vec<Entry>,
     /// Latest queued-but-unapplied value per `(tree, key)` with its lsn, so
-    /// writers' checks see writes that sled does not show yet.
+    /// writers' checks, and reads of acknowledged writes (see
+    /// [`SledStore::unapplied`]), see what sled does not show yet.
     pending: Pending,
     /// Set when the log could not be written or applied: the store then
     /// refuses every write (fail closed) until reopened.
@@ -684,16 +685,11 @@ impl SledStore {
             records: tree("records")?,
             fingerprints: tree("fingerprints")?,
             keys: tree("keys")?,
-            journal: journal::Journal::open(&db, path, AUDIT_HEAD)?,
+            journal: journal::Journal::open(&db, path)?,
             checkpoints: tree("audit_checkpoints")?,
         };
         let next_segment = recover(&db, &trees, path)?;
-        let head = match trees.journal.head(AUDIT_HEAD)? {
-            Some(v) => {
-                decode_head(&v).ok_or_else(|| Error::DataLoss("audit head is corrupt".into()))?
-            }
-            None => (0, GENESIS.to_vec()),
-        };
+        let head = trees.journal.head()?.unwrap_or((0, GENESIS.to_vec()));
         let segment = Segment::create(path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             trees,
@@ -827,7 +823,8 @@ impl SledStore {
     }
 
     /// Queues one operation's changes; with `wait`, returns the receiver
-    /// that resolves once they are durable and applied.
+    /// that resolves once they are durable (a barrier's, with no changes,
+    /// once everything before it is applied).
     fn enqueue(&self, st: &mut State, muts: Vec<Mutation>, wait: bool) -> Result<Option<ReplyRx>> {
         if let Some(why) = &st.failed {
             return Err(unavailable(why));
@@ -870,7 +867,7 @@ impl SledStore {
         Ok(rx)
     }
 
-    /// Waits for a queued entry to be durable and applied.
+    /// Waits for the answer to a queued entry (see [`SledStore::enqueue`]).
     async fn durable(rx: Option<oneshot::Receiver<std::result::Result<(), String>>>) -> Result<()> {
         match rx {
             Some(rx) => rx
@@ -881,14 +878,12 @@ impl SledStore {
         }
     }
 
-    /// Queues `muts` and waits until they are durable and applied.
+    /// Queues `muts` and waits until they are durable.
     async fn write(&self, muts: Vec<Mutation>) -> Result<()> {
         let rx = self.enqueue(&mut self.shared.lock(), muts, true)?;
         Self::durable(rx).await
     }
 
-    /// Waits until everything queued so far (including buffered audit
-    /// records) is applied, so reads of the audit tree see it.
     /// The acknowledged but not yet applied value of `key`, if it has one
     /// (`Some(None)`: removed); `None`: sled holds its latest acknowledged
     /// value. If its latest change is queued but not yet durable, waits
@@ -913,6 +908,8 @@ impl SledStore {
         Ok(None)
     }
 
+    /// Waits until everything queued so far (including buffered audit
+    /// records) is applied, so scans of sled and the journal see it.
     async fn barrier(&self) -> Result<()> {
         let rx = {
             let mut st = self.shared.lock();
@@ -1195,14 +1192,7 @@ impl Store for SledStore {
 
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
         self.barrier().await?;
-        match self.shared.trees.journal.head(AUDIT_HEAD)? {
-            Some(v) => {
-                Ok(Some(decode_head(&v).ok_or_else(|| {
-                    Error::DataLoss("audit head is corrupt".into())
-                })?))
-            }
-            None => Ok(None),
-        }
+        self.shared.trees.journal.head()
     }
 
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {

@@ -9,7 +9,7 @@
 //! counterpart of a per-record key, so verification still detects records
 //! moved, removed or inserted behind the chain's back.
 
-use super::unavailable;
+use super::{AUDIT_HEAD, unavailable};
 use crate::error::{Error, Result};
 
 /// Records per bucket. sled splits a leaf above 16 entries and writes a
@@ -67,7 +67,7 @@ const FORMAT: &[u8] = b"2";
 /// The migration fills a fresh bucket tree, flushes, then records the new
 /// format and drops the old tree; a crash before the format is recorded
 /// leaves the old tree intact and the migration starts over.
-pub fn open(db: &sled::Db, head_key: &[u8]) -> Result<sled::Tree> {
+pub fn open(db: &sled::Db) -> Result<sled::Tree> {
     let meta = db.open_tree("meta").map_err(unavailable)?;
     let tree = db.open_tree(TREE).map_err(unavailable)?;
     if meta.get(FORMAT_KEY).map_err(unavailable)?.as_deref() == Some(FORMAT) {
@@ -86,8 +86,8 @@ pub fn open(db: &sled::Db, head_key: &[u8]) -> Result<sled::Tree> {
     };
     for kv in old.iter() {
         let (k, v) = kv.map_err(unavailable)?;
-        if k.as_ref() == head_key {
-            tree.insert(head_key, v).map_err(unavailable)?;
+        if k.as_ref() == AUDIT_HEAD {
+            tree.insert(AUDIT_HEAD, v).map_err(unavailable)?;
             continue;
         }
         let seq = u64::from_be_bytes(

@@ -34,7 +34,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use prost::Message;
 
-use super::{buckets, unavailable};
+use super::{AUDIT_HEAD, buckets, decode_head, unavailable};
 use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
 
@@ -205,13 +205,12 @@ fn le_u64(v: &[u8]) -> Result<u64> {
 impl Journal {
     /// Opens the journal in `dir`, first migrating audit records of storage
     /// format 1 or 2 out of sled, and cuts a torn tail (see the module doc).
-    /// `head_key` names the head in `meta` (and in the format 2 tree).
-    pub fn open(db: &sled::Db, dir: &Path, head_key: &[u8]) -> Result<Journal> {
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<Journal> {
         let meta = db.open_tree("meta").map_err(unavailable)?;
         let index = db.open_tree(INDEX_TREE).map_err(unavailable)?;
         let path = dir.join(FILE);
         if meta.get(FORMAT_KEY).map_err(unavailable)?.as_deref() != Some(FORMAT) {
-            migrate(db, &meta, &index, &path, head_key)?;
+            migrate(db, &meta, &index, &path)?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -313,14 +312,21 @@ impl Journal {
         Ok(())
     }
 
-    /// The stored head.
-    pub fn head(&self, head_key: &[u8]) -> Result<Option<sled::IVec>> {
-        self.meta.get(head_key).map_err(unavailable)
+    /// The stored chain head `(seq, hash)`.
+    pub fn head(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        match self.meta.get(AUDIT_HEAD).map_err(unavailable)? {
+            Some(v) => {
+                Ok(Some(decode_head(&v).ok_or_else(|| {
+                    Error::DataLoss("audit head is corrupt".into())
+                })?))
+            }
+            None => Ok(None),
+        }
     }
 
-    /// Writes the head.
-    pub fn set_head(&self, head_key: &[u8], value: &[u8]) -> Result<()> {
-        self.meta.insert(head_key, value).map_err(unavailable)?;
+    /// Writes the chain head (as encoded in the log).
+    pub fn set_head(&self, value: &[u8]) -> Result<()> {
+        self.meta.insert(AUDIT_HEAD, value).map_err(unavailable)?;
         Ok(())
     }
 
@@ -392,14 +398,8 @@ impl Journal {
 /// Moves the audit records of format 1 or 2 (sled trees) into a fresh
 /// journal. Crash-safe: the format is recorded only once the journal is
 /// synced, and an unfinished journal is rewritten from the start.
-fn migrate(
-    db: &sled::Db,
-    meta: &sled::Tree,
-    index: &sled::Tree,
-    path: &Path,
-    head_key: &[u8],
-) -> Result<()> {
-    let old = buckets::open(db, head_key)?;
+fn migrate(db: &sled::Db, meta: &sled::Tree, index: &sled::Tree, path: &Path) -> Result<()> {
+    let old = buckets::open(db)?;
     index.clear().map_err(unavailable)?;
     let file = File::create(path).map_err(unavailable)?;
     let mut frames = Frames::at(0);
@@ -407,8 +407,8 @@ fn migrate(
     let mut last = 0u64;
     for kv in old.iter() {
         let (k, v) = kv.map_err(unavailable)?;
-        if k.as_ref() == head_key {
-            meta.insert(head_key, v).map_err(unavailable)?;
+        if k.as_ref() == AUDIT_HEAD {
+            meta.insert(AUDIT_HEAD, v).map_err(unavailable)?;
             continue;
         }
         for (seq, rec) in buckets::decode(&v)? {
@@ -482,7 +482,7 @@ mod tests {
 
     fn journal(dir: &Path) -> (sled::Db, Journal) {
         let db = sled::Config::new().path(dir.join("db")).open().unwrap();
-        let j = Journal::open(&db, dir, b"head").unwrap();
+        let j = Journal::open(&db, dir).unwrap();
         (db, j)
     }
 
