@@ -15,10 +15,9 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::auth::Authorizer;
-use crate::grpc::identity::principal_cached;
+use crate::tls::Peer;
 use crate::vault::Vault;
 
 /// Latency histogram bucket bounds, seconds.
@@ -309,12 +308,8 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let start = Instant::now();
         let rpc = rpc_label(req.uri().path());
-        let principal = req
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.peer_certs())
-            .and_then(|c| c.first().and_then(|c| principal_cached(c.as_ref())));
-        let role = self.layer.auth.role_label(principal.as_deref());
+        let principal = req.extensions().get::<Peer>().and_then(Peer::principal);
+        let role = self.layer.auth.role_label(principal);
         let metrics = self.layer.metrics.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {

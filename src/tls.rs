@@ -3,17 +3,24 @@
 //!
 //! tonic's built-in TLS cannot restrict protocol versions, so connections
 //! are accepted here with tokio-rustls and handed to tonic already
-//! encrypted; tonic still exposes the verified peer certificates to each
-//! request (`Request::peer_certs`).
+//! encrypted, each with its [`Peer`]: the principal named by the verified
+//! client certificate and the peer address, worked out once per connection
+//! (the certificate cannot change on it) and found in every request's
+//! extensions.
 
+use std::io::IoSlice;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -80,6 +87,103 @@ pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
+/// Who is on the other end of a connection, shared by all its requests
+/// (tonic puts a clone in each request's extensions).
+#[derive(Clone, Debug)]
+pub struct Peer(Arc<PeerDetails>);
+
+/// The contents of a [`Peer`].
+#[derive(Debug)]
+struct PeerDetails {
+    /// Principal named by the verified client certificate (see
+    /// [`crate::grpc::identity::principal_from_cert`]); `None` if it names
+    /// none.
+    principal: Option<String>,
+    /// Peer address as written in audit records.
+    addr: String,
+}
+
+impl Peer {
+    /// Works out the peer of a connection from its verified certificate.
+    fn of(tls: &TlsStream<TcpStream>, addr: SocketAddr) -> Peer {
+        let principal = (tls.get_ref().1.peer_certificates())
+            .and_then(|c| c.first())
+            .and_then(|c| crate::grpc::identity::principal_from_cert(c.as_ref()));
+        Peer(Arc::new(PeerDetails {
+            principal,
+            addr: addr.to_string(),
+        }))
+    }
+
+    /// The principal named by the client certificate, if any.
+    pub fn principal(&self) -> Option<&str> {
+        self.0.principal.as_deref()
+    }
+
+    /// The peer's address (`ip:port`).
+    pub fn addr(&self) -> &str {
+        &self.0.addr
+    }
+}
+
+/// A TLS connection that passed the handshake, with its [`Peer`].
+pub struct PeerStream {
+    /// The connection.
+    tls: TlsStream<TcpStream>,
+    /// Who is on the other end.
+    peer: Peer,
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+// Plain delegation. Vectored writes must be passed on too: hyper writes
+// HTTP/2 frames vectored when the stream supports it.
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently,
 /// yielding only connections that passed. Stops accepting (and closes the
 /// listener) when the returned stream is dropped.
@@ -87,7 +191,7 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     metrics: Arc<crate::metrics::Metrics>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -112,7 +216,8 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let peer = Peer::of(&tls, peer);
+                        let _ = tx.send(Ok(PeerStream { tls, peer })).await;
                     }
                     Ok(Err(e)) => {
                         metrics

@@ -49,47 +49,23 @@ fn request_id<T>(req: &Request<T>) -> String {
     format!("{}{n:08x}", *PREFIX)
 }
 
-/// Most certificates whose principal is remembered (clients reuse a handful
-/// of certificates for many calls; parsing X.509 on every call showed up in
-/// profiles).
-const PRINCIPAL_CACHE_MAX: usize = 1024;
-
-static PRINCIPALS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<String>>>,
-> = std::sync::LazyLock::new(Default::default);
-
-/// [`principal_from_cert`] with a bounded cache keyed by the certificate's
-/// DER bytes. The certificate has already been verified by the TLS layer;
-/// the cache only saves re-parsing it.
-pub fn principal_cached(der: &[u8]) -> Option<String> {
-    let mut cache = PRINCIPALS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = cache.get(der) {
-        return p.clone();
-    }
-    let p = principal_from_cert(der);
-    if cache.len() >= PRINCIPAL_CACHE_MAX {
-        cache.clear();
-    }
-    cache.insert(der.to_vec(), p.clone());
-    p
-}
-
-/// The principal named by the request's verified client certificate, if any.
-pub fn peer_principal<T>(req: &Request<T>) -> Option<String> {
-    req.peer_certs()
-        .and_then(|certs| certs.first().and_then(|c| principal_cached(c.as_ref())))
+/// The peer of the request's connection (see [`crate::tls::Peer`]);
+/// `None` for a request that did not come through [`crate::tls::incoming`].
+pub fn peer_of<T>(req: &Request<T>) -> Option<&crate::tls::Peer> {
+    req.extensions().get::<crate::tls::Peer>()
 }
 
 /// Builds the call context of a request: request id and the principal from
 /// the verified peer certificate (`anonymous` without one; authorisation
 /// refuses such calls).
 pub fn context_of<T>(req: &Request<T>) -> (CallContext, Option<String>) {
-    let principal = peer_principal(req);
+    let peer = peer_of(req);
+    let principal = peer.and_then(|p| p.principal()).map(str::to_owned);
     let ctx = CallContext {
         request_id: request_id(req),
         principal: principal.clone().unwrap_or_else(|| "anonymous".to_owned()),
         roles: Vec::new(),
-        peer: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
+        peer: peer.map(|p| p.addr().to_owned()).unwrap_or_default(),
     };
     (ctx, principal)
 }
