@@ -19,7 +19,9 @@ async fn bench_runs_and_reports_ops() {
         .arg(&vault.data_dir)
         .args([
             "--duration",
-            "1",
+            "0.5",
+            "--rounds",
+            "2",
             "--warmup",
             "0",
             "--concurrency",
@@ -53,6 +55,18 @@ async fn bench_runs_and_reports_ops() {
         assert_eq!(s["errors"].as_u64().unwrap(), 0, "{server}: errors: {s}");
         assert!(s["p99_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap());
     }
-    assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    let ratio = r["ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0);
+    // Two rounds, each with both servers; the reported ratio is one of them.
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert!(
+        rounds
+            .iter()
+            .all(|x| x["vault"]["ops"].as_u64().unwrap() > 0
+                && x["baseline"]["ops"].as_u64().unwrap() > 0)
+    );
+    assert!(rounds.iter().any(|x| x["ratio"].as_f64() == Some(ratio)));
+    assert!(r["ratio_min"].as_f64().unwrap() <= ratio && ratio <= r["ratio_max"].as_f64().unwrap());
     vault.stop().await;
 }

@@ -13,6 +13,11 @@
 //! Every run is bounded: by `--duration` (or `--count` and `--max-seconds`),
 //! by a hard cap on requests per run, and by a per-request timeout.
 //!
+//! On a shared machine throughput drifts between runs, so `--rounds N`
+//! measures each operation N times, vault and baseline back to back in
+//! alternating order (so a drift favours neither), and reports the round
+//! with the median ratio, the spread of the ratios and every round.
+//!
 //! The cards sent are well-known test numbers; they are never printed.
 
 use std::collections::BTreeMap;
@@ -46,6 +51,8 @@ const MAX_CONCURRENCY: usize = 4096;
 const MAX_RUN_SECS: f64 = 3600.0;
 /// A request that takes longer is abandoned and counted as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most rounds per operation accepted.
+const MAX_ROUNDS: usize = 50;
 
 /// Which calls the bench makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -124,6 +131,11 @@ pub struct BenchCmd {
     /// CA of the clients the baseline accepts (default: --ca, else `<dev-dir>/certs/ca.pem`).
     #[arg(long)]
     pub baseline_client_ca: Option<PathBuf>,
+    /// Rounds per operation: each measures the vault and (with
+    /// --baseline) the baseline; the round with the median ratio (median
+    /// vault ops/s without --baseline) is the one reported.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -236,17 +248,66 @@ pub struct RunStats {
     pub max_ms: f64,
 }
 
-/// One operation's results.
+/// One round of one operation: the vault, then (with --baseline) the
+/// baseline, or the other way round in even rounds.
 #[derive(Debug, Clone, Serialize)]
-pub struct OpResult {
-    /// The operation.
-    pub op: BenchOp,
+pub struct Round {
     /// Against the vault.
     pub vault: RunStats,
     /// Against the baseline, with --baseline.
     pub baseline: Option<RunStats>,
     /// vault ops/s divided by baseline ops/s, with --baseline.
     pub ratio: Option<f64>,
+}
+
+/// One operation's results: the median round's figures, their spread and
+/// every round.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpResult {
+    /// The operation.
+    pub op: BenchOp,
+    /// Against the vault, in the median round.
+    pub vault: RunStats,
+    /// Against the baseline, in the median round, with --baseline.
+    pub baseline: Option<RunStats>,
+    /// The median round's ratio, with --baseline.
+    pub ratio: Option<f64>,
+    /// Lowest ratio of all rounds, with --baseline.
+    pub ratio_min: Option<f64>,
+    /// Highest ratio of all rounds, with --baseline.
+    pub ratio_max: Option<f64>,
+    /// Every round, in the order run.
+    pub rounds: Vec<Round>,
+}
+
+/// The key rounds are ranked by: the ratio, or vault ops/s without a
+/// baseline.
+fn round_key(r: &Round) -> f64 {
+    r.ratio.unwrap_or(r.vault.ops_per_s)
+}
+
+/// Index of the median round (the lower one of an even count).
+fn median_round(rounds: &[Round]) -> usize {
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| round_key(&rounds[a]).total_cmp(&round_key(&rounds[b])));
+    order[(order.len() - 1) / 2]
+}
+
+impl OpResult {
+    /// Summarises the rounds of `op` (at least one).
+    fn of(op: BenchOp, rounds: Vec<Round>) -> OpResult {
+        let m = &rounds[median_round(&rounds)];
+        let ratios = rounds.iter().filter_map(|r| r.ratio);
+        OpResult {
+            op,
+            vault: m.vault.clone(),
+            baseline: m.baseline.clone(),
+            ratio: m.ratio,
+            ratio_min: ratios.clone().reduce(f64::min),
+            ratio_max: ratios.reduce(f64::max),
+            rounds,
+        }
+    }
 }
 
 /// The whole report (`--json` prints it as one object).
@@ -264,6 +325,8 @@ pub struct Report {
     pub count: Option<u64>,
     /// Warmup seconds before each run.
     pub warmup_s: f64,
+    /// Rounds per operation.
+    pub rounds: usize,
     /// Tenant.
     pub tenant: String,
     /// Logical CPUs of this machine.
@@ -616,6 +679,9 @@ fn check_args(cmd: &BenchCmd) -> Result<(), String> {
     if cmd.tokens == 0 || cmd.tokens > 100_000 {
         return Err("--tokens must be 1-100000".into());
     }
+    if cmd.rounds == 0 || cmd.rounds > MAX_ROUNDS {
+        return Err(format!("--rounds must be 1-{MAX_ROUNDS}"));
+    }
     Ok(())
 }
 
@@ -662,29 +728,44 @@ pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
     };
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
-        if !cmd.json {
-            eprintln!("bench: {} against the vault", op.name());
-        }
-        let vault_stats = measure(&vault, &load, op, &cmd).await;
-        let baseline_stats = match &baseline {
-            Some((_, clients)) => {
+        let mut rounds = Vec::with_capacity(cmd.rounds);
+        for n in 1..=cmd.rounds {
+            let say = |server: &str| {
                 if !cmd.json {
-                    eprintln!("bench: {} against the baseline", op.name());
+                    match cmd.rounds {
+                        1 => eprintln!("bench: {} against the {server}", op.name()),
+                        all => eprintln!(
+                            "bench: {} against the {server} (round {n}/{all})",
+                            op.name()
+                        ),
+                    }
                 }
-                Some(measure(clients, &load, op, &cmd).await)
+            };
+            // Even rounds measure the baseline first, so that a machine
+            // slowing down (or speeding up) during a round favours neither.
+            let baseline_first = n % 2 == 0;
+            let mut baseline_stats = None;
+            if let Some((_, clients)) = baseline.as_ref().filter(|_| baseline_first) {
+                say("baseline");
+                baseline_stats = Some(measure(clients, &load, op, &cmd).await);
             }
-            None => None,
-        };
-        let ratio = baseline_stats
-            .as_ref()
-            .filter(|b| b.ops_per_s > 0.0)
-            .map(|b| vault_stats.ops_per_s / b.ops_per_s);
-        results.push(OpResult {
-            op,
-            vault: vault_stats,
-            baseline: baseline_stats,
-            ratio,
-        });
+            say("vault");
+            let vault_stats = measure(&vault, &load, op, &cmd).await;
+            if let Some((_, clients)) = baseline.as_ref().filter(|_| !baseline_first) {
+                say("baseline");
+                baseline_stats = Some(measure(clients, &load, op, &cmd).await);
+            }
+            let ratio = baseline_stats
+                .as_ref()
+                .filter(|b| b.ops_per_s > 0.0)
+                .map(|b| vault_stats.ops_per_s / b.ops_per_s);
+            rounds.push(Round {
+                vault: vault_stats,
+                baseline: baseline_stats,
+                ratio,
+            });
+        }
+        results.push(OpResult::of(op, rounds));
     }
     drop(baseline);
 
@@ -695,6 +776,7 @@ pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
         duration_s: cmd.duration,
         count: cmd.count,
         warmup_s: cmd.warmup,
+        rounds: cmd.rounds,
         tenant: cmd.tenant.clone(),
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         results,
@@ -715,39 +797,135 @@ fn print_table(r: &Report) {
         Some(n) => format!("{n} requests"),
         None => format!("{} s", r.duration_s),
     };
+    let rounds = match r.rounds {
+        1 => String::new(),
+        n => format!("  {n} rounds (median round reported last)"),
+    };
     println!(
-        "{}  concurrency {}  connections {}  {run} per run (after {} s warmup)  {} cores",
+        "{}  concurrency {}  connections {}  {run} per run (after {} s warmup)  {} cores{rounds}",
         r.addr, r.concurrency, r.connections, r.warmup_s, r.cores
     );
     println!(
-        "{:<11} {:<9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:<11} {:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "op", "server", "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
     );
     let row = |op: &str, server: &str, s: &RunStats| {
         println!(
-            "{op:<11} {server:<9} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
+            "{op:<11} {server:<12} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
             s.ops, s.ops_per_s, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.errors
         );
     };
+    let ratio_row = |op: &str, label: &str, ratio: f64, tail: &str| {
+        println!(
+            "{op:<11} {label:<12} {:>9.1}% of baseline{tail}",
+            ratio * 100.0
+        );
+    };
     for res in &r.results {
-        row(res.op.name(), "vault", &res.vault);
-        if let Some(b) = &res.baseline {
-            row(res.op.name(), "baseline", b);
-        }
-        if let Some(ratio) = res.ratio {
-            println!(
-                "{:<11} {:<9} {:>9.1}% of baseline",
-                res.op.name(),
-                "ratio",
-                ratio * 100.0
-            );
-        }
-        let by_server = std::iter::once(("vault", &res.vault))
-            .chain(res.baseline.as_ref().map(|b| ("baseline", b)));
-        for (server, stats) in by_server {
-            for (code, n) in &stats.errors_by_code {
-                println!("{:<11} {server:<9} errors {code}: {n}", res.op.name());
+        let op = res.op.name();
+        if res.rounds.len() > 1 {
+            for (i, round) in res.rounds.iter().enumerate() {
+                let n = i + 1;
+                row(op, &format!("vault #{n}"), &round.vault);
+                if let Some(b) = &round.baseline {
+                    row(op, &format!("baseline #{n}"), b);
+                }
+                if let Some(ratio) = round.ratio {
+                    ratio_row(op, &format!("ratio #{n}"), ratio, "");
+                }
             }
         }
+        row(op, "vault", &res.vault);
+        if let Some(b) = &res.baseline {
+            row(op, "baseline", b);
+        }
+        if let Some(ratio) = res.ratio {
+            let spread = match (res.ratio_min, res.ratio_max) {
+                (Some(lo), Some(hi)) if res.rounds.len() > 1 => format!(
+                    " (median of {}; {:.1}-{:.1}%)",
+                    res.rounds.len(),
+                    lo * 100.0,
+                    hi * 100.0
+                ),
+                _ => String::new(),
+            };
+            ratio_row(op, "ratio", ratio, &spread);
+        }
+        for (i, round) in res.rounds.iter().enumerate() {
+            let n = if res.rounds.len() > 1 {
+                format!(" #{}", i + 1)
+            } else {
+                String::new()
+            };
+            let by_server = std::iter::once(("vault", &round.vault))
+                .chain(round.baseline.as_ref().map(|b| ("baseline", b)));
+            for (server, stats) in by_server {
+                for (code, count) in &stats.errors_by_code {
+                    println!("{op:<11} {server}{n} errors {code}: {count}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(ops_per_s: f64) -> RunStats {
+        RunStats {
+            ops: ops_per_s as u64,
+            errors: 0,
+            errors_by_code: BTreeMap::new(),
+            elapsed_s: 1.0,
+            ops_per_s,
+            p50_ms: 1.0,
+            p90_ms: 2.0,
+            p99_ms: 3.0,
+            max_ms: 4.0,
+        }
+    }
+
+    fn round(vault: f64, baseline: Option<f64>) -> Round {
+        Round {
+            vault: stats(vault),
+            baseline: baseline.map(stats),
+            ratio: baseline.map(|b| vault / b),
+        }
+    }
+
+    #[test]
+    fn the_round_with_the_median_ratio_is_reported() {
+        // Ratios 0.5, 0.4, 0.6: the median round is the first, although
+        // the third has the highest vault throughput.
+        let r = OpResult::of(
+            BenchOp::Detokenize,
+            vec![
+                round(50.0, Some(100.0)),
+                round(20.0, Some(50.0)),
+                round(90.0, Some(150.0)),
+            ],
+        );
+        assert_eq!(r.ratio, Some(0.5));
+        assert_eq!(r.vault.ops_per_s, 50.0);
+        assert_eq!(r.baseline.as_ref().unwrap().ops_per_s, 100.0);
+        assert_eq!((r.ratio_min, r.ratio_max), (Some(0.4), Some(0.6)));
+        assert_eq!(r.rounds.len(), 3);
+        // An even count reports the lower of the two middle rounds.
+        let r = OpResult::of(
+            BenchOp::Tokenize,
+            vec![round(30.0, Some(100.0)), round(40.0, Some(100.0))],
+        );
+        assert_eq!(r.ratio, Some(0.3));
+    }
+
+    #[test]
+    fn without_a_baseline_the_median_throughput_is_reported() {
+        let r = OpResult::of(
+            BenchOp::Metadata,
+            vec![round(30.0, None), round(10.0, None), round(20.0, None)],
+        );
+        assert_eq!(r.vault.ops_per_s, 20.0);
+        assert_eq!((r.ratio, r.ratio_min, r.ratio_max), (None, None, None));
     }
 }
