@@ -280,10 +280,13 @@ pub struct OpResult {
     pub rounds: Vec<Round>,
 }
 
-/// The key rounds are ranked by: the ratio, or vault ops/s without a
-/// baseline.
+/// The key rounds are ranked by: the ratio (0 if the baseline completed
+/// nothing), or vault ops/s without a baseline.
 fn round_key(r: &Round) -> f64 {
-    r.ratio.unwrap_or(r.vault.ops_per_s)
+    match (&r.baseline, r.ratio) {
+        (Some(_), ratio) => ratio.unwrap_or(0.0),
+        (None, _) => r.vault.ops_per_s,
+    }
 }
 
 /// Index of the median round (the lower one of an even count).
@@ -917,6 +920,21 @@ mod tests {
             vec![round(30.0, Some(100.0)), round(40.0, Some(100.0))],
         );
         assert_eq!(r.ratio, Some(0.3));
+    }
+
+    #[test]
+    fn a_round_whose_baseline_did_nothing_ranks_lowest() {
+        let failed = Round {
+            vault: stats(90_000.0),
+            baseline: Some(stats(0.0)),
+            ratio: None,
+        };
+        let r = OpResult::of(
+            BenchOp::Detokenize,
+            vec![failed, round(50.0, Some(100.0)), round(60.0, Some(100.0))],
+        );
+        assert_eq!(r.ratio, Some(0.5));
+        assert_eq!((r.ratio_min, r.ratio_max), (Some(0.5), Some(0.6)));
     }
 
     #[test]
