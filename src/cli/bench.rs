@@ -922,6 +922,28 @@ mod tests {
         assert_eq!(r.ratio, Some(0.3));
     }
 
+    fn parse(args: &[&str]) -> BenchCmd {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchCmd,
+        }
+        let argv = std::iter::once("bench").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().bench
+    }
+
+    #[test]
+    fn rounds_out_of_range_are_refused_with_the_bound() {
+        for bad in ["0", "51"] {
+            assert_eq!(
+                check_args(&parse(&["--rounds", bad])),
+                Err("--rounds must be 1-50".to_owned())
+            );
+        }
+        assert_eq!(check_args(&parse(&[])), Ok(()));
+        assert_eq!(check_args(&parse(&["--rounds", "50"])), Ok(()));
+    }
+
     #[test]
     fn a_round_whose_baseline_did_nothing_ranks_lowest() {
         let failed = Round {
