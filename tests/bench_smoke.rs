@@ -1,6 +1,6 @@
 //! Smoke test of `cardvault bench`: it runs for a second against a real dev
 //! vault (and the in-process baseline) and reports work done. No timing
-//! assertions: only that requests succeeded.
+//! assertions: only that requests succeeded and that CPU time was counted.
 
 mod common;
 
@@ -34,7 +34,9 @@ async fn bench_runs_and_reports_ops() {
             "mix",
             "--json",
             "--baseline",
+            "--vault-pid",
         ])
+        .arg(vault.child.id().to_string())
         .output()
         .expect("run cardvault bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -54,6 +56,12 @@ async fn bench_runs_and_reports_ops() {
         assert!(s["ops"].as_u64().unwrap() > 0, "{server}: no ops: {s}");
         assert_eq!(s["errors"].as_u64().unwrap(), 0, "{server}: errors: {s}");
         assert!(s["p99_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap());
+        // Thousands of requests: CPU time of whole 10 ms ticks on both sides
+        // (the vault process, or the baseline's threads; and the client).
+        for side in ["server_cpu_us", "client_cpu_us"] {
+            let us = s[side].as_f64();
+            assert!(us.is_some_and(|us| us > 0.0), "{server}: {side}: {s}");
+        }
     }
     let ratio = r["ratio"].as_f64().unwrap();
     assert!(ratio > 0.0);

@@ -18,7 +18,14 @@
 //! alternating order (so a drift favours neither), and reports the round
 //! with the median ratio, the spread of the ratios and every round.
 //!
+//! With `--vault-pid` (a vault on this machine), each run also reports the
+//! CPU time per request of the server (the vault process, or the baseline's
+//! threads) and of the client, read from `/proc` ([`cpu`]); those drift far
+//! less than throughput on a shared machine.
+//!
 //! The cards sent are well-known test numbers; they are never printed.
+
+mod cpu;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -136,6 +143,10 @@ pub struct BenchCmd {
     /// vault ops/s without --baseline) is the one reported.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Pid of the vault process, when it runs on this machine: each run
+    /// then also reports the vault's CPU time per request (from `/proc`).
+    #[arg(long)]
+    pub vault_pid: Option<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -246,6 +257,11 @@ pub struct RunStats {
     pub p99_ms: f64,
     /// Slowest successful request, milliseconds.
     pub max_ms: f64,
+    /// Server CPU time per successful request, microseconds: the vault
+    /// process (with `--vault-pid`) or the baseline server's threads.
+    pub server_cpu_us: Option<f64>,
+    /// CPU time of the bench client per successful request, microseconds.
+    pub client_cpu_us: Option<f64>,
 }
 
 /// One round of one operation: the vault, then (with --baseline) the
@@ -420,11 +436,20 @@ async fn run_load(
         p90_ms: percentile(&latencies, 0.90),
         p99_ms: percentile(&latencies, 0.99),
         max_ms: latencies.last().map_or(0.0, |&m| m as f64 / 1000.0),
+        server_cpu_us: None,
+        client_cpu_us: None,
     }
 }
 
-/// Warmup, then one measured run.
-async fn measure(clients: &Clients, load: &Arc<Load>, op: BenchOp, cmd: &BenchCmd) -> RunStats {
+/// Warmup, then one measured run, with the CPU it cost `server` and the
+/// client.
+async fn measure(
+    clients: &Clients,
+    load: &Arc<Load>,
+    op: BenchOp,
+    cmd: &BenchCmd,
+    server: cpu::Server,
+) -> RunStats {
     if cmd.warmup > 0.0 {
         let until = Instant::now() + Duration::from_secs_f64(cmd.warmup);
         run_load(
@@ -442,7 +467,11 @@ async fn measure(clients: &Clients, load: &Arc<Load>, op: BenchOp, cmd: &BenchCm
         None => (MAX_REQUESTS_PER_RUN, cmd.duration),
     };
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    run_load(clients, load, op, cmd.concurrency, limit, deadline).await
+    let before = cpu::Sample::take(server);
+    let mut stats = run_load(clients, load, op, cmd.concurrency, limit, deadline).await;
+    (stats.server_cpu_us, stats.client_cpu_us) =
+        before.per_op(&cpu::Sample::take(server), stats.ops);
+    stats
 }
 
 /// Opens `connections` channels for each of the two identities.
@@ -605,7 +634,7 @@ impl Baseline {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
-            .thread_name("bench-baseline")
+            .thread_name(cpu::BASELINE_THREAD)
             .enable_all()
             .build()
             .map_err(|e| format!("baseline runtime: {e}"))?;
@@ -685,6 +714,13 @@ fn check_args(cmd: &BenchCmd) -> Result<(), String> {
     if cmd.rounds == 0 || cmd.rounds > MAX_ROUNDS {
         return Err(format!("--rounds must be 1-{MAX_ROUNDS}"));
     }
+    if let Some(pid) = cmd.vault_pid
+        && !cpu::readable(pid)
+    {
+        return Err(format!(
+            "--vault-pid: cannot read the CPU time of process {pid} (/proc/{pid}/stat)"
+        ));
+    }
     Ok(())
 }
 
@@ -750,13 +786,16 @@ pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
             let mut baseline_stats = None;
             if let Some((_, clients)) = baseline.as_ref().filter(|_| baseline_first) {
                 say("baseline");
-                baseline_stats = Some(measure(clients, &load, op, &cmd).await);
+                baseline_stats =
+                    Some(measure(clients, &load, op, &cmd, cpu::Server::Baseline).await);
             }
             say("vault");
-            let vault_stats = measure(&vault, &load, op, &cmd).await;
+            let vault_stats =
+                measure(&vault, &load, op, &cmd, cpu::Server::Vault(cmd.vault_pid)).await;
             if let Some((_, clients)) = baseline.as_ref().filter(|_| !baseline_first) {
                 say("baseline");
-                baseline_stats = Some(measure(clients, &load, op, &cmd).await);
+                baseline_stats =
+                    Some(measure(clients, &load, op, &cmd, cpu::Server::Baseline).await);
             }
             let ratio = baseline_stats
                 .as_ref()
@@ -809,13 +848,32 @@ fn print_table(r: &Report) {
         r.addr, r.concurrency, r.connections, r.warmup_s, r.cores
     );
     println!(
-        "{:<11} {:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
-        "op", "server", "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
+        "{:<11} {:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10} {:>10}",
+        "op",
+        "server",
+        "ops",
+        "ops/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "srv us/op",
+        "cli us/op"
     );
+    let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
     let row = |op: &str, server: &str, s: &RunStats| {
         println!(
-            "{op:<11} {server:<12} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
-            s.ops, s.ops_per_s, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.errors
+            "{op:<11} {server:<12} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>10} {:>10}",
+            s.ops,
+            s.ops_per_s,
+            s.p50_ms,
+            s.p90_ms,
+            s.p99_ms,
+            s.max_ms,
+            s.errors,
+            us(s.server_cpu_us),
+            us(s.client_cpu_us)
         );
     };
     let ratio_row = |op: &str, label: &str, ratio: f64, tail: &str| {
@@ -854,6 +912,16 @@ fn print_table(r: &Report) {
             };
             ratio_row(op, "ratio", ratio, &spread);
         }
+        let server_cpu = res.baseline.as_ref().and_then(|b| b.server_cpu_us);
+        if let (Some(v), Some(b)) = (res.vault.server_cpu_us, server_cpu)
+            && b > 0.0
+        {
+            println!(
+                "{op:<11} {:<12} {:>9.2}x the baseline's per request ({v:.1} / {b:.1} us)",
+                "server cpu",
+                v / b
+            );
+        }
         for (i, round) in res.rounds.iter().enumerate() {
             let n = if res.rounds.len() > 1 {
                 format!(" #{}", i + 1)
@@ -886,6 +954,8 @@ mod tests {
             p90_ms: 2.0,
             p99_ms: 3.0,
             max_ms: 4.0,
+            server_cpu_us: None,
+            client_cpu_us: None,
         }
     }
 
@@ -942,6 +1012,17 @@ mod tests {
         }
         assert_eq!(check_args(&parse(&[])), Ok(()));
         assert_eq!(check_args(&parse(&["--rounds", "50"])), Ok(()));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_vault_pid_whose_cpu_cannot_be_read_is_refused() {
+        let own = std::process::id().to_string();
+        assert_eq!(check_args(&parse(&["--vault-pid", &own])), Ok(()));
+        assert_eq!(
+            check_args(&parse(&["--vault-pid", "4294967295"])),
+            Err("--vault-pid: cannot read the CPU time of process 4294967295 (/proc/4294967295/stat)".to_owned())
+        );
     }
 
     #[test]
