@@ -5,8 +5,10 @@ mod common;
 
 use std::sync::Arc;
 
-use cardvault::store::Store;
+use cardvault::error::Error;
+use cardvault::store::conformance::{assert_chain_intact, audit_body, sample};
 use cardvault::store::postgres::PostgresStore;
+use cardvault::store::{InsertOutcome, Store};
 
 async fn postgres_store() -> Option<(Arc<dyn Store>, ())> {
     let cluster = common::pg::cluster()?;
@@ -35,4 +37,112 @@ async fn concurrent_first_connections_migrate_once() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+}
+
+/// A direct connection to `url`, for inspecting and sabotaging the schema.
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(conn);
+    client
+}
+
+/// Concurrent writes are group-committed: far fewer transactions than
+/// operations wrote the audit log (rows a transaction inserts share its
+/// `xmin`), and the chain is still one unbroken chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_share_transactions() {
+    let Some(cluster) = common::pg::cluster() else {
+        return;
+    };
+    let url = cluster.fresh_database().await;
+    let store = Arc::new(PostgresStore::connect(&url, 8, None).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let r = sample("acme", &format!("tok_g{i:04}"), (i % 250) as u8);
+                let out = s.insert(&r, false, &audit_body("Tokenize")).await.unwrap();
+                assert!(matches!(out, InsertOutcome::Inserted(_)));
+            } else {
+                s.append_audit(&audit_body("Detokenize")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(assert_chain_intact(&*store).await, 200);
+    let db = admin(&url).await;
+    let row = db
+        .query_one("SELECT count(DISTINCT xmin::text) FROM audit_log", &[])
+        .await
+        .unwrap();
+    let transactions: i64 = row.get(0);
+    // One per operation without group commit; a handful with it.
+    assert!(
+        transactions < 100,
+        "200 operations took {transactions} transactions"
+    );
+}
+
+/// A group commit that fails fails every operation in it, and none of them
+/// happened: no record without its audit record, no audit record at all.
+/// The store works again once the cause is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_commit_fails_every_operation_in_it() {
+    let Some(cluster) = common::pg::cluster() else {
+        return;
+    };
+    let url = cluster.fresh_database().await;
+    let store = Arc::new(PostgresStore::connect(&url, 8, None).await.unwrap());
+    let db = admin(&url).await;
+    db.batch_execute(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'audit refused by the test'; END $$;
+         CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log
+             FOR EACH STATEMENT EXECUTE FUNCTION refuse_audit();",
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40u32 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let r = sample("acme", &format!("tok_f{i:04}"), i as u8);
+                s.insert(&r, i % 4 == 0, &audit_body("Tokenize"))
+                    .await
+                    .map(|_| ())
+            } else {
+                s.append_audit(&audit_body("Detokenize")).await.map(|_| ())
+            }
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(Error::Unavailable(why)) => {
+                assert!(why.contains("audit refused by the test"), "{why}")
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert_eq!(store.count(None).await.unwrap(), 0);
+    assert_eq!(store.audit_head().await.unwrap(), None);
+
+    db.batch_execute("DROP TRIGGER refuse_audit ON audit_log")
+        .await
+        .unwrap();
+    let r = sample("acme", "tok_after", 1);
+    assert!(matches!(
+        store
+            .insert(&r, false, &audit_body("Tokenize"))
+            .await
+            .unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
+    store.append_audit(&audit_body("Detokenize")).await.unwrap();
+    assert_eq!(assert_chain_intact(&*store).await, 2);
 }

@@ -1,6 +1,7 @@
 //! The scale-out backend: PostgreSQL, shared by many stateless vault
 //! replicas. Every statement is parameterised; the schema is created by
-//! versioned migrations at start-up; each operation is one transaction.
+//! versioned migrations at start-up; an operation's writes (record, index,
+//! audit record) commit together, in one transaction.
 //!
 //! The audit chain stays a single chain under concurrent writers from
 //! several replicas because every append locks the one `audit_head` row
@@ -8,15 +9,27 @@
 //! Serialisation failures and deadlocks (SQLSTATE 40001 / 40P01), which
 //! wire-compatible distributed engines report for contention, are retried.
 //!
+//! That lock makes every audited operation queue on one row for a whole
+//! commit (a WAL flush), so each replica group-commits its writes: a task
+//! takes every operation waiting and runs them in one transaction, with
+//! one lock of the head and one flush ([`Committer`]). Audit-only appends
+//! (detokenize, metadata, denials) and record writes (tokenize, delete)
+//! have a committer each, so a batch of record writes does not hold up
+//! card reads. Within a batch the jobs' statements are pipelined on the
+//! one connection, and hot statements are prepared once per connection.
+//!
 //! Text keys use the `"C"` collation so ordering is bytewise, as in sled.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::future::join_all;
 use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Transaction};
 
 use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint};
@@ -65,9 +78,56 @@ const MIGRATIONS: &[&str] = &[
 /// How many times a transaction is retried on a serialisation failure.
 const RETRIES: usize = 8;
 
+/// Most operations one group commit runs.
+const BATCH: usize = 512;
+
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
     /// Connection pool; each operation borrows one connection.
+    pool: Pool,
+    /// Audit-only appends, for their group-commit task.
+    audits: mpsc::UnboundedSender<Queued>,
+    /// Record writes with their audit records, for theirs.
+    writes: mpsc::UnboundedSender<Queued>,
+}
+
+/// An operation for a group commit.
+enum Job {
+    /// Append an audit record.
+    Audit(AuditBody),
+    /// [`Store::insert`].
+    Insert {
+        record: StoredRecord,
+        dedupe: bool,
+        audit: AuditBody,
+    },
+    /// [`Store::delete`].
+    Delete {
+        tenant: String,
+        token: String,
+        audit: AuditBody,
+    },
+}
+
+/// What a job did, once its batch committed.
+#[derive(Debug, Clone)]
+enum Done {
+    Audit(AuditLink),
+    Insert(InsertOutcome),
+    Delete(bool, AuditLink),
+}
+
+/// A job waiting for its group commit, and who to tell.
+type Queued = (Job, oneshot::Sender<Result<Done>>);
+
+/// Group commit: takes every job waiting (up to [`BATCH`]) and runs them in
+/// order in one transaction, whose audit records are appended at its end
+/// with one lock of the `audit_head` row; so the row is locked, and the WAL
+/// flushed, once per batch rather than once per operation. Jobs queue
+/// while a batch commits, so batches grow with the load. A batch that
+/// fails fails all its jobs (none of them happened); one that hits a
+/// serialisation failure or deadlock is run again whole.
+struct Committer {
     pool: Pool,
 }
 
@@ -91,6 +151,29 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// The error a failed batch reports, out of its statements' errors: the
+/// one that failed the transaction, not the "transaction is aborted" that
+/// statements pipelined after it get (so that a deadlock or serialisation
+/// failure is recognised and retried, and the message names the cause).
+fn first_cause(errors: Vec<TxError>) -> Option<TxError> {
+    let aborted = |e: &TxError| matches!(e, TxError::Pg(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    let cause = errors.iter().position(|e| !aborted(e)).unwrap_or(0);
+    errors.into_iter().nth(cause)
+}
+
+/// A group commit answered a job with another kind's result: a bug.
+fn mismatch(done: &Done) -> Error {
+    // The kind only: a record's fields have no place in an error.
+    let kind = match done {
+        Done::Audit(_) => "audit",
+        Done::Insert(_) => "insert",
+        Done::Delete(..) => "delete",
+    };
+    Error::Internal(format!(
+        "group commit answered with a result of kind {kind}"
+    ))
+}
+
 fn decode(bytes: &[u8]) -> Result<StoredRecord> {
     StoredRecord::decode(bytes)
         .map_err(|_| Error::DataLoss("stored record could not be decoded".into()))
@@ -109,31 +192,158 @@ impl From<tokio_postgres::Error> for TxError {
     }
 }
 
-/// Appends `body` to the chain inside `tx`, locking the head row so that
-/// concurrent writers (other connections, other replicas) queue up.
-async fn append(tx: &Transaction<'_>, body: &AuditBody) -> std::result::Result<AuditLink, TxError> {
-    let row = tx
-        .query_one(
-            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
-            &[],
+/// [`Store::insert`]'s record statements inside `tx`: `None` when the
+/// record was inserted (its audit record is still to be appended), else
+/// the outcome.
+async fn insert_in(
+    tx: &Transaction<'_>,
+    record: &StoredRecord,
+    dedupe: bool,
+) -> std::result::Result<Option<InsertOutcome>, TxError> {
+    let select_record = tx
+        .prepare_cached("SELECT data FROM records WHERE tenant = $1 AND token = $2")
+        .await?;
+    let select_index = tx
+        .prepare_cached("SELECT token FROM fingerprints WHERE tenant = $1 AND fingerprint = $2")
+        .await?;
+    let existing = |tok: String| {
+        let (tx, select_record) = (&tx, &select_record);
+        async move {
+            tx.query_opt(select_record, &[&record.tenant, &tok])
+                .await
+                .map(|r| r.map(|r| r.get::<_, Vec<u8>>(0)))
+        }
+    };
+    let indexed = match tx
+        .query_opt(&select_index, &[&record.tenant, &record.fingerprint])
+        .await?
+    {
+        Some(row) => existing(row.get(0)).await?,
+        None => None,
+    };
+    if dedupe && let Some(bytes) = indexed {
+        return Ok(Some(InsertOutcome::Deduplicated(
+            decode(&bytes).map_err(TxError::Vault)?,
+        )));
+    }
+    let insert_record = tx
+        .prepare_cached(
+            "INSERT INTO records (tenant, token, key_version, data) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
         )
         .await?;
+    let version = record.key_version as i32;
+    let data = record.encode_to_vec();
+    let inserted = tx
+        .execute(
+            &insert_record,
+            &[&record.tenant, &record.token, &version, &data],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(Some(InsertOutcome::TokenTaken));
+    }
+    let insert_index = tx
+        .prepare_cached(
+            "INSERT INTO fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let indexed_now = tx
+        .execute(
+            &insert_index,
+            &[&record.tenant, &record.fingerprint, &record.token],
+        )
+        .await?;
+    if indexed_now == 0 && dedupe {
+        // Another transaction (or an earlier job of this batch) indexed
+        // this PAN first (we waited for it on the unique index): adopt its
+        // token, drop ours.
+        let row = tx
+            .query_one(&select_index, &[&record.tenant, &record.fingerprint])
+            .await?;
+        if let Some(bytes) = existing(row.get(0)).await? {
+            let delete = tx
+                .prepare_cached("DELETE FROM records WHERE tenant = $1 AND token = $2")
+                .await?;
+            tx.execute(&delete, &[&record.tenant, &record.token])
+                .await?;
+            return Ok(Some(InsertOutcome::Deduplicated(
+                decode(&bytes).map_err(TxError::Vault)?,
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// [`Store::delete`]'s record statements inside `tx`: whether the record
+/// existed.
+async fn delete_in(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    token: &str,
+) -> std::result::Result<bool, TxError> {
+    let delete = tx
+        .prepare_cached("DELETE FROM records WHERE tenant = $1 AND token = $2 RETURNING data")
+        .await?;
+    let old = tx.query_opt(&delete, &[&tenant, &token]).await?;
+    if let Some(row) = &old
+        && let Ok(rec) = StoredRecord::decode(row.get::<_, Vec<u8>>(0).as_slice())
+    {
+        let unindex = tx
+            .prepare_cached(
+                "DELETE FROM fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3",
+            )
+            .await?;
+        tx.execute(&unindex, &[&tenant, &rec.fingerprint, &token])
+            .await?;
+    }
+    Ok(old.is_some())
+}
+
+/// Appends `bodies` in order to the chain inside `tx`, with one lock of
+/// the head row, one insert and one head update.
+async fn append_many(
+    tx: &Transaction<'_>,
+    bodies: &[&AuditBody],
+) -> std::result::Result<Vec<AuditLink>, TxError> {
+    let lock = tx
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        .await?;
+    let row = tx.query_one(&lock, &[]).await?;
     let (seq, hash): (i64, Vec<u8>) = (row.get(0), row.get(1));
-    let rec = AuditRecord::next(seq as u64, &hash, body.encode_to_vec());
-    tx.execute(
-        "INSERT INTO audit_log (seq, record) VALUES ($1, $2)",
-        &[&(rec.seq as i64), &rec.encode_to_vec()],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
-        &[&(rec.seq as i64), &rec.hash],
-    )
-    .await?;
-    Ok(AuditLink {
-        seq: rec.seq,
-        hash: rec.hash,
-    })
+    let (mut seq, mut hash) = (seq as u64, hash);
+    let mut seqs = Vec::with_capacity(bodies.len());
+    let mut records = Vec::with_capacity(bodies.len());
+    let mut links = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        let rec = AuditRecord::next(seq, &hash, body.encode_to_vec());
+        seqs.push(rec.seq as i64);
+        records.push(rec.encode_to_vec());
+        (seq, hash) = (rec.seq, rec.hash.clone());
+        links.push(AuditLink {
+            seq: rec.seq,
+            hash: rec.hash,
+        });
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO audit_log (seq, record) SELECT * FROM unnest($1::BIGINT[], $2::BYTEA[])",
+        )
+        .await?;
+    let head = tx
+        .prepare_cached("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+        .await?;
+    // Pipelined: one round trip while the head is locked.
+    let last = seq as i64;
+    let rows: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&seqs, &records];
+    let new_head: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&last, &hash];
+    let (inserted, moved) = tokio::join!(tx.execute(&insert, &rows), tx.execute(&head, &new_head));
+    let failed = [inserted.err(), moved.err()].into_iter().flatten();
+    match first_cause(failed.map(TxError::Pg).collect()) {
+        Some(e) => Err(e),
+        None => Ok(links),
+    }
 }
 
 /// Runs `body` in a transaction, committing on success and retrying on
@@ -160,6 +370,102 @@ macro_rules! transaction {
             }
         }
     }};
+}
+
+impl Committer {
+    /// Runs until the store (the last sender) is dropped.
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<Queued>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while queue.recv_many(&mut batch, BATCH).await > 0 {
+            let jobs: Vec<&Job> = batch.iter().map(|(j, _)| j).collect();
+            let result = self.commit(&jobs).await;
+            for (i, (_, reply)) in batch.drain(..).enumerate() {
+                // A caller that went away (cancelled request) needs no answer.
+                let _ = reply.send(match &result {
+                    Ok(done) => Ok(done[i].clone()),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        }
+    }
+
+    async fn commit(&self, jobs: &[&Job]) -> Result<Vec<Done>> {
+        transaction!(self, |tx| {
+            // The jobs' record statements run concurrently, so the
+            // connection pipelines them: a batch costs a few round trips,
+            // not a few per job. Interleaved in one transaction they still
+            // behave like concurrent transactions would (a dedupe that
+            // finds the fingerprint indexed by another job adopts its
+            // token). Then every audit record, in job order, under one
+            // lock of the head.
+            let results = join_all(jobs.iter().map(|job| {
+                let tx = &tx;
+                async move {
+                    Ok::<_, TxError>(match job {
+                        Job::Audit(audit) => Step::Audited(audit),
+                        Job::Insert {
+                            record,
+                            dedupe,
+                            audit,
+                        } => match insert_in(tx, record, *dedupe).await? {
+                            None => Step::Audited(audit),
+                            Some(outcome) => Step::Done(Done::Insert(outcome)),
+                        },
+                        Job::Delete {
+                            tenant,
+                            token,
+                            audit,
+                        } => Step::Deleted(delete_in(tx, tenant, token).await?, audit),
+                    })
+                }
+            }))
+            .await;
+            let mut steps = Vec::with_capacity(results.len());
+            let mut failed = Vec::new();
+            for result in results {
+                match result {
+                    Ok(step) => steps.push(step),
+                    Err(e) => failed.push(e),
+                }
+            }
+            if let Some(e) = first_cause(failed) {
+                return Err(e);
+            }
+            let bodies: Vec<&AuditBody> = steps
+                .iter()
+                .filter_map(|step| match step {
+                    Step::Audited(audit) | Step::Deleted(_, audit) => Some(*audit),
+                    Step::Done(_) => None,
+                })
+                .collect();
+            let mut links = append_many(&tx, &bodies).await?.into_iter();
+            let mut link = || {
+                links
+                    .next()
+                    .ok_or_else(|| TxError::Vault(Error::Internal("audit link missing".into())))
+            };
+            let mut done = Vec::with_capacity(steps.len());
+            for (job, step) in jobs.iter().zip(steps) {
+                done.push(match (job, step) {
+                    (_, Step::Done(d)) => d,
+                    (Job::Audit(_), _) => Done::Audit(link()?),
+                    (_, Step::Deleted(existed, _)) => Done::Delete(existed, link()?),
+                    (_, Step::Audited(_)) => Done::Insert(InsertOutcome::Inserted(link()?)),
+                });
+            }
+            Ok(done)
+        })
+    }
+}
+
+/// A job's state between its record statements and the audit append.
+enum Step<'a> {
+    /// Needs this audit record.
+    Audited(&'a AuditBody),
+    /// A delete (whether the record existed) that needs this audit record.
+    Deleted(bool, &'a AuditBody),
+    /// Finished without an audit record of its own.
+    Done(Done),
 }
 
 impl PostgresStore {
@@ -192,9 +498,29 @@ impl PostgresStore {
             .max_size(pool_size)
             .build()
             .map_err(unavailable)?;
-        let store = PostgresStore { pool };
+        let (audits, audit_jobs) = mpsc::unbounded_channel();
+        let (writes, write_jobs) = mpsc::unbounded_channel();
+        let store = PostgresStore {
+            pool,
+            audits,
+            writes,
+        };
         store.migrate().await?;
+        for jobs in [audit_jobs, write_jobs] {
+            let committer = Committer {
+                pool: store.pool.clone(),
+            };
+            tokio::spawn(committer.run(jobs));
+        }
         Ok(store)
+    }
+
+    /// Hands `job` to a group-commit task and waits for its batch.
+    async fn queue(&self, to: &mpsc::UnboundedSender<Queued>, job: Job) -> Result<Done> {
+        let (reply, done) = oneshot::channel();
+        let stopped = || unavailable("group commit stopped");
+        to.send((job, reply)).map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
     }
 
     /// Applies every migration not yet recorded. Safe to run from several
@@ -258,85 +584,25 @@ impl Store for PostgresStore {
         dedupe: bool,
         audit: &AuditBody,
     ) -> Result<InsertOutcome> {
-        let data = record.encode_to_vec();
-        let version = record.key_version as i32;
-        transaction!(self, |tx| {
-            let existing = |tok: String| {
-                let tx = &tx;
-                let tenant = record.tenant.clone();
-                async move {
-                    tx.query_opt(
-                        "SELECT data FROM records WHERE tenant = $1 AND token = $2",
-                        &[&tenant, &tok],
-                    )
-                    .await
-                    .map(|r| r.map(|r| r.get::<_, Vec<u8>>(0)))
-                }
-            };
-            let indexed = match tx
-                .query_opt(
-                    "SELECT token FROM fingerprints WHERE tenant = $1 AND fingerprint = $2",
-                    &[&record.tenant, &record.fingerprint],
-                )
-                .await?
-            {
-                Some(row) => existing(row.get(0)).await?,
-                None => None,
-            };
-            if dedupe && let Some(bytes) = indexed {
-                return Ok(InsertOutcome::Deduplicated(
-                    decode(&bytes).map_err(TxError::Vault)?,
-                ));
-            }
-            let inserted = tx
-                .execute(
-                    "INSERT INTO records (tenant, token, key_version, data) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT DO NOTHING",
-                    &[&record.tenant, &record.token, &version, &data],
-                )
-                .await?;
-            if inserted == 0 {
-                return Ok(InsertOutcome::TokenTaken);
-            }
-            let indexed_now = tx
-                .execute(
-                    "INSERT INTO fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3)
-                     ON CONFLICT DO NOTHING",
-                    &[&record.tenant, &record.fingerprint, &record.token],
-                )
-                .await?;
-            if indexed_now == 0 && dedupe {
-                // A concurrent transaction indexed this PAN first (we waited
-                // for it on the unique index): adopt its token, drop ours.
-                let row = tx
-                    .query_one(
-                        "SELECT token FROM fingerprints WHERE tenant = $1 AND fingerprint = $2",
-                        &[&record.tenant, &record.fingerprint],
-                    )
-                    .await?;
-                if let Some(bytes) = existing(row.get(0)).await? {
-                    tx.execute(
-                        "DELETE FROM records WHERE tenant = $1 AND token = $2",
-                        &[&record.tenant, &record.token],
-                    )
-                    .await?;
-                    return Ok(InsertOutcome::Deduplicated(
-                        decode(&bytes).map_err(TxError::Vault)?,
-                    ));
-                }
-            }
-            let link = append(&tx, audit).await?;
-            Ok(InsertOutcome::Inserted(link))
-        })
+        let job = Job::Insert {
+            record: record.clone(),
+            dedupe,
+            audit: audit.clone(),
+        };
+        match self.queue(&self.writes, job).await? {
+            Done::Insert(outcome) => Ok(outcome),
+            other => Err(mismatch(&other)),
+        }
     }
 
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
         let client = self.pool.get().await.map_err(unavailable)?;
+        let select = client
+            .prepare_cached("SELECT data FROM records WHERE tenant = $1 AND token = $2")
+            .await
+            .map_err(pg)?;
         let row = client
-            .query_opt(
-                "SELECT data FROM records WHERE tenant = $1 AND token = $2",
-                &[&tenant, &token],
-            )
+            .query_opt(&select, &[&tenant, &token])
             .await
             .map_err(pg)?;
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0))).transpose()
@@ -365,25 +631,15 @@ impl Store for PostgresStore {
         token: &str,
         audit: &AuditBody,
     ) -> Result<(bool, AuditLink)> {
-        transaction!(self, |tx| {
-            let old = tx
-                .query_opt(
-                    "DELETE FROM records WHERE tenant = $1 AND token = $2 RETURNING data",
-                    &[&tenant, &token],
-                )
-                .await?;
-            if let Some(row) = &old
-                && let Ok(rec) = StoredRecord::decode(row.get::<_, Vec<u8>>(0).as_slice())
-            {
-                tx.execute(
-                    "DELETE FROM fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3",
-                    &[&tenant, &rec.fingerprint, &token],
-                )
-                .await?;
-            }
-            let link = append(&tx, audit).await?;
-            Ok((old.is_some(), link))
-        })
+        let job = Job::Delete {
+            tenant: tenant.to_owned(),
+            token: token.to_owned(),
+            audit: audit.clone(),
+        };
+        match self.queue(&self.writes, job).await? {
+            Done::Delete(existed, link) => Ok((existed, link)),
+            other => Err(mismatch(&other)),
+        }
     }
 
     async fn count(&self, tenant: Option<&str>) -> Result<u64> {
@@ -496,7 +752,10 @@ impl Store for PostgresStore {
     }
 
     async fn append_audit(&self, audit: &AuditBody) -> Result<AuditLink> {
-        transaction!(self, |tx| { append(&tx, audit).await })
+        match self.queue(&self.audits, Job::Audit(audit.clone())).await? {
+            Done::Audit(link) => Ok(link),
+            other => Err(mismatch(&other)),
+        }
     }
 
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
