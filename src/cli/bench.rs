@@ -20,8 +20,8 @@
 //!
 //! With `--vault-pid` (a vault on this machine), each run also reports the
 //! CPU time per request of the server (the vault process, or the baseline's
-//! threads) and of the client, read from `/proc` ([`cpu`]); those drift far
-//! less than throughput on a shared machine.
+//! threads) and of the client, read from `/proc` (module `cpu`): where a
+//! run's CPU went.
 //!
 //! The cards sent are well-known test numbers; they are never printed.
 

@@ -12,7 +12,7 @@
 //! That lock makes every audited operation queue on one row for a whole
 //! commit (a WAL flush), so each replica group-commits its writes: a task
 //! takes every operation waiting and runs them in one transaction, with
-//! one lock of the head and one flush ([`Committer`]). Audit-only appends
+//! one lock of the head and one flush (`Committer`). Audit-only appends
 //! (detokenize, metadata, denials) and record writes (tokenize, delete)
 //! have a committer each, so a batch of record writes does not hold up
 //! card reads. Within a batch the jobs' statements are pipelined on the
@@ -307,6 +307,11 @@ async fn append_many(
     tx: &Transaction<'_>,
     bodies: &[&AuditBody],
 ) -> std::result::Result<Vec<AuditLink>, TxError> {
+    // A batch whose inserts all found their token taken or deduplicated
+    // has nothing to append, and need not queue for the head.
+    if bodies.is_empty() {
+        return Ok(Vec::new());
+    }
     let lock = tx
         .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         .await?;

@@ -1,7 +1,6 @@
 //! CPU time of processes and threads, read from `/proc` (Linux), so that
 //! `cardvault bench` can report the CPU each request cost the server and the
-//! client. On a shared machine that figure drifts far less than throughput:
-//! it is what the project's performance work compares builds by.
+//! client: the split the project's profiling work otherwise reads by hand.
 //!
 //! Elsewhere (no `/proc`) every reading is `None` and the bench reports
 //! throughput and latency only.
