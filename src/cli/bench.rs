@@ -65,7 +65,8 @@ const MAX_ROUNDS: usize = 50;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchOp {
-    /// `Tokenize` of a new card (no dedupe, no CVV), durable write.
+    /// `Tokenize`: a new token for one of two test cards (no dedupe, no
+    /// CVV), one durable record write (the cards are indexed after the first).
     Tokenize,
     /// `Detokenize` (no CVV) of tokens created before the run.
     Detokenize,
