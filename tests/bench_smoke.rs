@@ -34,6 +34,7 @@ async fn bench_runs_and_reports_ops() {
             "mix",
             "--json",
             "--baseline",
+            "--new-cards",
             "--vault-pid",
         ])
         .arg(vault.child.id().to_string())
@@ -42,9 +43,17 @@ async fn bench_runs_and_reports_ops() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {stderr}");
-    // Never a card number in the bench's output.
+    // Never a card number in the bench's output: neither the two test
+    // cards nor the new cards (`400000` and ten more digits).
     for pan in ["4111111111111111", "5555555555554444"] {
         assert!(!stdout.contains(pan) && !stderr.contains(pan));
+    }
+    for out in [&stdout, &stderr] {
+        let leaked = out.match_indices("400000").any(|(i, _)| {
+            let rest = &out.as_bytes()[i + 6..];
+            rest.len() >= 10 && rest[..10].iter().all(u8::is_ascii_digit)
+        });
+        assert!(!leaked, "a new card number in the bench's output");
     }
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     let results = report["results"].as_array().unwrap();

@@ -46,6 +46,9 @@ use crate::proto::{self, token_service_client::TokenServiceClient};
 
 /// Test card numbers sent by tokenize (Luhn-valid test PANs; never printed).
 const TEST_PANS: [&str; 2] = ["4111111111111111", "5555555555554444"];
+/// Issuer prefix of the card numbers `--new-cards` makes: a range widely
+/// used for test cards.
+const NEW_CARD_PREFIX: &str = "400000";
 /// Cardholder name sent with every tokenize, for a realistic request size.
 const TEST_NAME: &str = "BENCH TEST CARDHOLDER";
 /// Purpose sent with every detokenize.
@@ -66,7 +69,8 @@ const MAX_ROUNDS: usize = 50;
 #[serde(rename_all = "lowercase")]
 pub enum BenchOp {
     /// `Tokenize`: a new token for one of two test cards (no dedupe, no
-    /// CVV), one durable record write (the cards are indexed after the first).
+    /// CVV), one durable record write (the cards are indexed after the
+    /// first); with --new-cards, a card never tokenized before.
     Tokenize,
     /// `Detokenize` (no CVV) of tokens created before the run.
     Detokenize,
@@ -144,6 +148,12 @@ pub struct BenchCmd {
     /// vault ops/s without --baseline) is the one reported.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Tokenize a card number never sent before in every request (a
+    /// Luhn-valid test number from the 400000 range, never printed), so
+    /// each tokenize also indexes a new card, instead of one of two test
+    /// cards again.
+    #[arg(long)]
+    pub new_cards: bool,
     /// Pid of the vault process, when it runs on this machine: each run
     /// then also reports the vault's CPU time per request (from `/proc`).
     #[arg(long)]
@@ -188,6 +198,9 @@ struct Load {
     tenant: String,
     tokens: Vec<String>,
     exp_year: u32,
+    /// With --new-cards: where this invocation's card numbers start, so
+    /// that runs against the same vault send cards it has not seen.
+    new_cards: Option<u64>,
 }
 
 impl Load {
@@ -226,7 +239,10 @@ impl Load {
     fn tokenize_request(&self, n: u64) -> proto::TokenizeRequest {
         proto::TokenizeRequest {
             tenant: self.tenant.clone(),
-            pan: TEST_PANS[(n % TEST_PANS.len() as u64) as usize].to_owned(),
+            pan: match self.new_cards {
+                Some(start) => new_card(start.wrapping_add(n)),
+                None => TEST_PANS[(n % TEST_PANS.len() as u64) as usize].to_owned(),
+            },
             exp_month: 12,
             exp_year: self.exp_year,
             cardholder_name: Some(TEST_NAME.to_owned()),
@@ -235,6 +251,16 @@ impl Load {
             dedupe: false,
         }
     }
+}
+
+/// The `n`th card number of `--new-cards`: [`NEW_CARD_PREFIX`], nine
+/// digits of `n` and the Luhn check digit (16 digits, a Visa length).
+fn new_card(n: u64) -> String {
+    let body = format!("{NEW_CARD_PREFIX}{:09}", n % 1_000_000_000);
+    (0..10)
+        .map(|d| format!("{body}{d}"))
+        .find(|pan| crate::card::luhn_valid(pan))
+        .expect("one check digit makes any body Luhn-valid")
 }
 
 /// Results of one measured run.
@@ -743,6 +769,13 @@ pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
         tenant: cmd.tenant.clone(),
         tokens: Vec::with_capacity(cmd.tokens),
         exp_year: YearMonth::now_utc().year + 3,
+        // A different start per invocation (clock-derived; it need not be
+        // secret, only unlikely to repeat a run's billion numbers).
+        new_cards: cmd.new_cards.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        }),
     };
     let canned = setup(&vault, &mut load, cmd.tokens).await?;
     let load = Arc::new(load);
@@ -1024,6 +1057,37 @@ mod tests {
             check_args(&parse(&["--vault-pid", "4294967295"])),
             Err("--vault-pid: cannot read the CPU time of process 4294967295 (/proc/4294967295/stat)".to_owned())
         );
+    }
+
+    #[test]
+    fn new_cards_are_distinct_valid_test_numbers() {
+        let cards: Vec<String> = (0..1000)
+            .map(|n| new_card((u64::MAX - 500).wrapping_add(n)))
+            .collect();
+        for pan in &cards {
+            assert_eq!(pan.len(), 16, "{}", pan.len());
+            assert!(pan.starts_with(NEW_CARD_PREFIX));
+            assert!(crate::card::Pan::parse(pan).is_ok());
+        }
+        let distinct: std::collections::HashSet<_> = cards.iter().collect();
+        assert_eq!(distinct.len(), cards.len());
+    }
+
+    #[test]
+    fn tokenize_requests_carry_new_cards_only_when_asked() {
+        let load = |new_cards| Load {
+            tenant: "demo".into(),
+            tokens: Vec::new(),
+            exp_year: 2031,
+            new_cards,
+        };
+        let pans = |l: &Load| [0, 1, 2].map(|n| l.tokenize_request(n).pan);
+        let repeated = pans(&load(None));
+        assert_eq!(repeated[0], repeated[2]);
+        assert!(repeated.iter().all(|p| TEST_PANS.contains(&p.as_str())));
+        let new = pans(&load(Some(7)));
+        assert!(new[0] != new[1] && new[1] != new[2] && new[0] != new[2]);
+        assert!(new.iter().all(|p| p.starts_with(NEW_CARD_PREFIX)));
     }
 
     #[test]
