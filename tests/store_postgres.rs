@@ -6,15 +6,22 @@ mod common;
 use std::sync::Arc;
 
 use cardvault::error::Error;
-use cardvault::store::conformance::{assert_chain_intact, audit_body, sample};
+use cardvault::store::Store;
+use cardvault::store::conformance::{assert_chain_intact, assert_inserted, audit_body, sample};
 use cardvault::store::postgres::PostgresStore;
-use cardvault::store::{InsertOutcome, Store};
 
-async fn postgres_store() -> Option<(Arc<dyn Store>, ())> {
+/// A store on a fresh database, and the database's connection string;
+/// `None` where PostgreSQL is not available.
+async fn fresh_store() -> Option<(Arc<PostgresStore>, String)> {
     let cluster = common::pg::cluster()?;
     let url = cluster.fresh_database().await;
     let store = PostgresStore::connect(&url, 8, None).await.unwrap();
-    Some((Arc::new(store), ()))
+    Some((Arc::new(store), url))
+}
+
+async fn postgres_store() -> Option<(Arc<dyn Store>, ())> {
+    let (store, _) = fresh_store().await?;
+    Some((store, ()))
 }
 
 cardvault::store_conformance_tests!(postgres_store);
@@ -53,19 +60,16 @@ async fn admin(url: &str) -> tokio_postgres::Client {
 /// `xmin`), and the chain is still one unbroken chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_operations_share_transactions() {
-    let Some(cluster) = common::pg::cluster() else {
+    let Some((store, url)) = fresh_store().await else {
         return;
     };
-    let url = cluster.fresh_database().await;
-    let store = Arc::new(PostgresStore::connect(&url, 8, None).await.unwrap());
     let mut tasks = Vec::new();
     for i in 0..200u32 {
         let s = store.clone();
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
                 let r = sample("acme", &format!("tok_g{i:04}"), (i % 250) as u8);
-                let out = s.insert(&r, false, &audit_body("Tokenize")).await.unwrap();
-                assert!(matches!(out, InsertOutcome::Inserted(_)));
+                assert_inserted(&*s, &r, false).await;
             } else {
                 s.append_audit(&audit_body("Detokenize")).await.unwrap();
             }
@@ -93,11 +97,9 @@ async fn concurrent_operations_share_transactions() {
 /// The store works again once the cause is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_group_commit_fails_every_operation_in_it() {
-    let Some(cluster) = common::pg::cluster() else {
+    let Some((store, url)) = fresh_store().await else {
         return;
     };
-    let url = cluster.fresh_database().await;
-    let store = Arc::new(PostgresStore::connect(&url, 8, None).await.unwrap());
     let db = admin(&url).await;
     db.batch_execute(
         "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
@@ -135,14 +137,7 @@ async fn a_failed_group_commit_fails_every_operation_in_it() {
     db.batch_execute("DROP TRIGGER refuse_audit ON audit_log")
         .await
         .unwrap();
-    let r = sample("acme", "tok_after", 1);
-    assert!(matches!(
-        store
-            .insert(&r, false, &audit_body("Tokenize"))
-            .await
-            .unwrap(),
-        InsertOutcome::Inserted(_)
-    ));
+    assert_inserted(&*store, &sample("acme", "tok_after", 1), false).await;
     store.append_audit(&audit_body("Detokenize")).await.unwrap();
     assert_eq!(assert_chain_intact(&*store).await, 2);
 }

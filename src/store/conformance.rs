@@ -39,6 +39,15 @@ pub fn audit_body(action: &str) -> AuditBody {
     }
 }
 
+/// Inserts `record` and checks it went in as a new record.
+pub async fn assert_inserted(store: &dyn Store, record: &StoredRecord, dedupe: bool) {
+    let out = store
+        .insert(record, dedupe, &audit_body("Tokenize"))
+        .await
+        .unwrap();
+    assert!(matches!(out, InsertOutcome::Inserted(_)));
+}
+
 /// Reads the whole audit chain and checks its links (no checkpoints).
 pub async fn assert_chain_intact(store: &dyn Store) -> u64 {
     let mut v = Verifier::new(Vec::new(), Vec::new());
@@ -61,13 +70,7 @@ pub async fn assert_chain_intact(store: &dyn Store) -> u64 {
 /// Insert then get returns the same record; a missing token reads as `None`.
 pub async fn insert_and_get(store: &dyn Store) {
     let r = sample("acme", "tok_a", 1);
-    assert!(matches!(
-        store
-            .insert(&r, false, &audit_body("Tokenize"))
-            .await
-            .unwrap(),
-        InsertOutcome::Inserted(_)
-    ));
+    assert_inserted(store, &r, false).await;
     assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
     assert_eq!(store.get("acme", "tok_missing").await.unwrap(), None);
 }
@@ -78,13 +81,7 @@ pub async fn tenants_are_isolated(store: &dyn Store) {
     let a = sample("acme", "tok_same", 1);
     let mut b = sample("globex", "tok_same", 1);
     b.last4 = "4444".into();
-    assert!(matches!(
-        store
-            .insert(&a, false, &audit_body("Tokenize"))
-            .await
-            .unwrap(),
-        InsertOutcome::Inserted(_)
-    ));
+    assert_inserted(store, &a, false).await;
     assert!(
         matches!(
             store
@@ -160,13 +157,7 @@ pub async fn dedupe_by_fingerprint(store: &dyn Store) {
     );
     assert_eq!(store.get("acme", "tok_second").await.unwrap(), None);
     let third = sample("acme", "tok_third", 7);
-    assert!(matches!(
-        store
-            .insert(&third, false, &audit_body("Tokenize"))
-            .await
-            .unwrap(),
-        InsertOutcome::Inserted(_)
-    ));
+    assert_inserted(store, &third, false).await;
     let fourth = sample("acme", "tok_fourth", 7);
     assert_eq!(
         store
@@ -201,13 +192,7 @@ pub async fn delete_removes_record_and_index(store: &dyn Store) {
     );
     assert_eq!(store.get("acme", "tok_first").await.unwrap(), None);
     let next = sample("acme", "tok_next", 9);
-    assert!(matches!(
-        store
-            .insert(&next, true, &audit_body("Tokenize"))
-            .await
-            .unwrap(),
-        InsertOutcome::Inserted(_)
-    ));
+    assert_inserted(store, &next, true).await;
 }
 
 /// Update replaces an existing record and refuses a missing one.
