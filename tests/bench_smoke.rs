@@ -1,6 +1,7 @@
 //! Smoke test of `cardvault bench`: it runs for a second against a real dev
-//! vault (and the in-process baseline) and reports work done. No timing
-//! assertions: only that requests succeeded and that CPU time was counted.
+//! vault (and the in-process baselines, no-op and durable) and reports work
+//! done. No timing assertions: only that requests succeeded, that CPU time
+//! was counted and that the durable baseline's scratch log is removed.
 
 mod common;
 
@@ -12,6 +13,8 @@ use common::{Opts, VaultProcess};
 async fn bench_runs_and_reports_ops() {
     let dir = tempfile::tempdir().unwrap();
     let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
+    let scratch = dir.path().join("durable");
+    std::fs::create_dir(&scratch).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cardvault"))
         .args(["bench", "--addr"])
         .arg(format!("https://{}", vault.addr))
@@ -35,8 +38,10 @@ async fn bench_runs_and_reports_ops() {
             "--json",
             "--baseline",
             "--new-cards",
-            "--vault-pid",
+            "--durable-baseline",
         ])
+        .arg(&scratch)
+        .arg("--vault-pid")
         .arg(vault.child.id().to_string())
         .output()
         .expect("run cardvault bench");
@@ -60,7 +65,7 @@ async fn bench_runs_and_reports_ops() {
     assert_eq!(results.len(), 1);
     let r = &results[0];
     assert_eq!(r["op"], "mix");
-    for server in ["vault", "baseline"] {
+    for server in ["vault", "baseline", "durable_baseline"] {
         let s = &r[server];
         assert!(s["ops"].as_u64().unwrap() > 0, "{server}: no ops: {s}");
         assert_eq!(s["errors"].as_u64().unwrap(), 0, "{server}: errors: {s}");
@@ -74,15 +79,18 @@ async fn bench_runs_and_reports_ops() {
     }
     let ratio = r["ratio"].as_f64().unwrap();
     assert!(ratio > 0.0);
+    assert!(r["durable_ratio"].as_f64().unwrap() > 0.0);
+    // The scratch log went into a directory of its own, removed at the end.
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     // Two rounds, each with both servers; the reported ratio is one of them.
     let rounds = r["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2);
-    assert!(
-        rounds
+    assert!(rounds.iter().all(|x| {
+        ["vault", "baseline", "durable_baseline"]
             .iter()
-            .all(|x| x["vault"]["ops"].as_u64().unwrap() > 0
-                && x["baseline"]["ops"].as_u64().unwrap() > 0)
-    );
+            .all(|s| x[*s]["ops"].as_u64().unwrap() > 0)
+    }));
     assert!(rounds.iter().any(|x| x["ratio"].as_f64() == Some(ratio)));
     assert!(r["ratio_min"].as_f64().unwrap() <= ratio && ratio <= r["ratio_max"].as_f64().unwrap());
     vault.stop().await;

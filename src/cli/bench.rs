@@ -23,9 +23,17 @@
 //! threads) and of the client, read from `/proc` (module `cpu`): where a
 //! run's CPU went.
 //!
+//! With `--durable-baseline DIR`, a second baseline answers tokenize and
+//! detokenize only once a group-committed durable write of a frame per
+//! request is done (module `durable`), as the vault must: the vault's
+//! ratio to it leaves what the vault does besides that write, and its own
+//! ratio to the no-op baseline is the most any server that makes each
+//! request durable reaches on this machine.
+//!
 //! The cards sent are well-known test numbers; they are never printed.
 
 mod cpu;
+mod durable;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -143,9 +151,16 @@ pub struct BenchCmd {
     /// CA of the clients the baseline accepts (default: --ca, else `<dev-dir>/certs/ca.pem`).
     #[arg(long)]
     pub baseline_client_ca: Option<PathBuf>,
-    /// Rounds per operation: each measures the vault and (with
-    /// --baseline) the baseline; the round with the median ratio (median
-    /// vault ops/s without --baseline) is the one reported.
+    /// Also run a durable baseline: the no-op server whose tokenize and
+    /// detokenize answer only after a group-committed `O_DIRECT | O_DSYNC`
+    /// write (the vault's log code) of 256 bytes per request, to a scratch
+    /// log in a new directory under DIR (removed afterwards; put DIR on
+    /// the vault's file system). Needs --baseline.
+    #[arg(long, value_name = "DIR", requires = "baseline")]
+    pub durable_baseline: Option<PathBuf>,
+    /// Rounds per operation: each measures the vault and the baselines
+    /// asked for; the round with the median ratio to the no-op baseline
+    /// (median vault ops/s without --baseline) is the one reported.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
     /// Tokenize a card number never sent before in every request (a
@@ -161,6 +176,14 @@ pub struct BenchCmd {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The servers a round measures, in the order of odd rounds.
+#[derive(Debug, Clone, Copy)]
+enum Server {
+    Vault,
+    Baseline,
+    Durable,
 }
 
 /// One call kind.
@@ -292,7 +315,8 @@ pub struct RunStats {
 }
 
 /// One round of one operation: the vault, then (with --baseline) the
-/// baseline, or the other way round in even rounds.
+/// baseline and (with --durable-baseline) the durable baseline, or the
+/// other way round in even rounds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
     /// Against the vault.
@@ -301,6 +325,10 @@ pub struct Round {
     pub baseline: Option<RunStats>,
     /// vault ops/s divided by baseline ops/s, with --baseline.
     pub ratio: Option<f64>,
+    /// Against the durable baseline, with --durable-baseline.
+    pub durable_baseline: Option<RunStats>,
+    /// vault ops/s divided by durable baseline ops/s.
+    pub durable_ratio: Option<f64>,
 }
 
 /// One operation's results: the median round's figures, their spread and
@@ -319,6 +347,14 @@ pub struct OpResult {
     pub ratio_min: Option<f64>,
     /// Highest ratio of all rounds, with --baseline.
     pub ratio_max: Option<f64>,
+    /// Against the durable baseline, in the median round.
+    pub durable_baseline: Option<RunStats>,
+    /// The median round's ratio to the durable baseline.
+    pub durable_ratio: Option<f64>,
+    /// Lowest ratio to the durable baseline of all rounds.
+    pub durable_ratio_min: Option<f64>,
+    /// Highest ratio to the durable baseline of all rounds.
+    pub durable_ratio_max: Option<f64>,
     /// Every round, in the order run.
     pub rounds: Vec<Round>,
 }
@@ -344,6 +380,7 @@ impl OpResult {
     fn of(op: BenchOp, rounds: Vec<Round>) -> OpResult {
         let m = &rounds[median_round(&rounds)];
         let ratios = rounds.iter().filter_map(|r| r.ratio);
+        let durable = rounds.iter().filter_map(|r| r.durable_ratio);
         OpResult {
             op,
             vault: m.vault.clone(),
@@ -351,6 +388,10 @@ impl OpResult {
             ratio: m.ratio,
             ratio_min: ratios.clone().reduce(f64::min),
             ratio_max: ratios.reduce(f64::max),
+            durable_baseline: m.durable_baseline.clone(),
+            durable_ratio: m.durable_ratio,
+            durable_ratio_min: durable.clone().reduce(f64::min),
+            durable_ratio_max: durable.reduce(f64::max),
             rounds,
         }
     }
@@ -582,9 +623,21 @@ struct Canned {
     metadata: proto::CardMetadata,
 }
 
-/// The baseline: the vault's service interface with no-op handlers.
+/// The baseline: the vault's service interface with no-op handlers (in
+/// the durable baseline, tokenize and detokenize first wait for a commit).
 struct BaselineService {
     canned: Canned,
+    durable: Option<Arc<durable::Committer>>,
+}
+
+impl BaselineService {
+    /// Waits for a durable commit, in the durable baseline.
+    async fn commit(&self) -> Result<(), Status> {
+        match &self.durable {
+            Some(c) => c.commit().await.map_err(Status::internal),
+            None => Ok(()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -593,6 +646,7 @@ impl TokenService for BaselineService {
         &self,
         _request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        self.commit().await?;
         Ok(Response::new(self.canned.tokenize.clone()))
     }
 
@@ -607,6 +661,7 @@ impl TokenService for BaselineService {
         &self,
         _request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
+        self.commit().await?;
         Ok(Response::new(self.canned.detokenize.clone()))
     }
 
@@ -637,10 +692,26 @@ struct Baseline {
     addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The durable baseline's committer; dropped (thread joined, scratch
+    /// log removed) after the runtime is shut down.
+    _durable: Option<durable::Running>,
 }
 
 impl Baseline {
-    fn start(opts: &ClientOpts, cmd: &BenchCmd, canned: Canned) -> Result<Baseline, String> {
+    /// Starts the no-op baseline, or with `durable` (a directory) the
+    /// durable one.
+    fn start(
+        opts: &ClientOpts,
+        cmd: &BenchCmd,
+        canned: Canned,
+        durable: Option<&std::path::Path>,
+    ) -> Result<Baseline, String> {
+        // Its commit thread is named like the baseline's workers, so that
+        // its CPU time counts as the baseline server's.
+        let durable = durable
+            .map(|dir| durable::Committer::start(dir, cpu::BASELINE_THREAD))
+            .transpose()?;
+        let committer = durable.as_ref().map(|d| d.committer.clone());
         let certs = opts.dev_dir.join("certs");
         let cert = cmd
             .baseline_cert
@@ -680,7 +751,10 @@ impl Baseline {
                 }
             };
             let served = builder
-                .add_service(TokenServiceServer::new(BaselineService { canned }))
+                .add_service(TokenServiceServer::new(BaselineService {
+                    canned,
+                    durable: committer,
+                }))
                 .serve_with_incoming_shutdown(
                     crate::tls::incoming(listener, tls, Default::default()),
                     async move {
@@ -696,6 +770,7 @@ impl Baseline {
             addr,
             stop: Some(stop),
             runtime: Some(runtime),
+            _durable: durable,
         })
     }
 }
@@ -780,14 +855,24 @@ pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
     let canned = setup(&vault, &mut load, cmd.tokens).await?;
     let load = Arc::new(load);
 
-    let baseline = if cmd.baseline {
-        let server = Baseline::start(opts, &cmd, canned)?;
-        let mut bopts = opts.clone();
-        bopts.addr = format!("https://{}", server.addr);
-        let clients = connect_all(&bopts, cmd.connections, &tokenize_as, &read_as).await?;
-        Some((server, clients))
-    } else {
-        None
+    let start_baseline = |durable: Option<PathBuf>| {
+        let (opts, cmd, canned) = (opts, &cmd, canned.clone());
+        let (tokenize_as, read_as) = (&tokenize_as, &read_as);
+        async move {
+            let server = Baseline::start(opts, cmd, canned, durable.as_deref())?;
+            let mut bopts = opts.clone();
+            bopts.addr = format!("https://{}", server.addr);
+            let clients = connect_all(&bopts, cmd.connections, tokenize_as, read_as).await?;
+            Ok::<_, String>((server, clients))
+        }
+    };
+    let baseline = match cmd.baseline {
+        true => Some(start_baseline(None).await?),
+        false => None,
+    };
+    let durable_baseline = match &cmd.durable_baseline {
+        Some(dir) => Some(start_baseline(Some(dir.clone())).await?),
+        None => None,
     };
 
     let ops: Vec<BenchOp> = match cmd.op {
@@ -814,36 +899,55 @@ pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
                     }
                 }
             };
-            // Even rounds measure the baseline first, so that a machine
-            // slowing down (or speeding up) during a round favours neither.
-            let baseline_first = n % 2 == 0;
-            let mut baseline_stats = None;
-            if let Some((_, clients)) = baseline.as_ref().filter(|_| baseline_first) {
-                say("baseline");
-                baseline_stats =
-                    Some(measure(clients, &load, op, &cmd, cpu::Server::Baseline).await);
+            // Odd rounds run the vault, the baseline, the durable baseline;
+            // even rounds the other way round, so that a machine slowing
+            // down (or speeding up) during a round favours none of them.
+            let mut order = [Server::Vault, Server::Baseline, Server::Durable];
+            if n % 2 == 0 {
+                order.reverse();
             }
-            say("vault");
-            let vault_stats =
-                measure(&vault, &load, op, &cmd, cpu::Server::Vault(cmd.vault_pid)).await;
-            if let Some((_, clients)) = baseline.as_ref().filter(|_| !baseline_first) {
-                say("baseline");
-                baseline_stats =
-                    Some(measure(clients, &load, op, &cmd, cpu::Server::Baseline).await);
+            let (mut vault_stats, mut baseline_stats, mut durable_stats) = (None, None, None);
+            for server in order {
+                match server {
+                    Server::Vault => {
+                        say("vault");
+                        let pid = cpu::Server::Vault(cmd.vault_pid);
+                        vault_stats = Some(measure(&vault, &load, op, &cmd, pid).await);
+                    }
+                    Server::Baseline => {
+                        if let Some((_, clients)) = &baseline {
+                            say("baseline");
+                            let s = measure(clients, &load, op, &cmd, cpu::Server::Baseline);
+                            baseline_stats = Some(s.await);
+                        }
+                    }
+                    Server::Durable => {
+                        if let Some((_, clients)) = &durable_baseline {
+                            say("durable baseline");
+                            let s = measure(clients, &load, op, &cmd, cpu::Server::Baseline);
+                            durable_stats = Some(s.await);
+                        }
+                    }
+                }
             }
-            let ratio = baseline_stats
-                .as_ref()
-                .filter(|b| b.ops_per_s > 0.0)
-                .map(|b| vault_stats.ops_per_s / b.ops_per_s);
+            let vault_stats = vault_stats.expect("every round measures the vault");
+            let ratio_to = |b: &Option<RunStats>| {
+                b.as_ref()
+                    .filter(|b| b.ops_per_s > 0.0)
+                    .map(|b| vault_stats.ops_per_s / b.ops_per_s)
+            };
             rounds.push(Round {
+                ratio: ratio_to(&baseline_stats),
+                durable_ratio: ratio_to(&durable_stats),
                 vault: vault_stats,
                 baseline: baseline_stats,
-                ratio,
+                durable_baseline: durable_stats,
             });
         }
         results.push(OpResult::of(op, rounds));
     }
     drop(baseline);
+    drop(durable_baseline);
 
     let report = Report {
         addr: opts.addr.clone(),
@@ -910,11 +1014,17 @@ fn print_table(r: &Report) {
             us(s.client_cpu_us)
         );
     };
-    let ratio_row = |op: &str, label: &str, ratio: f64, tail: &str| {
-        println!(
-            "{op:<11} {label:<12} {:>9.1}% of baseline{tail}",
-            ratio * 100.0
-        );
+    let ratio_row = |op: &str, label: &str, ratio: f64, of: &str, tail: &str| {
+        println!("{op:<11} {label:<12} {:>9.1}% of {of}{tail}", ratio * 100.0);
+    };
+    let spread = |res: &OpResult, lo: Option<f64>, hi: Option<f64>| match (lo, hi) {
+        (Some(lo), Some(hi)) if res.rounds.len() > 1 => format!(
+            " (median of {}; {:.1}-{:.1}%)",
+            res.rounds.len(),
+            lo * 100.0,
+            hi * 100.0
+        ),
+        _ => String::new(),
     };
     for res in &r.results {
         let op = res.op.name();
@@ -925,8 +1035,15 @@ fn print_table(r: &Report) {
                 if let Some(b) = &round.baseline {
                     row(op, &format!("baseline #{n}"), b);
                 }
+                if let Some(b) = &round.durable_baseline {
+                    row(op, &format!("durable #{n}"), b);
+                }
                 if let Some(ratio) = round.ratio {
-                    ratio_row(op, &format!("ratio #{n}"), ratio, "");
+                    ratio_row(op, &format!("ratio #{n}"), ratio, "baseline", "");
+                }
+                if let Some(ratio) = round.durable_ratio {
+                    let of = "durable baseline";
+                    ratio_row(op, &format!("ratio #{n}"), ratio, of, "");
                 }
             }
         }
@@ -934,17 +1051,16 @@ fn print_table(r: &Report) {
         if let Some(b) = &res.baseline {
             row(op, "baseline", b);
         }
+        if let Some(b) = &res.durable_baseline {
+            row(op, "durable", b);
+        }
         if let Some(ratio) = res.ratio {
-            let spread = match (res.ratio_min, res.ratio_max) {
-                (Some(lo), Some(hi)) if res.rounds.len() > 1 => format!(
-                    " (median of {}; {:.1}-{:.1}%)",
-                    res.rounds.len(),
-                    lo * 100.0,
-                    hi * 100.0
-                ),
-                _ => String::new(),
-            };
-            ratio_row(op, "ratio", ratio, &spread);
+            let tail = spread(res, res.ratio_min, res.ratio_max);
+            ratio_row(op, "ratio", ratio, "baseline", &tail);
+        }
+        if let Some(ratio) = res.durable_ratio {
+            let tail = spread(res, res.durable_ratio_min, res.durable_ratio_max);
+            ratio_row(op, "ratio", ratio, "durable baseline", &tail);
         }
         let server_cpu = res.baseline.as_ref().and_then(|b| b.server_cpu_us);
         if let (Some(v), Some(b)) = (res.vault.server_cpu_us, server_cpu)
@@ -963,7 +1079,8 @@ fn print_table(r: &Report) {
                 String::new()
             };
             let by_server = std::iter::once(("vault", &round.vault))
-                .chain(round.baseline.as_ref().map(|b| ("baseline", b)));
+                .chain(round.baseline.as_ref().map(|b| ("baseline", b)))
+                .chain(round.durable_baseline.as_ref().map(|b| ("durable", b)));
             for (server, stats) in by_server {
                 for (code, count) in &stats.errors_by_code {
                     println!("{op:<11} {server}{n} errors {code}: {count}");
@@ -998,7 +1115,77 @@ mod tests {
             vault: stats(vault),
             baseline: baseline.map(stats),
             ratio: baseline.map(|b| vault / b),
+            durable_baseline: None,
+            durable_ratio: None,
         }
+    }
+
+    #[test]
+    fn the_durable_ratio_is_the_median_rounds_with_its_spread() {
+        let with_durable = |vault: f64, baseline: f64, durable: f64| Round {
+            durable_baseline: Some(stats(durable)),
+            durable_ratio: Some(vault / durable),
+            ..round(vault, Some(baseline))
+        };
+        // Ratios to the baseline 0.5, 0.4, 0.6 (the first round is the
+        // median); to the durable baseline 0.8, 1.0, 0.75.
+        let r = OpResult::of(
+            BenchOp::Tokenize,
+            vec![
+                with_durable(40.0, 80.0, 50.0),
+                with_durable(40.0, 100.0, 40.0),
+                with_durable(60.0, 100.0, 80.0),
+            ],
+        );
+        assert_eq!(r.ratio, Some(0.5));
+        assert_eq!(r.durable_ratio, Some(0.8));
+        assert_eq!(r.durable_baseline.as_ref().unwrap().ops_per_s, 50.0);
+        assert_eq!(
+            (r.durable_ratio_min, r.durable_ratio_max),
+            (Some(0.75), Some(1.0))
+        );
+        // Without a durable baseline there is none of it.
+        let r = OpResult::of(BenchOp::Tokenize, vec![round(1.0, Some(2.0))]);
+        assert!(r.durable_baseline.is_none() && r.durable_ratio.is_none());
+        assert_eq!((r.durable_ratio_min, r.durable_ratio_max), (None, None));
+    }
+
+    #[tokio::test]
+    async fn the_durable_baseline_writes_for_tokenize_and_detokenize_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = durable::Committer::start(dir.path(), "durable-test").unwrap();
+        let svc = BaselineService {
+            canned: Canned {
+                tokenize: Default::default(),
+                detokenize: Default::default(),
+                metadata: Default::default(),
+            },
+            durable: Some(running.committer.clone()),
+        };
+        let writes = || running.committer.writes();
+        svc.get_metadata(Request::new(Default::default()))
+            .await
+            .unwrap();
+        assert_eq!(
+            writes(),
+            0,
+            "metadata waits for no write in the vault either"
+        );
+        svc.tokenize(Request::new(Default::default()))
+            .await
+            .unwrap();
+        assert_eq!(writes(), 1);
+        svc.detokenize(Request::new(Default::default()))
+            .await
+            .unwrap();
+        assert_eq!(writes(), 2);
+    }
+
+    #[test]
+    fn a_durable_baseline_needs_the_baseline() {
+        assert!(try_parse(&["--durable-baseline", "/tmp"]).is_err());
+        let cmd = parse(&["--baseline", "--durable-baseline", "/tmp"]);
+        assert_eq!(cmd.durable_baseline, Some(PathBuf::from("/tmp")));
     }
 
     #[test]
@@ -1026,14 +1213,18 @@ mod tests {
         assert_eq!(r.ratio, Some(0.3));
     }
 
-    fn parse(args: &[&str]) -> BenchCmd {
+    fn try_parse(args: &[&str]) -> Result<BenchCmd, clap::Error> {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
             bench: BenchCmd,
         }
         let argv = std::iter::once("bench").chain(args.iter().copied());
-        <Cli as clap::Parser>::try_parse_from(argv).unwrap().bench
+        <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.bench)
+    }
+
+    fn parse(args: &[&str]) -> BenchCmd {
+        try_parse(args).unwrap()
     }
 
     #[test]
@@ -1096,6 +1287,8 @@ mod tests {
             vault: stats(90_000.0),
             baseline: Some(stats(0.0)),
             ratio: None,
+            durable_baseline: None,
+            durable_ratio: None,
         };
         let r = OpResult::of(
             BenchOp::Detokenize,

@@ -288,6 +288,21 @@ impl Segment {
         Ok(seg)
     }
 
+    /// Bytes of the file already written (frames, then zeroes): appends
+    /// up to this length never grow the file.
+    pub fn allocated(&self) -> u64 {
+        self.allocated
+    }
+
+    /// Makes the next append start at the beginning of the file again,
+    /// over what is there. Only for a scratch log that is never replayed
+    /// (the bench's durable baseline): replay would stop at the first
+    /// frame that no longer chains.
+    pub fn rewind(&mut self) {
+        self.len = 0;
+        self.tail.clear();
+    }
+
     /// Appends `frames` and waits until they are on disk.
     pub fn append_durable(&mut self, frames: &[u8]) -> std::io::Result<()> {
         let end = self.len + frames.len() as u64;
@@ -416,6 +431,26 @@ mod tests {
         assert_eq!(seg.allocated, 3 * PREALLOCATE, "no growth needed");
         let (ops, torn) = read_segment(dir.path(), 9).unwrap();
         assert_eq!((ops.len(), torn), (1, false));
+    }
+
+    #[test]
+    fn a_rewound_segment_is_written_from_the_start_without_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::prepare(dir.path(), 3, PREALLOCATE, Default::default()).unwrap();
+        let mut a = Vec::new();
+        encode_frame(&[m(1, b"first", Some(&[1; 5000]))], &mut a);
+        // Leaves a partial last block, which a rewind must not carry over.
+        seg.append_durable(&a).unwrap();
+        assert!(!seg.len.is_multiple_of(ALIGN as u64));
+        seg.rewind();
+        let mut b = Vec::new();
+        encode_frame(&[m(2, b"second", Some(b"v"))], &mut b);
+        seg.append_durable(&b).unwrap();
+        assert_eq!(seg.len, b.len() as u64);
+        assert_eq!(seg.allocated(), PREALLOCATE, "no growth");
+        // The new frame is first; what follows it no longer chains.
+        let (ops, _) = read_segment(dir.path(), 3).unwrap();
+        assert_eq!(ops.first(), Some(&vec![m(2, b"second", Some(b"v"))]));
     }
 
     #[test]
