@@ -95,3 +95,46 @@ async fn bench_runs_and_reports_ops() {
     assert!(r["ratio_min"].as_f64().unwrap() <= ratio && ratio <= r["ratio_max"].as_f64().unwrap());
     vault.stop().await;
 }
+
+/// Interrupted mid-run (Ctrl-C), the bench exits with an error, no report,
+/// and removes the durable baseline's scratch log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_bench_removes_its_scratch_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
+    let scratch = dir.path().join("durable");
+    std::fs::create_dir(&scratch).unwrap();
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+        .args(["bench", "--addr"])
+        .arg(format!("https://{}", vault.addr))
+        .arg("--dev-dir")
+        .arg(&vault.data_dir)
+        .args(["--op", "detokenize", "--duration", "600", "--warmup", "0"])
+        .args(["--concurrency", "4", "--connections", "1", "--tokens", "4"])
+        .args(["--json", "--baseline", "--durable-baseline"])
+        .arg(&scratch)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cardvault bench");
+    // The scratch log exists once the durable baseline has started.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_dir(&scratch).unwrap().next().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no scratch log");
+        assert!(bench.try_wait().unwrap().is_none(), "bench exited early");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &bench.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = bench.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no report when interrupted");
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    vault.stop().await;
+}

@@ -826,8 +826,21 @@ fn check_args(cmd: &BenchCmd) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the benchmark and prints the report.
+/// Runs the benchmark and prints the report. Interrupted (SIGINT or
+/// SIGTERM), it stops without a report, after the baselines are shut
+/// down and the durable baseline's scratch log removed.
 pub async fn run(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
+    let term = tokio::signal::unix::SignalKind::terminate();
+    let mut term = tokio::signal::unix::signal(term).map_err(|e| format!("SIGTERM: {e}"))?;
+    tokio::select! {
+        done = bench(opts, cmd) => done,
+        // Dropping the bench future drops its baselines, which clean up.
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+        _ = term.recv() => Err("terminated".into()),
+    }
+}
+
+async fn bench(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
     check_args(&cmd)?;
     let tokenize_as = cmd
         .tokenize_as
