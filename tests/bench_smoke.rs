@@ -5,21 +5,57 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::{Opts, VaultProcess};
 
+/// A dev vault and an empty directory for the durable baseline's scratch
+/// log, in one temporary directory.
+struct Setup {
+    _dir: tempfile::TempDir,
+    vault: VaultProcess,
+    scratch: PathBuf,
+}
+
+impl Setup {
+    fn start() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
+        let scratch = dir.path().join("durable");
+        std::fs::create_dir(&scratch).unwrap();
+        Setup {
+            _dir: dir,
+            vault,
+            scratch,
+        }
+    }
+
+    /// `cardvault bench` against the vault, with both baselines (the
+    /// durable one's scratch log under `scratch`).
+    fn bench(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardvault"));
+        cmd.args(["bench", "--addr"])
+            .arg(format!("https://{}", self.vault.addr))
+            .arg("--dev-dir")
+            .arg(&self.vault.data_dir)
+            .args(["--baseline", "--durable-baseline"])
+            .arg(&self.scratch);
+        cmd
+    }
+
+    /// The scratch log went into a directory of its own, removed at the end.
+    fn assert_scratch_removed(&self) {
+        let left: Vec<_> = std::fs::read_dir(&self.scratch).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_runs_and_reports_ops() {
-    let dir = tempfile::tempdir().unwrap();
-    let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
-    let scratch = dir.path().join("durable");
-    std::fs::create_dir(&scratch).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cardvault"))
-        .args(["bench", "--addr"])
-        .arg(format!("https://{}", vault.addr))
-        .arg("--dev-dir")
-        .arg(&vault.data_dir)
+    let setup = Setup::start();
+    let out = setup
+        .bench()
         .args([
             "--duration",
             "0.5",
@@ -36,13 +72,10 @@ async fn bench_runs_and_reports_ops() {
             "--op",
             "mix",
             "--json",
-            "--baseline",
             "--new-cards",
-            "--durable-baseline",
+            "--vault-pid",
         ])
-        .arg(&scratch)
-        .arg("--vault-pid")
-        .arg(vault.child.id().to_string())
+        .arg(setup.vault.child.id().to_string())
         .output()
         .expect("run cardvault bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -80,9 +113,7 @@ async fn bench_runs_and_reports_ops() {
     let ratio = r["ratio"].as_f64().unwrap();
     assert!(ratio > 0.0);
     assert!(r["durable_ratio"].as_f64().unwrap() > 0.0);
-    // The scratch log went into a directory of its own, removed at the end.
-    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    setup.assert_scratch_removed();
     // Two rounds, each with both servers; the reported ratio is one of them.
     let rounds = r["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2);
@@ -93,33 +124,26 @@ async fn bench_runs_and_reports_ops() {
     }));
     assert!(rounds.iter().any(|x| x["ratio"].as_f64() == Some(ratio)));
     assert!(r["ratio_min"].as_f64().unwrap() <= ratio && ratio <= r["ratio_max"].as_f64().unwrap());
-    vault.stop().await;
+    setup.vault.stop().await;
 }
 
 /// Interrupted mid-run (Ctrl-C), the bench exits with an error, no report,
 /// and removes the durable baseline's scratch log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_bench_removes_its_scratch_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
-    let scratch = dir.path().join("durable");
-    std::fs::create_dir(&scratch).unwrap();
-    let mut bench = Command::new(env!("CARGO_BIN_EXE_cardvault"))
-        .args(["bench", "--addr"])
-        .arg(format!("https://{}", vault.addr))
-        .arg("--dev-dir")
-        .arg(&vault.data_dir)
+    let setup = Setup::start();
+    let mut bench = setup
+        .bench()
         .args(["--op", "detokenize", "--duration", "600", "--warmup", "0"])
         .args(["--concurrency", "4", "--connections", "1", "--tokens", "4"])
-        .args(["--json", "--baseline", "--durable-baseline"])
-        .arg(&scratch)
+        .arg("--json")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start cardvault bench");
     // The scratch log exists once the durable baseline has started.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_dir(&scratch).unwrap().next().is_none() {
+    while std::fs::read_dir(&setup.scratch).unwrap().next().is_none() {
         assert!(std::time::Instant::now() < deadline, "no scratch log");
         assert!(bench.try_wait().unwrap().is_none(), "bench exited early");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -134,7 +158,6 @@ async fn an_interrupted_bench_removes_its_scratch_log() {
     assert!(!out.status.success());
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(out.stdout.is_empty(), "no report when interrupted");
-    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
-    vault.stop().await;
+    setup.assert_scratch_removed();
+    setup.vault.stop().await;
 }
