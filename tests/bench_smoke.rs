@@ -124,6 +124,39 @@ async fn bench_runs_and_reports_ops() {
     }));
     assert!(rounds.iter().any(|x| x["ratio"].as_f64() == Some(ratio)));
     assert!(r["ratio_min"].as_f64().unwrap() <= ratio && ratio <= r["ratio_max"].as_f64().unwrap());
+    assert!(r.get("targets").is_none() && report.get("targets").is_none());
+
+    // --check-targets: three checks for tokenize (ratio, p99, errors),
+    // the differing client count named, and the exit status says whether
+    // one was missed (which this short run cannot predict).
+    let out = setup
+        .bench()
+        .args(["--op", "tokenize", "--duration", "0.3", "--warmup", "0"])
+        .args(["--concurrency", "4", "--connections", "1", "--tokens", "4"])
+        .args(["--check-targets", "--json"])
+        .output()
+        .expect("run cardvault bench --check-targets");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object, met or missed");
+    let targets = &report["targets"];
+    let checks = targets["checks"].as_array().unwrap();
+    let measures: Vec<_> = checks
+        .iter()
+        .map(|c| c["measure"].as_str().unwrap())
+        .collect();
+    assert_eq!(measures, ["ratio", "p99_ms", "errors"]);
+    assert!(checks.iter().all(|c| c["op"] == "tokenize"));
+    assert!(
+        targets["conditions"][0]
+            .as_str()
+            .unwrap()
+            .contains("4 concurrent clients, not 64")
+    );
+    let missed = checks.iter().any(|c| c["met"] == false);
+    assert_eq!(out.status.success(), !missed, "{stderr}");
+    assert_eq!(stderr.contains("targets missed: "), missed, "{stderr}");
+    setup.assert_scratch_removed();
     setup.vault.stop().await;
 }
 

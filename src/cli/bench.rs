@@ -30,10 +30,15 @@
 //! ratio to the no-op baseline is the most any server that makes each
 //! request durable reaches on this machine.
 //!
+//! With `--check-targets`, the report ends with issue 6's targets checked
+//! against the median rounds (module `targets`), and the bench exits
+//! non-zero if one is missed.
+//!
 //! The cards sent are well-known test numbers; they are never printed.
 
 mod cpu;
 mod durable;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -173,6 +178,12 @@ pub struct BenchCmd {
     /// then also reports the vault's CPU time per request (from `/proc`).
     #[arg(long)]
     pub vault_pid: Option<u32>,
+    /// Check the targets of issue 6 against the median rounds: tokenize
+    /// at least 50% of the baseline, detokenize at least 80%, p99 at most
+    /// 5 ms for both, no errors; exit non-zero if one is missed. Needs
+    /// --baseline and --op tokenize, detokenize or all.
+    #[arg(long, requires = "baseline")]
+    pub check_targets: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -420,6 +431,9 @@ pub struct Report {
     pub cores: usize,
     /// Results per operation.
     pub results: Vec<OpResult>,
+    /// With --check-targets: issue 6's targets, checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<targets::Targets>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -816,6 +830,11 @@ fn check_args(cmd: &BenchCmd) -> Result<(), String> {
     if cmd.rounds == 0 || cmd.rounds > MAX_ROUNDS {
         return Err(format!("--rounds must be 1-{MAX_ROUNDS}"));
     }
+    if cmd.check_targets && matches!(cmd.op, BenchOp::Metadata | BenchOp::Mix) {
+        return Err("--check-targets needs --op tokenize, detokenize or all \
+                    (only they have targets)"
+            .into());
+    }
     if let Some(pid) = cmd.vault_pid
         && !cpu::readable(pid)
     {
@@ -962,7 +981,7 @@ async fn bench(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
     drop(baseline);
     drop(durable_baseline);
 
-    let report = Report {
+    let mut report = Report {
         addr: opts.addr.clone(),
         concurrency: cmd.concurrency,
         connections: cmd.connections,
@@ -973,7 +992,11 @@ async fn bench(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
         tenant: cmd.tenant.clone(),
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         results,
+        targets: None,
     };
+    if cmd.check_targets {
+        report.targets = Some(targets::Targets::check(&report));
+    }
     if cmd.json {
         println!(
             "{}",
@@ -982,7 +1005,10 @@ async fn bench(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
     } else {
         print_table(&report);
     }
-    Ok(())
+    match report.targets.map(|t| t.missed()) {
+        Some(missed) if !missed.is_empty() => Err(format!("targets missed: {}", missed.join(", "))),
+        _ => Ok(()),
+    }
 }
 
 fn print_table(r: &Report) {
@@ -1101,13 +1127,16 @@ fn print_table(r: &Report) {
             }
         }
     }
+    if let Some(t) = &r.targets {
+        t.print();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stats(ops_per_s: f64) -> RunStats {
+    pub(super) fn stats(ops_per_s: f64) -> RunStats {
         RunStats {
             ops: ops_per_s as u64,
             errors: 0,
@@ -1123,7 +1152,7 @@ mod tests {
         }
     }
 
-    fn round(vault: f64, baseline: Option<f64>) -> Round {
+    pub(super) fn round(vault: f64, baseline: Option<f64>) -> Round {
         Round {
             vault: stats(vault),
             baseline: baseline.map(stats),
@@ -1192,6 +1221,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(writes(), 2);
+    }
+
+    #[test]
+    fn target_checks_need_the_baseline_and_an_op_with_targets() {
+        assert!(try_parse(&["--check-targets", "--op", "all"]).is_err());
+        for op in ["tokenize", "detokenize", "all"] {
+            let cmd = parse(&["--check-targets", "--baseline", "--op", op]);
+            assert!(cmd.check_targets);
+            assert_eq!(check_args(&cmd), Ok(()));
+        }
+        for op in ["metadata", "mix"] {
+            let cmd = parse(&["--check-targets", "--baseline", "--op", op]);
+            let err = check_args(&cmd).unwrap_err();
+            assert!(err.contains("--check-targets needs --op"), "{err}");
+        }
     }
 
     #[test]
