@@ -21,11 +21,20 @@ struct Entry {
     expires_at: Instant,
 }
 
+/// What the holder's lock guards.
+#[derive(Default)]
+struct Held {
+    /// Entries by `(tenant, token)`.
+    entries: HashMap<(String, String), Entry>,
+    /// Places promised to tokenize calls whose token is not written yet
+    /// (see [`CvvHolder::reserve`]); they count against the capacity.
+    reserved: usize,
+}
+
 /// Bounded, expiring, single-read store of CVVs keyed by (tenant, token).
 pub struct CvvHolder {
-    /// Entries by `(tenant, token)`. A `Mutex` is enough: every operation is a
-    /// short map access with no I/O.
-    entries: Mutex<HashMap<(String, String), Entry>>,
+    /// A `Mutex` is enough: every operation is a short map access with no I/O.
+    held: Mutex<Held>,
     /// How long a CVV stays readable.
     ttl: Duration,
     /// Upper bound on held CVVs, so a flood of tokenize calls cannot exhaust memory.
@@ -36,7 +45,7 @@ impl CvvHolder {
     /// A holder with the given TTL (clamped to [`MAX_TTL`]) and capacity.
     pub fn new(ttl: Duration, max_entries: usize) -> Self {
         CvvHolder {
-            entries: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
             ttl: ttl.min(MAX_TTL),
             max_entries,
         }
@@ -47,59 +56,81 @@ impl CvvHolder {
         self.ttl
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // A panic while holding the lock cannot leave a half-written entry
         // (all updates are single map operations), so poisoning is ignored.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether one more entry fits, after dropping expired ones if not.
+    fn has_room(&self, held: &mut Held) -> bool {
+        if held.entries.len() + held.reserved >= self.max_entries {
+            let now = Instant::now();
+            held.entries.retain(|_, e| e.expires_at > now);
+        }
+        held.entries.len() + held.reserved < self.max_entries
     }
 
     /// Holds `cvv` for the token, replacing (and wiping) any earlier one.
     /// Fails with `RESOURCE_EXHAUSTED` when the holder is full of live entries.
     pub fn put(&self, tenant: &str, token: &str, cvv: Cvv) -> Result<()> {
-        let now = Instant::now();
-        let mut map = self.lock();
+        let mut held = self.lock();
         let key = (tenant.to_owned(), token.to_owned());
-        if map.len() >= self.max_entries && !map.contains_key(&key) {
-            map.retain(|_, e| e.expires_at > now);
-            if map.len() >= self.max_entries {
-                return Err(Error::ResourceExhausted(
-                    "CVV holder is full; retry later or tokenize without cvv".into(),
-                ));
-            }
+        if !held.entries.contains_key(&key) && !self.has_room(&mut held) {
+            return Err(full());
         }
-        map.insert(
-            key,
-            Entry {
-                cvv,
-                expires_at: now + self.ttl,
-            },
-        );
+        held.entries.insert(key, self.entry(cvv));
         Ok(())
+    }
+
+    /// Promises a place for one CVV whose token is not known yet.
+    ///
+    /// Tokenize reserves before it writes the record (so a full holder
+    /// fails the call before a token exists) and fills the place only
+    /// once the store has taken the token as new: putting the CVV under a
+    /// candidate token first would, when that token turns out to be taken
+    /// by another card, replace that card's CVV. Dropping the reservation
+    /// unfilled gives the place back. Fails with `RESOURCE_EXHAUSTED`
+    /// when the holder is full.
+    pub fn reserve(&self) -> Result<Reservation<'_>> {
+        let mut held = self.lock();
+        if !self.has_room(&mut held) {
+            return Err(full());
+        }
+        held.reserved += 1;
+        Ok(Reservation { holder: self })
+    }
+
+    fn entry(&self, cvv: Cvv) -> Entry {
+        Entry {
+            cvv,
+            expires_at: Instant::now() + self.ttl,
+        }
     }
 
     /// Removes and returns the CVV if it is still live. A second call returns `None`.
     pub fn take(&self, tenant: &str, token: &str) -> Option<Cvv> {
-        let entry = self.lock().remove(&(tenant.to_owned(), token.to_owned()))?;
+        let entry = (self.lock().entries).remove(&(tenant.to_owned(), token.to_owned()))?;
         (entry.expires_at > Instant::now()).then_some(entry.cvv)
     }
 
     /// Whether a live CVV is held for the token.
     pub fn is_held(&self, tenant: &str, token: &str) -> bool {
-        self.lock()
+        (self.lock().entries)
             .get(&(tenant.to_owned(), token.to_owned()))
             .is_some_and(|e| e.expires_at > Instant::now())
     }
 
     /// Wipes the CVV for a token, if any (used by delete).
     pub fn remove(&self, tenant: &str, token: &str) {
-        self.lock().remove(&(tenant.to_owned(), token.to_owned()));
+        (self.lock().entries).remove(&(tenant.to_owned(), token.to_owned()));
     }
 
     /// Wipes every expired entry; returns how many were removed. Called
     /// periodically so expired CVVs do not linger in memory until read.
     pub fn purge_expired(&self) -> usize {
         let now = Instant::now();
-        let mut map = self.lock();
+        let map = &mut self.lock().entries;
         let before = map.len();
         map.retain(|_, e| e.expires_at > now);
         before - map.len()
@@ -107,17 +138,45 @@ impl CvvHolder {
 
     /// Wipes everything (seal, shutdown).
     pub fn clear(&self) {
-        self.lock().clear();
+        self.lock().entries.clear();
     }
 
     /// Number of entries held (live or not yet purged).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn full() -> Error {
+    Error::ResourceExhausted("CVV holder is full; retry later or tokenize without cvv".into())
+}
+
+/// A place in the holder promised by [`CvvHolder::reserve`].
+pub struct Reservation<'a> {
+    holder: &'a CvvHolder,
+}
+
+impl Reservation<'_> {
+    /// Holds `cvv` for the token in the reserved place, replacing (and
+    /// wiping) any earlier one for that token; never fails for capacity.
+    pub fn fill(self, tenant: &str, token: &str, cvv: Cvv) {
+        let mut held = self.holder.lock();
+        let entry = self.holder.entry(cvv);
+        held.entries
+            .insert((tenant.to_owned(), token.to_owned()), entry);
+        // `drop` gives the reserved place back, now that the entry has it.
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut held = self.holder.lock();
+        held.reserved = held.reserved.saturating_sub(1);
     }
 }
 
@@ -173,6 +232,37 @@ mod tests {
         h.put("t", "c", cvv("333")).unwrap();
         h.clear();
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn reservations_count_against_capacity_until_filled_or_dropped() {
+        let h = CvvHolder::new(Duration::from_secs(60), 2);
+        let a = h.reserve().unwrap();
+        h.put("t", "x", cvv("111")).unwrap();
+        // One place reserved, one held: full for new tokens and reservations.
+        assert!(matches!(h.reserve(), Err(Error::ResourceExhausted(_))));
+        assert!(matches!(
+            h.put("t", "y", cvv("222")),
+            Err(Error::ResourceExhausted(_))
+        ));
+        a.fill("t", "z", cvv("333"));
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.take("t", "z").unwrap().expose(), "333");
+        // A dropped reservation gives its place back.
+        drop(h.reserve().unwrap());
+        let b = h.reserve().unwrap();
+        assert!(matches!(h.reserve(), Err(Error::ResourceExhausted(_))));
+        drop(b);
+        h.put("t", "y", cvv("222")).unwrap();
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn an_unfilled_reservation_leaves_existing_cvvs_alone() {
+        let h = CvvHolder::new(Duration::from_secs(60), 10);
+        h.put("t", "tok", cvv("111")).unwrap();
+        drop(h.reserve().unwrap());
+        assert_eq!(h.take("t", "tok").unwrap().expose(), "111");
     }
 
     #[test]

@@ -182,3 +182,62 @@ async fn concurrent_first_use_of_a_tenant_agrees_on_one_key() {
     assert_eq!(fps.len(), 1, "one fingerprint key per tenant");
     assert_eq!(store.list_keys("tenant/fresh/dek/").await.unwrap().len(), 1);
 }
+
+/// A format-preserving token keeps all but a few digits of a short card
+/// number, so candidate tokens collide with existing ones. A colliding
+/// candidate must leave the existing card's CVV alone: the new card's CVV
+/// goes only under the token the store takes as new.
+#[tokio::test]
+async fn a_colliding_candidate_token_leaves_the_other_cards_cvv_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, _) = vault(dir.path());
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let ctx = CallContext::default();
+    let tenant = t("a");
+    // A 12-digit card: keeping the BIN and the last 4 leaves 2 random
+    // digits, so about 90 possible tokens.
+    let pan = (0..10)
+        .map(|d| format!("50180000001{d}"))
+        .find(|p| cardvault::card::luhn_valid(p))
+        .unwrap();
+    let opts = TokenizeOptions {
+        format: cardvault::token::TokenFormat::FormatPreserving { keep_bin: true },
+        dedupe: false,
+    };
+    let with_cvv = |code: &str| {
+        let mut card = new_card(&pan);
+        let brand = card.pan.brand();
+        card.cvv = Some(Cvv::parse(code, brand).unwrap());
+        card
+    };
+    let first = v
+        .tokenize(&ctx, &tenant, with_cvv("111"), opts)
+        .await
+        .unwrap();
+    // Fill the token space with the same card and another CVV: hundreds
+    // of candidates, so almost surely some equal the first token.
+    let mut tokens = 1;
+    for _ in 0..200 {
+        match v.tokenize(&ctx, &tenant, with_cvv("222"), opts).await {
+            Ok(_) => tokens += 1,
+            Err(Error::ResourceExhausted(_)) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(tokens > 50, "only {tokens} tokens");
+    let token = Token::parse(&first.token).unwrap();
+    let purpose = Purpose::parse("authorization").unwrap();
+    let card = v
+        .detokenize(&ctx, &tenant, &token, &purpose, true)
+        .await
+        .unwrap();
+    match card.cvv {
+        cardvault::vault::CvvOutcome::Returned(c) => assert_eq!(c.expose(), "111"),
+        cardvault::vault::CvvOutcome::NotAvailable => {
+            panic!("the first card's CVV was wiped by a colliding candidate")
+        }
+        cardvault::vault::CvvOutcome::NotRequested => unreachable!(),
+    }
+    // One CVV per token issued, none left over from refused candidates.
+    assert_eq!(v.cvv_holder().len(), tokens - 1);
+}

@@ -471,6 +471,14 @@ impl Vault {
                     .unwrap_or_default(),
             ),
         };
+        // A place for the CVV is reserved before the record is written, so
+        // a full holder fails the call before it leaves a token behind; it
+        // is filled only once the token is known to be this card's (a
+        // candidate token may belong to another card, whose CVV must stay).
+        let mut cvv_slot = match &card.cvv {
+            Some(_) => Some(self.cvv.reserve()?),
+            None => None,
+        };
         for _ in 0..TOKEN_ATTEMPTS {
             let token = Token::generate(opts.format, &card.pan);
             let record = StoredRecord {
@@ -492,11 +500,6 @@ impl Vault {
                     &secret,
                 ),
             };
-            // The CVV is held before the record is written, so a full holder
-            // fails the call before it leaves a token behind.
-            if let Some(cvv) = &card.cvv {
-                self.cvv.put(tenant.as_str(), token.as_str(), cvv.clone())?;
-            }
             let mut body = audit_body(ctx, "Tokenize", tenant.as_str(), token.as_str(), Ok(()));
             if card.cvv.is_some() {
                 body.detail = "cvv held".into();
@@ -504,27 +507,24 @@ impl Vault {
             let outcome = self.store.insert(&record, opts.dedupe, &body).await;
             let (rec, existing) = match outcome {
                 Ok(InsertOutcome::Inserted(link)) => {
+                    if let (Some(slot), Some(cvv)) = (cvv_slot.take(), &card.cvv) {
+                        slot.fill(tenant.as_str(), token.as_str(), cvv.clone());
+                    }
                     self.after_append(&link, &body).await;
                     (record, false)
                 }
-                Ok(InsertOutcome::TokenTaken) => {
-                    self.cvv.remove(tenant.as_str(), token.as_str());
-                    continue;
-                }
+                Ok(InsertOutcome::TokenTaken) => continue,
                 Ok(InsertOutcome::Deduplicated(existing)) => {
-                    self.cvv.remove(tenant.as_str(), token.as_str());
                     body.token = existing.token.clone();
                     body.detail = format!("deduplicated to an existing token; {}", body.detail);
                     self.record(body).await.map_err(|e| audit_unavailable(&e))?;
-                    if let Some(cvv) = card.cvv {
-                        self.cvv.put(tenant.as_str(), &existing.token, cvv)?;
+                    // The same card again: its fresh CVV replaces the old one.
+                    if let (Some(slot), Some(cvv)) = (cvv_slot.take(), &card.cvv) {
+                        slot.fill(tenant.as_str(), &existing.token, cvv.clone());
                     }
                     (existing, true)
                 }
-                Err(e) => {
-                    self.cvv.remove(tenant.as_str(), token.as_str());
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             let cvv_held = self.cvv.is_held(tenant.as_str(), &rec.token);
             // debug, not info: every operation is already in the audit log,
