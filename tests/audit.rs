@@ -6,19 +6,19 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use cardvault::audit::{AuditBody, AuditRecord, Checkpoint};
+use cardvault::Error;
+use cardvault::audit::{AuditBody, AuditRecord};
 use cardvault::card::{Brand, Cvv, Expiry, Pan, YearMonth};
 use cardvault::crypto::keys::SecretKey;
 use cardvault::proto::audit_service_client::AuditServiceClient;
 use cardvault::proto::{
     AuditQueryRequest, BlastRadiusRequest, DetokenizeRequest, TokenizeRequest, VerifyAuditRequest,
 };
+use cardvault::store::Store;
 use cardvault::store::sled::{RawAudit, SledStore};
-use cardvault::store::{AuditLink, InsertOutcome, Store, StoredRecord};
 use cardvault::token::{Purpose, Tenant, Token};
 use cardvault::vault::{CallContext, CvvOutcome, NewCard, TokenizeOptions, Vault, VaultConfig};
-use cardvault::{Error, Result};
+use common::flaky::Flaky;
 use common::{Opts, VaultProcess, exp_year};
 use prost::Message;
 
@@ -245,82 +245,10 @@ async fn a_rehashed_rewrite_is_caught_by_the_signed_checkpoint() {
     );
 }
 
-/// A store whose audit appends fail while `fail` is set (disk full,
-/// database down...); everything else works.
-struct Flaky {
-    inner: Arc<SledStore>,
-    fail: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl Store for Flaky {
-    fn backend(&self) -> &'static str {
-        "flaky"
-    }
-    async fn insert(&self, r: &StoredRecord, d: bool, a: &AuditBody) -> Result<InsertOutcome> {
-        self.inner.insert(r, d, a).await
-    }
-    async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
-        self.inner.get(tenant, token).await
-    }
-    async fn update(&self, r: &StoredRecord) -> Result<bool> {
-        self.inner.update(r).await
-    }
-    async fn delete(&self, tenant: &str, token: &str, a: &AuditBody) -> Result<(bool, AuditLink)> {
-        self.inner.delete(tenant, token, a).await
-    }
-    async fn count(&self, tenant: Option<&str>) -> Result<u64> {
-        self.inner.count(tenant).await
-    }
-    async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        self.inner.get_key(name).await
-    }
-    async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.inner.put_key_if_absent(name, value).await
-    }
-    async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        self.inner.list_keys(prefix).await
-    }
-    async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()> {
-        self.inner.put_keys(entries).await
-    }
-    async fn delete_key(&self, name: &str) -> Result<()> {
-        self.inner.delete_key(name).await
-    }
-    async fn scan_records(
-        &self,
-        after: Option<(&str, &str)>,
-        limit: usize,
-    ) -> Result<Vec<StoredRecord>> {
-        self.inner.scan_records(after, limit).await
-    }
-    async fn append_audit(&self, a: &AuditBody) -> Result<AuditLink> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::Unavailable("audit disk full".into()));
-        }
-        self.inner.append_audit(a).await
-    }
-    async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
-        self.inner.audit_head().await
-    }
-    async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
-        self.inner.audit_records(after, limit).await
-    }
-    async fn put_checkpoint(&self, c: &Checkpoint) -> Result<()> {
-        self.inner.put_checkpoint(c).await
-    }
-    async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        self.inner.checkpoints().await
-    }
-}
-
 #[tokio::test]
 async fn reads_fail_closed_when_the_audit_log_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Flaky {
-        inner: Arc::new(SledStore::open(dir.path()).unwrap()),
-        fail: false.into(),
-    });
+    let store = Arc::new(Flaky::open(dir.path()));
     let v = Vault::new(store.clone() as Arc<dyn Store>, VaultConfig::default());
     v.unseal(SecretKey::generate()).await.unwrap();
     let mut c = card("4111111111111111");
@@ -333,7 +261,7 @@ async fn reads_fail_closed_when_the_audit_log_cannot_be_written() {
     let tok = Token::parse(&token).unwrap();
     let purpose = Purpose::parse("auth").unwrap();
 
-    store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    store.set_failing(true);
     let err = v
         .detokenize(&ctx("p"), &t("demo"), &tok, &purpose, true)
         .await
@@ -354,7 +282,7 @@ async fn reads_fail_closed_when_the_audit_log_cannot_be_written() {
 
     // Once the log works again the card reads, and the CVV was not consumed
     // by the refused reads.
-    store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    store.set_failing(false);
     let card = v
         .detokenize(&ctx("p"), &t("demo"), &tok, &purpose, true)
         .await

@@ -19,6 +19,7 @@ use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
 use cardvault::token::{Purpose, Tenant, Token};
 use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig};
+use common::flaky::Flaky;
 use common::{Opts, VaultProcess, exp_year};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -635,4 +636,189 @@ async fn rewrap_survives_sigkill_and_resumes() {
     let demo = st.tenants.iter().find(|t| t.tenant == "demo").unwrap();
     assert_eq!(demo.versions.len(), 1);
     assert_eq!((demo.active_version, demo.versions[0].records), (2, 3000));
+}
+
+// ---- master key rotation against a faulty or concurrent world ----
+
+/// A vault on a [`Flaky`] store, initialised with 3 shares (threshold 2)
+/// and unsealed; returns the shares.
+async fn initialised(dir: &std::path::Path) -> (Arc<Vault>, Arc<Flaky>, Vec<String>) {
+    let store = Arc::new(Flaky::open(dir));
+    let v = Arc::new(Vault::new(
+        store.clone() as Arc<dyn Store>,
+        VaultConfig::default(),
+    ));
+    let ctx = CallContext::default();
+    let shares: Vec<String> = v
+        .init(&ctx, 3, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    unseal_with(&v, &shares).await;
+    (v, store, shares)
+}
+
+/// Enters the first two shares; the vault must then be unsealed.
+async fn unseal_with(v: &Vault, shares: &[String]) {
+    let ctx = CallContext::default();
+    v.reset_unseal();
+    for s in &shares[..2] {
+        v.submit_share(&ctx, s).await.unwrap();
+    }
+    assert!(!v.is_sealed(), "these shares unseal the vault");
+}
+
+async fn tokenize_in(v: &Vault, tenant: &str) -> Token {
+    let meta = v
+        .tokenize(
+            &CallContext::default(),
+            &Tenant::parse(tenant).unwrap(),
+            new_card("4111111111111111"),
+            TokenizeOptions::default(),
+        )
+        .await
+        .unwrap();
+    Token::parse(&meta.token).unwrap()
+}
+
+async fn reads(v: &Vault, tenant: &str, token: &Token) -> Result<String, Error> {
+    let card = v
+        .detokenize(
+            &CallContext::default(),
+            &Tenant::parse(tenant).unwrap(),
+            token,
+            &Purpose::parse("auth").unwrap(),
+            false,
+        )
+        .await?;
+    Ok(card.pan.expose().to_owned())
+}
+
+/// Once the new KEK is committed its shares are the only way in, so they
+/// are returned even if the audit log fails right after the commit; an
+/// audit log that fails before the rotation refuses it, changing nothing.
+#[tokio::test]
+async fn a_master_key_rotation_is_audited_before_it_commits_and_its_shares_always_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store, old) = initialised(dir.path()).await;
+    let ctx = CallContext::default();
+    let token = tokenize_in(&v, "demo").await;
+
+    store.set_failing(true);
+    let err = v.rotate_master_key(&ctx, 3, 2).await.err().unwrap();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    store.set_failing(false);
+    v.seal();
+    unseal_with(&v, &old).await;
+
+    let s = store.clone();
+    store.after_next_put_keys(move || s.set_failing(true));
+    let (new, _) = v
+        .rotate_master_key(&ctx, 3, 2)
+        .await
+        .expect("the shares of a committed KEK are returned");
+    store.set_failing(false);
+    v.seal();
+    let new: Vec<String> = new.iter().map(|s| s.to_string()).collect();
+    unseal_with(&v, &new).await;
+    assert_eq!(reads(&v, "demo", &token).await.unwrap(), "4111111111111111");
+}
+
+/// A seal while the master key is being replaced is not undone by the
+/// rotation: the vault stays sealed and opens with the new shares only.
+#[tokio::test]
+async fn a_seal_during_a_master_key_rotation_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store, old) = initialised(dir.path()).await;
+    let token = tokenize_in(&v, "demo").await;
+    let sealer = v.clone();
+    store.after_next_put_keys(move || sealer.seal());
+    let (new, _) = v
+        .rotate_master_key(&CallContext::default(), 3, 2)
+        .await
+        .unwrap();
+    assert!(v.is_sealed(), "the seal during the rotation was undone");
+    let ctx = CallContext::default();
+    for s in &old[..2] {
+        let _ = v.submit_share(&ctx, s).await;
+    }
+    assert!(v.is_sealed(), "old shares must not unseal");
+    let new: Vec<String> = new.iter().map(|s| s.to_string()).collect();
+    unseal_with(&v, &new).await;
+    assert_eq!(reads(&v, "demo", &token).await.unwrap(), "4111111111111111");
+}
+
+/// A tenant's first tokenize that waits for a master key rotation wraps
+/// the tenant's new keys under the new KEK, not the replaced one (which
+/// would make the tenant unreadable after the next unseal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_first_keys_made_during_a_master_key_rotation_use_the_new_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store, _) = initialised(dir.path()).await;
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    // The rotation stops right after its commit, holding the key lock.
+    store.after_next_put_keys(move || {
+        entered_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+    });
+    let rotation = tokio::spawn({
+        let v = v.clone();
+        async move { v.rotate_master_key(&CallContext::default(), 3, 2).await }
+    });
+    tokio::task::spawn_blocking(move || entered_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let first = tokio::spawn({
+        let v = v.clone();
+        async move { tokenize_in(&v, "fresh").await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!first.is_finished(), "waits for the rotation's key lock");
+    go_tx.send(()).unwrap();
+    let (new, _) = rotation.await.unwrap().unwrap();
+    let token = first.await.unwrap();
+    v.seal();
+    let new: Vec<String> = new.iter().map(|s| s.to_string()).collect();
+    unseal_with(&v, &new).await;
+    assert_eq!(
+        reads(&v, "fresh", &token).await.unwrap(),
+        "4111111111111111"
+    );
+}
+
+/// A read that took the keyring just before a master key rotation, and
+/// finds the tenant's keys already re-wrapped under the new KEK, reads
+/// again with the new keyring instead of failing as if the data had been
+/// tampered with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_overtaken_by_a_master_key_rotation_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store, shares) = initialised(dir.path()).await;
+    let token = tokenize_in(&v, "demo").await;
+    // A fresh keyring, with no tenant keys cached yet.
+    v.seal();
+    unseal_with(&v, &shares).await;
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    store.before_next_get(move || {
+        entered_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+    });
+    let read = tokio::spawn({
+        let (v, token) = (v.clone(), token.clone());
+        async move { reads(&v, "demo", &token).await }
+    });
+    tokio::task::spawn_blocking(move || entered_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    v.rotate_master_key(&CallContext::default(), 3, 2)
+        .await
+        .unwrap();
+    go_tx.send(()).unwrap();
+    assert_eq!(read.await.unwrap().unwrap(), "4111111111111111");
 }

@@ -326,8 +326,12 @@ impl Vault {
 
     /// Starts version `active + 1` for the tenant (one winner if several
     /// replicas race). Returns the new active version.
-    pub(crate) async fn rotate_tenant(&self, keyring: &Keyring, tenant: &str) -> Result<u32> {
+    pub(crate) async fn rotate_tenant(&self, tenant: &str) -> Result<u32> {
         let _guard = self.key_lock.read().await;
+        // Taken under the lock: a keyring taken before it may hold a KEK
+        // that a master key rotation has since replaced, and the new key
+        // would be wrapped under it and lost with it.
+        let keyring = self.keyring()?;
         keyring.invalidate(tenant);
         let keys = keyring.tenant(&*self.store, tenant, false).await?;
         let next = keys.active + 1;
@@ -342,14 +346,14 @@ impl Vault {
         ctx: &CallContext,
         tenant: Option<&Tenant>,
     ) -> Result<Vec<(String, u32)>> {
-        let keyring = self.keyring()?;
+        self.keyring()?;
         let tenants = match tenant {
             Some(t) => vec![t.as_str().to_owned()],
             None => self.tenants().await?,
         };
         let mut out = Vec::new();
         for t in tenants {
-            let v = self.rotate_tenant(&keyring, &t).await?;
+            let v = self.rotate_tenant(&t).await?;
             let mut body = audit_body(ctx, "RotateDataKey", &t, "", Ok(()));
             body.detail = format!("new active version {v}");
             self.record(body).await?;
@@ -364,7 +368,6 @@ impl Vault {
     /// Returns whether it rotated (the caller then reloads the keys).
     pub(crate) async fn maybe_auto_rotate(
         &self,
-        keyring: &Keyring,
         tenant: &str,
         keys: &super::keyring::TenantKeys,
     ) -> Result<bool> {
@@ -382,7 +385,7 @@ impl Vault {
         let too_old = keys.active_created_ms > 0
             && now_ms().saturating_sub(keys.active_created_ms) >= self.config.dek_max_age_ms;
         if too_many || too_old {
-            let v = self.rotate_tenant(keyring, tenant).await?;
+            let v = self.rotate_tenant(tenant).await?;
             let ctx = CallContext {
                 principal: "cardvault".into(),
                 ..Default::default()
@@ -600,12 +603,21 @@ impl Vault {
     /// re-wrapped, the new check value and seal configuration are written
     /// in one atomic batch, and new shares are returned (old ones stop
     /// working). Blocks new tenant keys while it runs.
+    ///
+    /// Audited before it takes effect: once the new KEK is committed, its
+    /// shares are the only way to unseal, so they must reach the caller
+    /// even if the audit log fails afterwards. The record that may refuse
+    /// the call is therefore the one written first; the outcome record
+    /// follows, and if only that one fails the shares are still returned.
     pub async fn rotate_master_key(
         &self,
         ctx: &CallContext,
         shares: u32,
         threshold: u32,
     ) -> Result<(Vec<Zeroizing<String>>, SealConfig)> {
+        let mut start = audit_body(ctx, "RotateMasterKey", "", "", Ok(()));
+        start.detail = "starting".into();
+        self.record(start).await?;
         let result = self.rotate_master_inner(shares, threshold).await;
         let mut body = audit_body(ctx, "RotateMasterKey", "", "", result.as_ref().map(|_| ()));
         if let Ok((_, cfg)) = &result {
@@ -614,8 +626,19 @@ impl Vault {
                 cfg.generation, cfg.shares, cfg.threshold
             );
         }
-        self.record(body).await?;
-        result
+        match (self.record(body).await, result) {
+            (Err(e), Err(_)) => Err(e),
+            (Err(e), Ok(done)) => {
+                tracing::error!(
+                    error = %e,
+                    generation = done.1.generation,
+                    "master key rotated, but its outcome was not audited (the start was); \
+                     returning the new shares, without which the vault cannot be unsealed"
+                );
+                Ok(done)
+            }
+            (Ok(_), result) => result,
+        }
     }
 
     async fn rotate_master_inner(
@@ -664,8 +687,14 @@ impl Vault {
         let seed = audit_seed.ok_or_else(|| Error::Internal("audit signing key missing".into()))?;
         let audit_key = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.expose())
             .map_err(|_| Error::Internal("bad audit signing key".into()))?;
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Keyring::new(new_aead, audit_key)));
+        {
+            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            // Sealed meanwhile (seal does not wait for this lock): it stays
+            // sealed, and is unsealed with the new shares.
+            if keys.is_some() {
+                *keys = Some(Arc::new(Keyring::new(new_aead, audit_key)));
+            }
+        }
         let out = encode_shares(&new_kek, &cfg)?;
         tracing::warn!(
             generation = cfg.generation,

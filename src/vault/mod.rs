@@ -444,16 +444,19 @@ impl Vault {
         card: NewCard,
         opts: TokenizeOptions,
     ) -> Result<CardMetadata> {
-        let keyring = self.keyring()?;
+        self.keyring()?;
         let mut keys = {
             let _guard = self.key_lock.read().await;
+            // The keyring is taken under the lock, not before it: a master
+            // key rotation holding the lock replaces the KEK, and a tenant's
+            // first keys wrapped under the replaced one would be lost.
+            let keyring = self.keyring()?;
             keyring.tenant(&*self.store, tenant.as_str(), true).await?
         };
-        if self
-            .maybe_auto_rotate(&keyring, tenant.as_str(), &keys)
-            .await?
-        {
-            keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
+        if self.maybe_auto_rotate(tenant.as_str(), &keys).await? {
+            keys = (self.keyring()?)
+                .tenant(&*self.store, tenant.as_str(), false)
+                .await?;
         }
         let fingerprint = keys.fingerprint.fingerprint(card.pan.expose());
         let dek = keys
@@ -595,7 +598,18 @@ impl Vault {
         include_cvv: bool,
     ) -> Result<Card> {
         let result = match self.keyring() {
-            Ok(keyring) => self.read_card(&keyring, tenant, token).await,
+            Ok(keyring) => {
+                let read = self.read_card(&keyring, tenant, token).await;
+                match (&read, self.keyring()) {
+                    // The master key was rotated during the read: keys
+                    // wrapped under the new KEK do not unwrap under the old
+                    // one. Not tampering; read again with the new keyring.
+                    (Err(Error::DataLoss(_)), Ok(now)) if !Arc::ptr_eq(&now, &keyring) => {
+                        self.read_card(&now, tenant, token).await
+                    }
+                    _ => read,
+                }
+            }
             Err(e) => Err(e),
         };
         let mut body = audit_body(

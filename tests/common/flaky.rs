@@ -1,0 +1,124 @@
+//! A store wrapper for fault injection in vault-level tests.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use cardvault::Error;
+use cardvault::Result;
+use cardvault::audit::{AuditBody, AuditRecord, Checkpoint};
+use cardvault::store::sled::SledStore;
+use cardvault::store::{AuditLink, InsertOutcome, Store, StoredRecord};
+
+/// Runs once, inside the store call it was set for.
+pub type Hook = Box<dyn FnOnce() + Send>;
+
+/// A sled store whose audit appends fail while `fail` is set (disk full,
+/// database down...), and which can run a hook once before the next
+/// record read or after the next `put_keys` (a key rotation's commit);
+/// everything else works.
+pub struct Flaky {
+    pub inner: Arc<SledStore>,
+    pub fail: AtomicBool,
+    pub after_put_keys: std::sync::Mutex<Option<Hook>>,
+    pub before_get: std::sync::Mutex<Option<Hook>>,
+}
+
+impl Flaky {
+    /// A sled store in `dir`, working, with no hook.
+    pub fn open(dir: &Path) -> Flaky {
+        Flaky {
+            inner: Arc::new(SledStore::open(dir).unwrap()),
+            fail: false.into(),
+            after_put_keys: Default::default(),
+            before_get: Default::default(),
+        }
+    }
+
+    /// Sets or clears the audit failure.
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Runs `hook` once, before the next record read (`get`).
+    pub fn before_next_get(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.before_get.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` once, after the next `put_keys` has committed.
+    pub fn after_next_put_keys(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.after_put_keys.lock().unwrap() = Some(Box::new(hook));
+    }
+}
+
+#[async_trait]
+impl Store for Flaky {
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+    async fn insert(&self, r: &StoredRecord, d: bool, a: &AuditBody) -> Result<InsertOutcome> {
+        self.inner.insert(r, d, a).await
+    }
+    async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
+        let hook = self.before_get.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.inner.get(tenant, token).await
+    }
+    async fn update(&self, r: &StoredRecord) -> Result<bool> {
+        self.inner.update(r).await
+    }
+    async fn delete(&self, tenant: &str, token: &str, a: &AuditBody) -> Result<(bool, AuditLink)> {
+        self.inner.delete(tenant, token, a).await
+    }
+    async fn count(&self, tenant: Option<&str>) -> Result<u64> {
+        self.inner.count(tenant).await
+    }
+    async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.get_key(name).await
+    }
+    async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.put_key_if_absent(name, value).await
+    }
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.inner.list_keys(prefix).await
+    }
+    async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        self.inner.put_keys(entries).await?;
+        let hook = self.after_put_keys.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        Ok(())
+    }
+    async fn delete_key(&self, name: &str) -> Result<()> {
+        self.inner.delete_key(name).await
+    }
+    async fn scan_records(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        self.inner.scan_records(after, limit).await
+    }
+    async fn append_audit(&self, a: &AuditBody) -> Result<AuditLink> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("audit disk full".into()));
+        }
+        self.inner.append_audit(a).await
+    }
+    async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.inner.audit_head().await
+    }
+    async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        self.inner.audit_records(after, limit).await
+    }
+    async fn put_checkpoint(&self, c: &Checkpoint) -> Result<()> {
+        self.inner.put_checkpoint(c).await
+    }
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.inner.checkpoints().await
+    }
+}
