@@ -141,6 +141,10 @@ impl Tenant {
         {
             return Err(Error::invalid("tenant", "must match [a-z0-9_-]+"));
         }
+        // Tenant names are logged and audited in clear everywhere.
+        if contains_card_number(input) {
+            return Err(Error::invalid("tenant", "must not contain a card number"));
+        }
         Ok(Tenant(input.to_owned()))
     }
 
@@ -273,7 +277,16 @@ mod tests {
     fn tenant_rules() {
         assert!(Tenant::parse("demo").is_ok());
         assert!(Tenant::parse("acme-eu_2").is_ok());
-        for bad in ["", "Demo", "a b", "a/b", &"x".repeat(65)] {
+        assert!(Tenant::parse("shop-123456789012").is_ok(), "not Luhn-valid");
+        for bad in [
+            "",
+            "Demo",
+            "a b",
+            "a/b",
+            &"x".repeat(65),
+            "4111111111111111",
+            "t-4111-1111-1111-1111",
+        ] {
             assert!(
                 matches!(Tenant::parse(bad), Err(Error::InvalidArgument { field, .. }) if field == "tenant")
             );

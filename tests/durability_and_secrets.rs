@@ -313,9 +313,41 @@ async fn canary_pan_cvv_and_name_never_reach_disk_or_logs() {
         (c.pan.as_str(), c.cvv.as_deref()),
         (CANARY_PAN, Some(CANARY_CVV))
     );
-    // Every audit record, as the auditor sees it.
     let mut auditor =
         cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await);
+    // An auditor's filters go into the query's own audit record, so a card
+    // number in them is refused too (naming the field, not echoing it).
+    for (field, req) in [
+        (
+            "token",
+            cardvault::proto::AuditQueryRequest {
+                token: CANARY_PAN.into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "principal",
+            cardvault::proto::AuditQueryRequest {
+                principal: format!("cn={CANARY_PAN}"),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = auditor.query(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with(field), "{}", e.message());
+        assert!(!e.message().contains(CANARY_PAN));
+    }
+    let e = auditor
+        .blast_radius(cardvault::proto::BlastRadiusRequest {
+            principal: CANARY_PAN.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(!e.message().contains(CANARY_PAN));
+    // Every audit record, as the auditor sees it.
     let events = auditor
         .query(cardvault::proto::AuditQueryRequest {
             limit: 10_000,

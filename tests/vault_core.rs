@@ -71,6 +71,16 @@ async fn sealed_vault_refuses_every_data_operation() {
         .err(),
         Some(Error::Sealed)
     );
+    // The audit service too (its queries are audited like any call).
+    let filter = cardvault::audit::query::AuditFilter::default();
+    assert!(matches!(
+        v.query_audit(&ctx, &filter, 0, 10).await,
+        Err(Error::Sealed)
+    ));
+    assert!(matches!(
+        v.blast_radius(&ctx, "someone", 0, 0).await,
+        Err(Error::Sealed)
+    ));
 }
 
 #[tokio::test]

@@ -4,6 +4,13 @@
 use std::collections::BTreeMap;
 
 use super::AuditBody;
+use crate::error::{Error, Result};
+use crate::token::{Tenant, Token, contains_card_number};
+
+/// Longest principal a filter accepts (certificate names are far shorter).
+const MAX_PRINCIPAL_CHARS: usize = 256;
+/// Longest action name a filter accepts (`DetokenizeBatch` is 15).
+const MAX_ACTION_CHARS: usize = 64;
 
 /// Which records a query returns. Empty strings match anything.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +30,32 @@ pub struct AuditFilter {
 }
 
 impl AuditFilter {
+    /// Checks the client-given fields, which go into the query's own audit
+    /// record: a token must be a token (a card number is refused, as on
+    /// every token RPC), a tenant a tenant name, a principal short
+    /// printable text without a card number, an action a plain name.
+    /// Errors name the field and never echo the value.
+    pub fn validate(&self) -> Result<()> {
+        if !self.token.is_empty() {
+            Token::parse(&self.token)?;
+        }
+        if !self.tenant.is_empty() {
+            Tenant::parse(&self.tenant)?;
+        }
+        if !self.principal.is_empty() {
+            check_principal(&self.principal)?;
+        }
+        let action_ok = self.action.len() <= MAX_ACTION_CHARS
+            && self.action.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !action_ok {
+            return Err(Error::invalid(
+                "action",
+                "must be an action name such as Detokenize",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `b` passes the filter.
     pub fn matches(&self, b: &AuditBody) -> bool {
         (self.principal.is_empty() || b.principal == self.principal)
@@ -32,6 +65,30 @@ impl AuditFilter {
             && (self.since_ms == 0 || b.time_ms >= self.since_ms)
             && (self.until_ms == 0 || b.time_ms < self.until_ms)
     }
+}
+
+/// Checks a principal given by a client (field `principal`): at most 256
+/// characters, no control characters, no card number.
+pub fn check_principal(principal: &str) -> Result<()> {
+    if principal.chars().count() > MAX_PRINCIPAL_CHARS {
+        return Err(Error::invalid(
+            "principal",
+            "must be at most 256 characters",
+        ));
+    }
+    if principal.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "principal",
+            "must not contain control characters",
+        ));
+    }
+    if contains_card_number(principal) {
+        return Err(Error::invalid(
+            "principal",
+            "must not contain a card number",
+        ));
+    }
+    Ok(())
 }
 
 /// Reads of one token by one principal.
@@ -79,5 +136,44 @@ impl BlastRadius {
     /// Distinct tokens across tenants.
     pub fn distinct_tokens(&self) -> usize {
         self.tenants.values().map(|t| t.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_refuse_card_numbers_and_junk_naming_the_field() {
+        let field_of = |f: AuditFilter| match f.validate() {
+            Err(Error::InvalidArgument { field, reason }) => {
+                assert!(!reason.contains("4111"), "{reason}");
+                field
+            }
+            other => panic!("{other:?}"),
+        };
+        let with = |edit: &dyn Fn(&mut AuditFilter)| {
+            let mut f = AuditFilter::default();
+            edit(&mut f);
+            field_of(f)
+        };
+        let pan = "4111111111111111";
+        assert_eq!(with(&|f| f.token = pan.into()), "token");
+        assert_eq!(with(&|f| f.principal = format!("cn={pan}")), "principal");
+        assert_eq!(with(&|f| f.tenant = pan.into()), "tenant");
+        assert_eq!(with(&|f| f.action = format!("{pan} x")), "action");
+        assert_eq!(with(&|f| f.principal = "a\nb".into()), "principal");
+        assert_eq!(with(&|f| f.principal = "p".repeat(257)), "principal");
+        assert_eq!(with(&|f| f.action = "A".repeat(65)), "action");
+        let ok = AuditFilter {
+            principal: "processor-1".into(),
+            tenant: "demo".into(),
+            action: "DetokenizeBatch".into(),
+            token: format!("tok_{}", "a".repeat(22)),
+            ..Default::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(AuditFilter::default().validate(), Ok(()));
+        assert_eq!(check_principal(&"p".repeat(256)), Ok(()));
     }
 }

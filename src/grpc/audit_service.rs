@@ -28,12 +28,15 @@ impl AuditServiceImpl {
     }
 }
 
+/// Milliseconds since the epoch of an optional request time (0 if unset).
 fn ms_of(t: &Option<prost_types::Timestamp>, field: &str) -> Result<i64> {
     match t {
         None => Ok(0),
-        Some(t) if t.seconds >= 0 && (0..1_000_000_000).contains(&t.nanos) => {
-            Ok(t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
-        }
+        Some(t) if t.seconds >= 0 && (0..1_000_000_000).contains(&t.nanos) => t
+            .seconds
+            .checked_mul(1000)
+            .and_then(|ms| ms.checked_add(i64::from(t.nanos / 1_000_000)))
+            .ok_or_else(|| Error::invalid(field, "is too far in the future")),
         Some(_) => Err(Error::invalid(field, "must be a valid time after 1970")),
     }
 }

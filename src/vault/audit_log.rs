@@ -100,6 +100,12 @@ impl Vault {
         after_seq: u64,
         limit: usize,
     ) -> Result<(Vec<AuditHit>, u64)> {
+        // Sealed, the audit service is unavailable like the token service.
+        // A refusal is itself recorded, without the refused values.
+        if let Err(e) = self.keyring().and_then(|_| filter.validate()) {
+            self.audit_rejected(ctx, "AuditQuery", "", "", &e).await;
+            return Err(e);
+        }
         let limit = limit.clamp(1, MAX_QUERY_LIMIT);
         let mut hits = Vec::new();
         let cursor = self
@@ -136,8 +142,14 @@ impl Vault {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<BlastRadius> {
-        if principal.is_empty() {
-            return Err(Error::invalid("principal", "is required"));
+        let checked = self.keyring().and_then(|_| match principal {
+            "" => Err(Error::invalid("principal", "is required")),
+            p => crate::audit::query::check_principal(p),
+        });
+        if let Err(e) = checked {
+            self.audit_rejected(ctx, "AuditBlastRadius", "", "", &e)
+                .await;
+            return Err(e);
         }
         let filter = AuditFilter {
             principal: principal.to_owned(),
