@@ -164,3 +164,27 @@ impl AuditService for AuditServiceImpl {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64, nanos: i32) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos })
+    }
+
+    #[test]
+    fn request_times_convert_or_are_refused_naming_the_field() {
+        assert_eq!(ms_of(&None, "since"), Ok(0));
+        assert_eq!(ms_of(&at(1, 999_999_999), "since"), Ok(1999));
+        for (t, why) in [
+            (at(i64::MAX, 999_000_000), "is too far in the future"),
+            (at(i64::MAX / 1000 + 1, 0), "is too far in the future"),
+            (at(-1, 0), "must be a valid time after 1970"),
+            (at(0, -1), "must be a valid time after 1970"),
+            (at(0, 1_000_000_000), "must be a valid time after 1970"),
+        ] {
+            assert_eq!(ms_of(&t, "until"), Err(Error::invalid("until", why)));
+        }
+    }
+}
