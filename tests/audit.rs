@@ -291,6 +291,45 @@ async fn reads_fail_closed_when_the_audit_log_cannot_be_written() {
     assert!(matches!(card.cvv, CvvOutcome::Returned(ref c) if c.expose() == "123"));
 }
 
+/// A verify while records are being appended reports the log intact:
+/// records that arrive after it read the head are left to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_on_a_busy_log_reports_it_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Flaky::open(dir.path()));
+    let v = Vault::new(store.clone() as Arc<dyn Store>, VaultConfig::default());
+    v.unseal(SecretKey::generate()).await.unwrap();
+    for _ in 0..5 {
+        v.tokenize(
+            &ctx("m"),
+            &t("demo"),
+            card("4111111111111111"),
+            TokenizeOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // A record lands right after the verify reads the head.
+    let inner = store.inner.clone();
+    store.after_next_audit_head(move || {
+        let body = AuditBody {
+            action: "Detokenize".into(),
+            ..Default::default()
+        };
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(inner.append_audit(&body))
+                .unwrap();
+        });
+    });
+    let report = v.verify_audit(&ctx("auditor")).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 5);
+    let report = v.verify_audit(&ctx("auditor")).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 7, "the late record and the first verify's");
+}
+
 // ---- over gRPC ----
 
 #[tokio::test]

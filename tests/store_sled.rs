@@ -235,6 +235,87 @@ async fn a_failed_log_write_fails_closed_until_reopened() {
     assert_eq!(assert_chain_intact(&s).await, 2);
 }
 
+/// A batch whose log write succeeded (so its writers were answered) but
+/// whose apply failed lives only in the log: closing its segment must not
+/// delete it. Every batch here closes a segment (they are tiny).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_batch_that_failed_to_apply_survives_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = sample("acme", "tok_kept", 7);
+    {
+        let store = SledStore::open_with(dir.path(), 512).unwrap();
+        for i in 0..3u8 {
+            let r = sample("acme", &format!("tok_{i}"), i);
+            store
+                .insert(&r, false, &audit_body("Tokenize"))
+                .await
+                .unwrap();
+        }
+        // Writers are answered before the apply: let those finish first,
+        // so that the failure hits the next batch.
+        while store.unapplied_changes() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        store.fail_next_apply();
+        store
+            .insert(&kept, false, &audit_body("Tokenize"))
+            .await
+            .expect("acknowledged once durable in the log");
+        let later = store.append_audit(&audit_body("Detokenize")).await;
+        assert!(later.is_err(), "fails closed after the failed apply");
+        // Give the cleaner time to (wrongly) delete the closed segment.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!wal::segments(dir.path()).unwrap().is_empty());
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(s.get("acme", "tok_kept").await.unwrap(), Some(kept));
+    assert_eq!(s.count(Some("acme")).await.unwrap(), 4);
+    assert_eq!(assert_chain_intact(&s).await, 4);
+}
+
+/// A failed journal sync fails the store closed (a later sync could
+/// succeed without the lost pages) and keeps the log, which replays the
+/// acknowledged records at the next open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_journal_sync_fails_closed_and_keeps_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut acknowledged = 0;
+    {
+        let store = SledStore::open_with(dir.path(), 512).unwrap();
+        store.fail_next_journal_sync();
+        // The first is acknowledged; the cleaner may refuse later ones.
+        for i in 0..3u8 {
+            let r = sample("acme", &format!("tok_{i}"), i);
+            if store
+                .insert(&r, false, &audit_body("Tokenize"))
+                .await
+                .is_ok()
+            {
+                acknowledged += 1;
+            }
+        }
+        assert!(acknowledged >= 1);
+        // The cleaner syncs after the first rotation: writes are refused
+        // from then on.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if store.append_audit(&audit_body("Detokenize")).await.is_err() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writes still acknowledged after a failed journal sync"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!wal::segments(dir.path()).unwrap().is_empty());
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(s.count(Some("acme")).await.unwrap(), acknowledged);
+    let records = assert_chain_intact(&s).await;
+    assert!(records >= acknowledged, "{records}");
+}
+
 /// A data directory written before audit records were bucketed (one sled
 /// key per record in tree `audit`) is migrated on open: the chain is
 /// intact and continues, and the old tree is gone.

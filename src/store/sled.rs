@@ -212,6 +212,11 @@ struct Shared {
     pending_len: AtomicUsize,
     /// Test hook: fail the next log write (see [`SledStore::fail_next_log_write`]).
     fail_next_write: AtomicBool,
+    /// Test hook: fail the next apply (see [`SledStore::fail_next_apply`]).
+    fail_next_apply: AtomicBool,
+    /// Test hook: fail the cleaner's next journal sync (see
+    /// [`SledStore::fail_next_journal_sync`]).
+    fail_next_journal_sync: AtomicBool,
     /// Test hook: the apply waits while a test holds this for writing
     /// (see [`SledStore::hold_apply`]).
     apply_gate: std::sync::RwLock<()>,
@@ -583,6 +588,10 @@ fn finish_batch(shared: &Shared, mut batch: Vec<Entry>, res: std::result::Result
     }
     let gate = shared.apply_gate.read().unwrap_or_else(|p| p.into_inner());
     let applied = res.clone().and_then(|()| {
+        let writes = batch.iter().any(|e| !e.muts.is_empty());
+        if writes && shared.fail_next_apply.swap(false, Ordering::AcqRel) {
+            return Err("storage: injected apply failure".to_owned());
+        }
         shared
             .trees
             .apply(batch.iter().flat_map(|e| &e.muts))
@@ -650,15 +659,36 @@ fn fill_filter(shared: &Shared) {
 
 /// Deletes closed segments once a journal sync and a sled flush have made
 /// their changes durable without the log.
+///
+/// Never after a failure: a batch that was acknowledged but not applied
+/// lives only in the log (its segment may be one being closed), and a
+/// failed journal sync or sled flush may have lost written pages that a
+/// later, successful sync would not bring back (after a failed
+/// `fdatasync` the kernel may mark them clean). So a failed sync or flush
+/// fails the store closed, like a failed log write, and every segment is
+/// kept for the next open to replay.
 fn run_cleaner(shared: Arc<Shared>, db: sled::Db, dir: PathBuf, closed: mpsc::Receiver<u64>) {
+    let fail = |why: String| {
+        tracing::error!(error = %why, "refusing writes until restart; keeping the write-ahead log");
+        shared.lock().failed.get_or_insert(why);
+    };
     while let Ok(n) = closed.recv() {
         let upto = closed.try_iter().fold(n, u64::max);
-        if let Err(e) = shared.trees.journal.sync() {
-            tracing::warn!(error = %e, "audit journal sync failed; keeping the write-ahead log");
+        // Batches in segments up to `upto` finished before it was closed,
+        // so a failed apply among them is already recorded here.
+        if shared.lock().failed.is_some() {
+            continue;
+        }
+        let synced = match shared.fail_next_journal_sync.swap(false, Ordering::AcqRel) {
+            true => Err(Error::Unavailable("injected journal sync failure".into())),
+            false => shared.trees.journal.sync(),
+        };
+        if let Err(e) = synced {
+            fail(format!("audit journal sync failed: {e}"));
             continue;
         }
         if let Err(e) = db.flush() {
-            tracing::warn!(error = %e, "sled flush failed; keeping the write-ahead log");
+            fail(format!("sled flush failed: {e}"));
             continue;
         }
         for s in wal::segments(&dir).unwrap_or_default() {
@@ -698,6 +728,8 @@ impl SledStore {
             durable: AtomicU64::new(0),
             pending_len: AtomicUsize::new(0),
             fail_next_write: AtomicBool::new(false),
+            fail_next_apply: AtomicBool::new(false),
+            fail_next_journal_sync: AtomicBool::new(false),
             apply_gate: std::sync::RwLock::new(()),
             segment_bytes,
             state: Mutex::new(State {
@@ -776,6 +808,23 @@ impl SledStore {
     #[doc(hidden)]
     pub fn fail_next_log_write(&self) {
         self.shared.fail_next_write.store(true, Ordering::Release);
+    }
+
+    /// Makes the next apply of a batch with changes to sled and the
+    /// journal fail (after the log write succeeded and the writers were
+    /// answered), to test that the acknowledged changes survive in the log.
+    #[doc(hidden)]
+    pub fn fail_next_apply(&self) {
+        self.shared.fail_next_apply.store(true, Ordering::Release);
+    }
+
+    /// Makes the cleaner's next journal sync fail, to test that the store
+    /// then fails closed and keeps its log.
+    #[doc(hidden)]
+    pub fn fail_next_journal_sync(&self) {
+        self.shared
+            .fail_next_journal_sync
+            .store(true, Ordering::Release);
     }
 
     /// The stored audit records, for forensics and tamper tests. Writing

@@ -16,13 +16,14 @@ pub type Hook = Box<dyn FnOnce() + Send>;
 
 /// A sled store whose audit appends fail while `fail` is set (disk full,
 /// database down...), and which can run a hook once before the next
-/// record read or after the next `put_keys` (a key rotation's commit);
-/// everything else works.
+/// record read, after the next audit head read or after the next
+/// `put_keys` (a key rotation's commit); everything else works.
 pub struct Flaky {
     pub inner: Arc<SledStore>,
     pub fail: AtomicBool,
     pub after_put_keys: std::sync::Mutex<Option<Hook>>,
     pub before_get: std::sync::Mutex<Option<Hook>>,
+    pub after_audit_head: std::sync::Mutex<Option<Hook>>,
 }
 
 impl Flaky {
@@ -33,6 +34,7 @@ impl Flaky {
             fail: false.into(),
             after_put_keys: Default::default(),
             before_get: Default::default(),
+            after_audit_head: Default::default(),
         }
     }
 
@@ -44,6 +46,11 @@ impl Flaky {
     /// Runs `hook` once, before the next record read (`get`).
     pub fn before_next_get(&self, hook: impl FnOnce() + Send + 'static) {
         *self.before_get.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` once, after the next read of the audit head.
+    pub fn after_next_audit_head(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.after_audit_head.lock().unwrap() = Some(Box::new(hook));
     }
 
     /// Runs `hook` once, after the next `put_keys` has committed.
@@ -110,7 +117,12 @@ impl Store for Flaky {
         self.inner.append_audit(a).await
     }
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
-        self.inner.audit_head().await
+        let head = self.inner.audit_head().await;
+        let hook = self.after_audit_head.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        head
     }
     async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         self.inner.audit_records(after, limit).await
