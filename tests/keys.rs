@@ -822,3 +822,38 @@ async fn a_read_overtaken_by_a_master_key_rotation_succeeds() {
     go_tx.send(()).unwrap();
     assert_eq!(read.await.unwrap().unwrap(), "4111111111111111");
 }
+
+/// Many requests in flight reach the encryption limit together (a batch
+/// of 500 tokenizes its items concurrently): one of them rotates, the
+/// others use the new key, rather than each making a version of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_in_flight_at_the_limit_rotate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let cfg = VaultConfig {
+        dek_max_encryptions: 50,
+        ..Default::default()
+    };
+    let v = Vault::new(store, cfg);
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let items = (0..500).map(|_| Ok(new_card("4111111111111111"))).collect();
+    let demo = Tenant::parse("demo").unwrap();
+    let results = v
+        .tokenize_batch(&ctx(), &demo, items, TokenizeOptions::default())
+        .await
+        .unwrap();
+    let mut per_version = std::collections::BTreeMap::<u32, u32>::new();
+    for r in results {
+        *per_version.entry(r.unwrap().key_version).or_default() += 1;
+    }
+    let made = v.status().await.unwrap().tenants[0].versions.len();
+    // No version encrypts past the limit (the request that reaches it
+    // moves to the next key, and is counted there)...
+    assert!(
+        per_version.values().all(|&n| n < 50),
+        "encryptions per version: {per_version:?}"
+    );
+    // ...and 500 encryptions at 49 per key need 11 versions: one rotation
+    // per request past the limit would make many more.
+    assert!(made <= 13, "{made} versions made for {per_version:?}");
+}

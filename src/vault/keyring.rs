@@ -78,8 +78,9 @@ pub struct TenantKeys {
     /// When the active version was created (ms), for the cryptoperiod.
     pub active_created_ms: i64,
     /// Encryptions under the active version (lower bound), for the
-    /// random-nonce bound of AES-GCM.
-    pub active_encryptions: AtomicU64,
+    /// random-nonce bound of AES-GCM. Shared by every load of the same
+    /// version (see [`Keyring`]'s `counters`).
+    pub active_encryptions: Arc<AtomicU64>,
     /// When these keys were read from the store.
     pub loaded_at: std::time::Instant,
 }
@@ -101,6 +102,12 @@ pub struct Keyring {
     audit_key: Ed25519KeyPair,
     /// Tenants whose keys have been unwrapped, loaded lazily on first use.
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
+    /// Encryption counters by (tenant, version). Kept apart from the
+    /// cached keys because requests that miss the cache together (a
+    /// tenant's first use, a reload after a rotation) each load their own
+    /// keys: with a counter per load, each would count from the same start
+    /// and the version could encrypt far past its limit.
+    counters: std::sync::Mutex<HashMap<(String, u32), Arc<AtomicU64>>>,
 }
 
 fn corrupt_key(name: &str) -> Error {
@@ -115,6 +122,7 @@ impl Keyring {
             kek,
             audit_key,
             tenants: RwLock::new(HashMap::new()),
+            counters: Default::default(),
         }
     }
 
@@ -234,22 +242,20 @@ impl Keyring {
         } else {
             0
         };
-        let counted = self
-            .tenants
-            .read()
+        let counter = self
+            .counters
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(tenant)
-            .filter(|old| old.active == active)
-            .map_or(0, |old| {
-                old.active_encryptions
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            });
+            .entry((tenant.to_owned(), active))
+            .or_default()
+            .clone();
+        counter.fetch_max(persisted, std::sync::atomic::Ordering::Relaxed);
         let keys = Arc::new(TenantKeys {
             active,
             deks,
             fingerprint: FingerprintKey::new(&fpk),
             active_created_ms: meta.created_at_ms,
-            active_encryptions: AtomicU64::new(persisted.max(counted)),
+            active_encryptions: counter,
             loaded_at: std::time::Instant::now(),
         });
         self.tenants

@@ -326,7 +326,16 @@ impl Vault {
 
     /// Starts version `active + 1` for the tenant (one winner if several
     /// replicas race). Returns the new active version.
-    pub(crate) async fn rotate_tenant(&self, tenant: &str) -> Result<u32> {
+    ///
+    /// With `from`, only if `from` is still the active version, and
+    /// otherwise returns `None`: every request that finds the encryption
+    /// limit reached asks for a rotation, and only the first of them may
+    /// make one (not one version per request in flight).
+    pub(crate) async fn rotate_tenant(
+        &self,
+        tenant: &str,
+        from: Option<u32>,
+    ) -> Result<Option<u32>> {
         let _guard = self.key_lock.read().await;
         // Taken under the lock: a keyring taken before it may hold a KEK
         // that a master key rotation has since replaced, and the new key
@@ -334,10 +343,13 @@ impl Vault {
         let keyring = self.keyring()?;
         keyring.invalidate(tenant);
         let keys = keyring.tenant(&*self.store, tenant, false).await?;
+        if from.is_some_and(|v| v != keys.active) {
+            return Ok(None);
+        }
         let next = keys.active + 1;
         keyring.create_version(&*self.store, tenant, next).await?;
         keyring.invalidate(tenant);
-        Ok(next)
+        Ok(Some(next))
     }
 
     /// Rotates the data key of one tenant, or of every tenant.
@@ -353,7 +365,10 @@ impl Vault {
         };
         let mut out = Vec::new();
         for t in tenants {
-            let v = self.rotate_tenant(&t).await?;
+            let v = self
+                .rotate_tenant(&t, None)
+                .await?
+                .ok_or_else(|| Error::Internal("unconditional rotation did not rotate".into()))?;
             let mut body = audit_body(ctx, "RotateDataKey", &t, "", Ok(()));
             body.detail = format!("new active version {v}");
             self.record(body).await?;
@@ -385,7 +400,10 @@ impl Vault {
         let too_old = keys.active_created_ms > 0
             && now_ms().saturating_sub(keys.active_created_ms) >= self.config.dek_max_age_ms;
         if too_many || too_old {
-            let v = self.rotate_tenant(tenant).await?;
+            let Some(v) = self.rotate_tenant(tenant, Some(keys.active)).await? else {
+                // Another request rotated first: the caller reloads the keys.
+                return Ok(true);
+            };
             let ctx = CallContext {
                 principal: "cardvault".into(),
                 ..Default::default()

@@ -33,6 +33,9 @@ pub const MAX_BATCH: usize = 1000;
 /// Attempts to find an unused token before giving up (only format-preserving
 /// tokens of short PANs can realistically collide).
 const TOKEN_ATTEMPTS: usize = 16;
+/// Rotations one tokenize may see before it gives up (each needs the
+/// encryption limit reached again while it reloads keys: contention).
+const MAX_ROTATIONS_PER_CALL: usize = 8;
 
 /// Vault tunables.
 #[derive(Clone)]
@@ -453,7 +456,17 @@ impl Vault {
             let keyring = self.keyring()?;
             keyring.tenant(&*self.store, tenant.as_str(), true).await?
         };
-        if self.maybe_auto_rotate(tenant.as_str(), &keys).await? {
+        // Each encryption counts against the key that makes it: after a
+        // rotation (this request's or another's) the new key is counted
+        // too, so no version encrypts past the limit uncounted.
+        let mut rotations = 0;
+        while self.maybe_auto_rotate(tenant.as_str(), &keys).await? {
+            rotations += 1;
+            if rotations > MAX_ROTATIONS_PER_CALL {
+                return Err(Error::Unavailable(
+                    "data key rotation is contended; retry".into(),
+                ));
+            }
             keys = (self.keyring()?)
                 .tenant(&*self.store, tenant.as_str(), false)
                 .await?;
