@@ -126,12 +126,21 @@ impl Pan {
     /// stay hidden.
     pub fn masked(&self) -> String {
         let len = self.0.len();
-        let head = if len >= 15 { 6 } else { 4 };
+        let head = self.shown_head();
         let mut out = String::with_capacity(len);
-        out.push_str(&self.0[..head]);
-        out.extend(std::iter::repeat_n('*', len - head - 4));
+        out.push_str(head);
+        out.extend(std::iter::repeat_n('*', len - head.len() - 4));
         out.push_str(self.last4());
         out
+    }
+
+    /// The leading digits that may be shown beside the last four: the BIN
+    /// (first six) for numbers of 15 digits or more, only the first four
+    /// for shorter ones, so that at least four digits stay hidden (first
+    /// six and last four of a 12-digit number leave two, which the Luhn
+    /// check narrows to about ten candidates).
+    pub fn shown_head(&self) -> &str {
+        &self.0[..if self.0.len() >= 15 { 6 } else { 4 }]
     }
 }
 
@@ -150,6 +159,22 @@ impl fmt::Display for Pan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_numbers_show_four_leading_digits_long_ones_six() {
+        let pan = Pan::parse("378282246310005").unwrap();
+        assert_eq!(
+            (pan.shown_head(), pan.masked().as_str()),
+            ("378282", "378282*****0005")
+        );
+        let short = (0..10)
+            .map(|d| format!("50180000001{d}"))
+            .find(|p| luhn_valid(p))
+            .unwrap();
+        let pan = Pan::parse(&short).unwrap();
+        assert_eq!(pan.shown_head(), "5018");
+        assert_eq!(pan.masked(), format!("5018****{}", &short[8..]));
+    }
 
     const TEST_CARDS: &[(&str, Brand)] = &[
         ("4111111111111111", Brand::Visa),

@@ -447,6 +447,18 @@ impl Vault {
         card: NewCard,
         opts: TokenizeOptions,
     ) -> Result<CardMetadata> {
+        if matches!(
+            opts.format,
+            TokenFormat::FormatPreserving { keep_bin: true }
+        ) && card.pan.len() < 15
+        {
+            // The token would show first six and last four: too much of a
+            // short number (see `Pan::shown_head`).
+            return Err(Error::invalid(
+                "format",
+                "keeping the BIN needs a card number of at least 15 digits",
+            ));
+        }
         self.keyring()?;
         let mut keys = {
             let _guard = self.key_lock.read().await;
@@ -502,7 +514,7 @@ impl Vault {
                 token: token.as_str().to_owned(),
                 brand: card.pan.brand().as_str().to_owned(),
                 last4: card.pan.last4().to_owned(),
-                bin: card.pan.bin().to_owned(),
+                bin: card.pan.shown_head().to_owned(),
                 exp_month: card.expiry.month(),
                 exp_year: card.expiry.year(),
                 fingerprint: fingerprint.to_vec(),
@@ -792,4 +804,121 @@ fn check_batch_size(n: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::YearMonth;
+    use crate::store::sled::SledStore;
+
+    /// A candidate token that turns out to be another card's must leave
+    /// that card's CVV alone: the new card's CVV goes only under the token
+    /// the store takes as new. (Before, it replaced the other card's CVV,
+    /// then wiped it when the candidate was refused.)
+    #[tokio::test]
+    async fn a_colliding_candidate_token_leaves_the_other_cards_cvv_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let v = Vault::new(store, VaultConfig::default());
+        v.unseal(SecretKey::generate()).await.unwrap();
+        let (ctx, tenant) = (CallContext::default(), Tenant::parse("a").unwrap());
+        let card = |pan: &str, code: &str| {
+            let today = YearMonth::now_utc();
+            let pan = Pan::parse(pan).unwrap();
+            let cvv = Cvv::parse(code, pan.brand()).unwrap();
+            NewCard {
+                pan,
+                expiry: Expiry::new(12, today.year + 2, today).unwrap(),
+                name: None,
+                cvv: Some(cvv),
+            }
+        };
+        let opts = TokenizeOptions::default();
+        let first = v
+            .tokenize(&ctx, &tenant, card("4111111111111111", "111"), opts)
+            .await
+            .unwrap();
+        // The next tokenize's first candidate is the first card's token.
+        crate::token::FORCED_TOKENS.with(|f| f.borrow_mut().push(first.token.clone()));
+        let second = v
+            .tokenize(&ctx, &tenant, card("5555555555554444", "222"), opts)
+            .await
+            .unwrap();
+        assert_ne!(second.token, first.token);
+        let purpose = Purpose::parse("authorization").unwrap();
+        let cvv_of = |token: &str| {
+            let token = Token::parse(token).unwrap();
+            let (v, ctx, tenant, purpose) = (&v, &ctx, &tenant, &purpose);
+            async move {
+                let card = v
+                    .detokenize(ctx, tenant, &token, purpose, true)
+                    .await
+                    .unwrap();
+                match card.cvv {
+                    CvvOutcome::Returned(c) => c.expose().to_owned(),
+                    _ => "none".to_owned(),
+                }
+            }
+        };
+        assert_eq!(cvv_of(&first.token).await, "111");
+        assert_eq!(cvv_of(&second.token).await, "222");
+        assert!(v.cvv_holder().is_empty());
+    }
+
+    /// A short card number shows at most its first four and last four
+    /// digits: metadata keeps only the first four, and a token that keeps
+    /// the BIN (first six) is refused, naming the field.
+    #[tokio::test]
+    async fn short_card_numbers_keep_four_digits_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let v = Vault::new(store, VaultConfig::default());
+        v.unseal(SecretKey::generate()).await.unwrap();
+        let (ctx, tenant) = (CallContext::default(), Tenant::parse("a").unwrap());
+        let today = YearMonth::now_utc();
+        let card = |pan: &str| NewCard {
+            pan: Pan::parse(pan).unwrap(),
+            expiry: Expiry::new(12, today.year + 2, today).unwrap(),
+            name: None,
+            cvv: None,
+        };
+        // 12 digits, Luhn-valid.
+        let short = (0..10)
+            .map(|d| format!("50180000001{d}"))
+            .find(|p| crate::card::luhn_valid(p))
+            .unwrap();
+        let keep_bin = TokenizeOptions {
+            format: TokenFormat::FormatPreserving { keep_bin: true },
+            dedupe: false,
+        };
+        let err = v
+            .tokenize(&ctx, &tenant, card(&short), keep_bin)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::invalid(
+                "format",
+                "keeping the BIN needs a card number of at least 15 digits"
+            )
+        );
+        let fp = TokenizeOptions {
+            format: TokenFormat::FormatPreserving { keep_bin: false },
+            dedupe: false,
+        };
+        let m = v.tokenize(&ctx, &tenant, card(&short), fp).await.unwrap();
+        assert_eq!(
+            (m.bin.as_str(), m.last4.as_str()),
+            (&short[..4], &short[8..])
+        );
+        // 15 digits and more: the BIN is shown and may be kept.
+        let amex = "378282246310005";
+        let m = v
+            .tokenize(&ctx, &tenant, card(amex), keep_bin)
+            .await
+            .unwrap();
+        assert_eq!(m.bin, "378282");
+        assert!(m.token.starts_with("378282") && m.token.ends_with("0005"));
+    }
 }
