@@ -172,15 +172,21 @@ async fn tampered_or_swapped_ciphertexts_fail_with_data_loss() {
     v.stop().await;
     {
         let store = SledStore::open(&data.join("sled")).unwrap();
-        let mut a = store.get("demo", &t[0]).await.unwrap().unwrap();
+        let read = |i: usize| {
+            let store = &store;
+            let token = t[i].clone();
+            async move { store.get("demo", &token).await.unwrap().unwrap() }
+        };
+        let a0 = read(0).await;
+        let mut a = a0.clone();
         let mid = a.envelope.len() / 2;
         a.envelope[mid] ^= 0x01;
-        assert!(store.update(&a).await.unwrap());
-        let mut b = store.get("demo", &t[1]).await.unwrap().unwrap();
-        let mut c = store.get("demo", &t[2]).await.unwrap().unwrap();
+        assert!(store.update(&a0, &a).await.unwrap());
+        let (b0, c0) = (read(1).await, read(2).await);
+        let (mut b, mut c) = (b0.clone(), c0.clone());
         std::mem::swap(&mut b.envelope, &mut c.envelope);
-        assert!(store.update(&b).await.unwrap());
-        assert!(store.update(&c).await.unwrap());
+        assert!(store.update(&b0, &b).await.unwrap());
+        assert!(store.update(&c0, &c).await.unwrap());
     }
     let v = VaultProcess::start(&data, &Opts::default());
     let mut p = v.client("processor").await;

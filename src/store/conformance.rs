@@ -195,19 +195,38 @@ pub async fn delete_removes_record_and_index(store: &dyn Store) {
     assert_inserted(store, &next, true).await;
 }
 
-/// Update replaces an existing record and refuses a missing one.
+/// Update replaces a record that is still the one read, and refuses a
+/// missing one or one that changed since (deleted and its token issued
+/// again to another card: the old card must not come back).
 pub async fn update_replaces(store: &dyn Store) {
-    let mut r = sample("acme", "tok_a", 1);
+    let read = sample("acme", "tok_a", 1);
     store
-        .insert(&r, false, &audit_body("Tokenize"))
+        .insert(&read, false, &audit_body("Tokenize"))
         .await
         .unwrap();
+    let mut r = read.clone();
     r.key_version = 2;
     r.envelope = vec![9, 9, 9];
-    assert!(store.update(&r).await.unwrap());
-    assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r));
-    assert!(!store.update(&sample("acme", "tok_none", 1)).await.unwrap());
+    assert!(store.update(&read, &r).await.unwrap());
+    assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(r.clone()));
+    let none = sample("acme", "tok_none", 1);
+    assert!(!store.update(&none, &none).await.unwrap());
     assert_eq!(store.get("acme", "tok_none").await.unwrap(), None);
+
+    // Read, then deleted and the token issued again to another card.
+    store
+        .delete("acme", "tok_a", &audit_body("DeleteToken"))
+        .await
+        .unwrap();
+    let reissued = sample("acme", "tok_a", 7);
+    assert_inserted(store, &reissued, false).await;
+    let mut stale = r.clone();
+    stale.envelope = vec![8, 8, 8];
+    assert!(
+        !store.update(&r, &stale).await.unwrap(),
+        "changed since read"
+    );
+    assert_eq!(store.get("acme", "tok_a").await.unwrap(), Some(reissued));
 }
 
 /// Key table: first writer wins, later writers get the winner's value;

@@ -106,9 +106,12 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one record.
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>>;
 
-    /// Replaces an existing record (same tenant and token), e.g. after
-    /// re-encryption. Returns `false` if it does not exist.
-    async fn update(&self, record: &StoredRecord) -> Result<bool>;
+    /// Replaces the record with `record`'s tenant and token (e.g. after
+    /// re-encryption) if it is still exactly `current`, the record the
+    /// caller read. Returns `false` if it is gone or changed: a record
+    /// deleted meanwhile, and above all one deleted and its token issued
+    /// again to another card, must not be overwritten with the old card.
+    async fn update(&self, current: &StoredRecord, record: &StoredRecord) -> Result<bool>;
 
     /// Deletes a record and, if it points at this token, its fingerprint
     /// index entry, and appends `audit`, atomically. Returns whether the

@@ -613,16 +613,18 @@ impl Store for PostgresStore {
         row.map(|r| decode(&r.get::<_, Vec<u8>>(0))).transpose()
     }
 
-    async fn update(&self, record: &StoredRecord) -> Result<bool> {
+    async fn update(&self, current: &StoredRecord, record: &StoredRecord) -> Result<bool> {
         let client = self.pool.get().await.map_err(unavailable)?;
         let n = client
             .execute(
-                "UPDATE records SET key_version = $3, data = $4 WHERE tenant = $1 AND token = $2",
+                "UPDATE records SET key_version = $3, data = $4 \
+                 WHERE tenant = $1 AND token = $2 AND data = $5",
                 &[
                     &record.tenant,
                     &record.token,
                     &(record.key_version as i32),
                     &record.encode_to_vec(),
+                    &current.encode_to_vec(),
                 ],
             )
             .await

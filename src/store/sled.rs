@@ -1081,11 +1081,12 @@ impl Store for SledStore {
         }
     }
 
-    async fn update(&self, record: &StoredRecord) -> Result<bool> {
+    async fn update(&self, current: &StoredRecord, record: &StoredRecord) -> Result<bool> {
         let rkey = record_key(&record.tenant, &record.token);
+        let expected = current.encode_to_vec();
         let rx = {
             let mut st = self.shared.lock();
-            if self.lookup(&st, RECORDS, &rkey)?.is_none() {
+            if self.lookup(&st, RECORDS, &rkey)?.as_deref() != Some(expected.as_slice()) {
                 return Ok(false);
             }
             self.enqueue(

@@ -514,14 +514,20 @@ impl Vault {
                         rec.tenant
                     ))
                 })?;
-                let mut updated = rec;
+                let mut updated = rec.clone();
                 updated.envelope =
                     envelope::seal(new, target, &updated.tenant, &updated.token, &secret);
                 updated.key_version = target;
-                updates.push(updated);
+                updates.push((rec, updated));
             }
-            let results =
-                futures::future::join_all(updates.iter().map(|u| self.store.update(u))).await;
+            // Only if unchanged since the scan: a record deleted meanwhile
+            // (and its token perhaps issued again) is skipped, not revived.
+            let results = futures::future::join_all(
+                updates
+                    .iter()
+                    .map(|(read, new)| self.store.update(read, new)),
+            )
+            .await;
             for r in results {
                 if r? {
                     p.done += 1;

@@ -74,8 +74,8 @@ impl Store for Flaky {
         }
         self.inner.get(tenant, token).await
     }
-    async fn update(&self, r: &StoredRecord) -> Result<bool> {
-        self.inner.update(r).await
+    async fn update(&self, current: &StoredRecord, r: &StoredRecord) -> Result<bool> {
+        self.inner.update(current, r).await
     }
     async fn delete(&self, tenant: &str, token: &str, a: &AuditBody) -> Result<(bool, AuditLink)> {
         self.inner.delete(tenant, token, a).await
