@@ -161,6 +161,11 @@ pub struct KeysConfig {
     /// Pause between rewrap pages of 500 records, ms (`CARDVAULT_REWRAP_PAUSE_MS`),
     /// to keep a rewrap from competing with live traffic.
     pub rewrap_pause_ms: u64,
+    /// Seconds after a data key version stops being active before it may be
+    /// retired (`CARDVAULT_RETIRE_GRACE_SECS`; default 60): requests and
+    /// replicas that loaded the keys before the rotation may still write
+    /// with it.
+    pub retire_grace_secs: u64,
     /// Lock the process memory (`mlockall`) so keys never reach swap
     /// (`CARDVAULT_MLOCK`); needs CAP_IPC_LOCK or a high RLIMIT_MEMLOCK.
     pub mlock: bool,
@@ -173,6 +178,7 @@ impl Default for KeysConfig {
             dek_max_encryptions: 1 << 30,
             dek_max_age_days: 365,
             rewrap_pause_ms: 0,
+            retire_grace_secs: crate::vault::DEFAULT_RETIRE_GRACE.as_secs(),
             mlock: false,
         }
     }
@@ -294,6 +300,9 @@ impl Config {
         if let Some(v) = env_parse("CARDVAULT_REWRAP_PAUSE_MS", get)? {
             self.keys.rewrap_pause_ms = v;
         }
+        if let Some(v) = env_parse("CARDVAULT_RETIRE_GRACE_SECS", get)? {
+            self.keys.retire_grace_secs = v;
+        }
         if let Some(v) = env_parse("CARDVAULT_MLOCK", get)? {
             self.keys.mlock = v;
         }
@@ -394,6 +403,7 @@ impl Config {
             dek_max_age_ms: (self.keys.dek_max_age_days as i64).saturating_mul(86_400_000),
             seal_mode: "kek-file".into(),
             rewrap_pause: Duration::from_millis(self.keys.rewrap_pause_ms),
+            retire_grace: Duration::from_secs(self.keys.retire_grace_secs),
         })
     }
 }

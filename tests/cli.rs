@@ -25,7 +25,11 @@ fn cli(v: &VaultProcess, args: &[&str]) -> (bool, String, String) {
 #[tokio::test]
 async fn newcomer_flow_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    // No retire grace, so the walkthrough can retire v1 right after its rewrap.
+    let opts = Opts {
+        env: vec![("CARDVAULT_RETIRE_GRACE_SECS".into(), "0".into())],
+    };
+    let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let exp = format!("12/{}", exp_year());
     let (ok, out, err) = cli(
         &v,

@@ -332,7 +332,11 @@ fn ctx() -> CallContext {
 async fn rewrap_10k_records_under_live_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-    let v = Arc::new(Vault::new(store.clone(), VaultConfig::default()));
+    let cfg = VaultConfig {
+        retire_grace: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let v = Arc::new(Vault::new(store.clone(), cfg));
     v.unseal(SecretKey::generate()).await.unwrap();
     let demo = Tenant::parse("demo").unwrap();
     let pans = [
@@ -523,8 +527,12 @@ async fn rewrap_survives_sigkill_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Slow the rewrap down (a production throttle) so the kill lands mid-way.
+    // No retire grace: the old key is retired right after the rewrap.
     let opts = Opts {
-        env: vec![("CARDVAULT_REWRAP_PAUSE_MS".into(), "300".into())],
+        env: vec![
+            ("CARDVAULT_REWRAP_PAUSE_MS".into(), "300".into()),
+            ("CARDVAULT_RETIRE_GRACE_SECS".into(), "0".into()),
+        ],
     };
     let v = VaultProcess::start(&data, &opts);
     let mut m = v.client("merchant").await;
@@ -578,7 +586,7 @@ async fn rewrap_survives_sigkill_and_resumes() {
     drop((stream, k, m));
     v.kill9().await;
 
-    let v = VaultProcess::start(&data, &Opts::default());
+    let v = VaultProcess::start(&data, &opts);
     let mut k = admin(&v).await;
     let st = k.status(StatusRequest {}).await.unwrap().into_inner();
     let demo = st.tenants.iter().find(|t| t.tenant == "demo").unwrap();
@@ -856,4 +864,44 @@ async fn requests_in_flight_at_the_limit_rotate_once() {
     // ...and 500 encryptions at 49 per key need 11 versions: one rotation
     // per request past the limit would make many more.
     assert!(made <= 13, "{made} versions made for {per_version:?}");
+}
+
+/// A data key version is not retired while requests that loaded the keys
+/// before its rotation may still write with it (keys.retire_grace_secs),
+/// even with no record using it.
+#[tokio::test]
+async fn a_just_replaced_key_is_not_retired_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let cfg = VaultConfig {
+        retire_grace: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let v = Vault::new(store, cfg);
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let demo = Tenant::parse("demo").unwrap();
+    v.tokenize(
+        &ctx(),
+        &demo,
+        new_card("4111111111111111"),
+        TokenizeOptions::default(),
+    )
+    .await
+    .unwrap();
+    // v2 is made and replaced by v3 at once; no record ever used it.
+    v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    let rotated = v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    assert_eq!(rotated, vec![("demo".to_string(), 3)]);
+    let e = v.retire_key(&ctx(), &demo, 2).await.unwrap_err();
+    assert!(
+        matches!(e, Error::FailedPrecondition(ref m)
+            if m.contains("version 2 was replaced 0 s ago") && m.contains("retry in 3600 s")),
+        "{e}"
+    );
+    // A version still in use is refused for that first.
+    let e = v.retire_key(&ctx(), &demo, 1).await.unwrap_err();
+    assert!(
+        matches!(e, Error::FailedPrecondition(ref m) if m.contains("1 records still use")),
+        "{e}"
+    );
 }

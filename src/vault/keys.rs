@@ -612,6 +612,26 @@ impl Vault {
                 "{in_use} records still use version {version}; run rewrap first"
             )));
         }
+        // When the version stopped being active: its successor's creation.
+        let successor = keys.deks.range(version + 1..).next().map(|(v, _)| *v);
+        if let Some(next) = successor {
+            let replaced_ms = self
+                .store
+                .get_key(&dek_meta_name(tenant.as_str(), next))
+                .await?
+                .and_then(|b| DekMeta::decode(b.as_slice()).ok())
+                .map_or(0, |m| m.created_at_ms);
+            let grace_ms = self.config.retire_grace.as_millis() as i64;
+            let since = now_ms().saturating_sub(replaced_ms);
+            if replaced_ms > 0 && since < grace_ms {
+                return Err(Error::FailedPrecondition(format!(
+                    "version {version} was replaced {} s ago, and requests that loaded the keys \
+                     before may still write with it; retry in {} s (keys.retire_grace_secs)",
+                    since / 1000,
+                    (grace_ms - since + 999) / 1000
+                )));
+            }
+        }
         self.store
             .delete_key(&dek_name(tenant.as_str(), version))
             .await?;

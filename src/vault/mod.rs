@@ -33,6 +33,9 @@ pub const MAX_BATCH: usize = 1000;
 /// Attempts to find an unused token before giving up (only format-preserving
 /// tokens of short PANs can realistically collide).
 const TOKEN_ATTEMPTS: usize = 16;
+/// Default of [`VaultConfig::retire_grace`]: far longer than the key
+/// cache's 2 s and than any request should take.
+pub const DEFAULT_RETIRE_GRACE: Duration = Duration::from_secs(60);
 /// Rotations one tokenize may see before it gives up (each needs the
 /// encryption limit reached again while it reloads keys: contention).
 const MAX_ROTATIONS_PER_CALL: usize = 8;
@@ -57,6 +60,10 @@ pub struct VaultConfig {
     pub seal_mode: String,
     /// Pause between rewrap pages of 500 records (throttle).
     pub rewrap_pause: Duration,
+    /// How long after a data key version stops being active it may be
+    /// retired: requests that loaded the keys before the rotation (and
+    /// replicas whose key cache is a little older) may still write with it.
+    pub retire_grace: Duration,
 }
 
 impl Default for VaultConfig {
@@ -70,6 +77,7 @@ impl Default for VaultConfig {
             dek_max_age_ms: 365 * 24 * 3600 * 1000,
             seal_mode: "kek-file".into(),
             rewrap_pause: Duration::ZERO,
+            retire_grace: DEFAULT_RETIRE_GRACE,
         }
     }
 }
