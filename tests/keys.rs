@@ -73,6 +73,12 @@ async fn init_then_sealed_restart_and_unseal_with_threshold_shares() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("sealed"));
+    // Whatever the input: a malformed request is not validated first.
+    let mut bad = v.client("processor").await;
+    for req in [detok("not a token"), detok("4111111111111111")] {
+        let err = bad.detokenize(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
     let mut k = admin(&v).await;
     let st = k.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.sealed && !st.initialized && st.seal_mode == "shamir");

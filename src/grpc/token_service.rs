@@ -78,6 +78,12 @@ impl TokenServiceImpl {
         tenant: &Tenant,
         parsed: Result<T>,
     ) -> Result<T> {
+        // Sealed, every data call answers UNAVAILABLE whatever its input,
+        // and before a detokenize budget is charged.
+        let parsed = match self.vault.is_sealed() {
+            true => Err(crate::Error::Sealed),
+            false => parsed,
+        };
         if let Err(e) = &parsed {
             self.vault
                 .audit_rejected(ctx, action.as_str(), tenant.as_str(), "", e)
