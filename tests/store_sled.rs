@@ -316,6 +316,31 @@ async fn a_failed_journal_sync_fails_closed_and_keeps_the_log() {
     assert!(records >= acknowledged, "{records}");
 }
 
+/// A dedupe that finds a record whose write is still queued returns it
+/// only once that write is durable: here the write fails, so the dedupe
+/// fails too, instead of handing out a token that never existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_never_returns_a_record_that_is_not_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.fail_next_log_write();
+    let first = sample("acme", "tok_first", 9);
+    let again = sample("acme", "tok_again", 9); // same card (fingerprint)
+    let body = audit_body("Tokenize");
+    let (a, b) = futures::join!(
+        store.insert(&first, true, &body),
+        store.insert(&again, true, &body),
+    );
+    assert!(a.is_err(), "the injected failure");
+    assert!(
+        !matches!(b, Ok(InsertOutcome::Deduplicated(_))),
+        "deduplicated to a record that was never written: {b:?}"
+    );
+    drop(store);
+    let s = SledStore::open(dir.path()).unwrap();
+    assert!(s.get("acme", "tok_first").await.unwrap().is_none());
+}
+
 /// A data directory written before audit records were bucketed (one sled
 /// key per record in tree `audit`) is migrated on open: the chain is
 /// intact and continues, and the old tree is gone.

@@ -957,6 +957,17 @@ impl SledStore {
         Ok(None)
     }
 
+    /// If the latest change of `key` is queued but not yet durable, a
+    /// barrier to wait on before handing its value out: what the store
+    /// returns as existing must survive a crash as surely as what it writes.
+    fn until_durable(&self, st: &mut State, tree: u8, key: &[u8]) -> Result<Option<ReplyRx>> {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        match st.pending.get(&(tree, key.to_vec())) {
+            Some((lsn, _)) if *lsn > durable => self.enqueue(st, Vec::new(), true),
+            _ => Ok(None),
+        }
+    }
+
     /// Waits until everything queued so far (including buffered audit
     /// records) is applied, so scans of sled and the journal see it.
     async fn barrier(&self) -> Result<()> {
@@ -1003,7 +1014,9 @@ impl Drop for SledStore {
 /// Why an insert stops without writing.
 enum Skip {
     TokenTaken,
-    Deduplicated(Vec<u8>),
+    /// The existing record, and what to wait for before returning it if
+    /// its write is still queued (see [`SledStore::until_durable`]).
+    Deduplicated(Vec<u8>, Option<ReplyRx>),
 }
 
 #[async_trait]
@@ -1047,7 +1060,12 @@ impl Store for SledStore {
                 _ => None,
             };
             if dedupe && let Some(existing) = indexed.clone() {
-                Err(Skip::Deduplicated(existing))
+                let key = record_key(
+                    &record.tenant,
+                    &String::from_utf8_lossy(fp_token.as_deref().unwrap_or_default()),
+                );
+                let wait = self.until_durable(&mut st, RECORDS, &key)?;
+                Err(Skip::Deduplicated(existing, wait))
             } else if self.lookup_pre(&st, pre, RECORDS, &rkey)?.is_some() {
                 Err(Skip::TokenTaken)
             } else {
@@ -1066,7 +1084,10 @@ impl Store for SledStore {
                 Ok(InsertOutcome::Inserted(l))
             }
             Err(Skip::TokenTaken) => Ok(InsertOutcome::TokenTaken),
-            Err(Skip::Deduplicated(bytes)) => Ok(InsertOutcome::Deduplicated(decode(&bytes)?)),
+            Err(Skip::Deduplicated(bytes, wait)) => {
+                Self::durable(wait).await?;
+                Ok(InsertOutcome::Deduplicated(decode(&bytes)?))
+            }
         }
     }
 
@@ -1159,15 +1180,22 @@ impl Store for SledStore {
     }
 
     async fn put_key_if_absent(&self, name: &str, value: &[u8]) -> Result<Option<Vec<u8>>> {
-        let rx = {
+        let (rx, existing) = {
             let mut st = self.shared.lock();
-            if let Some(existing) = self.lookup(&st, KEYS, name.as_bytes())? {
-                return Ok(Some(existing));
+            match self.lookup(&st, KEYS, name.as_bytes())? {
+                // Another writer's key, perhaps still queued: returned once durable.
+                Some(existing) => (
+                    self.until_durable(&mut st, KEYS, name.as_bytes())?,
+                    Some(existing),
+                ),
+                None => (
+                    self.enqueue(&mut st, vec![put(KEYS, name.as_bytes(), value)], true)?,
+                    None,
+                ),
             }
-            self.enqueue(&mut st, vec![put(KEYS, name.as_bytes(), value)], true)?
         };
         Self::durable(rx).await?;
-        Ok(None)
+        Ok(existing)
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
