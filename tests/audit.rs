@@ -476,6 +476,36 @@ async fn audit_service_query_blast_radius_and_verify() {
         .into_inner();
     assert_eq!(next.events[0].seq, page.events[4].seq + 1);
 
+    // A window that is no time at all is refused, naming the field, and
+    // the refusal is on the record.
+    let e = a
+        .query(AuditQueryRequest {
+            since: Some(prost_types::Timestamp {
+                seconds: -1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("since: "), "{}", e.message());
+    let refused = a
+        .query(AuditQueryRequest {
+            action: "AuditQuery".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.outcome != "OK" && e.error.contains("since")),
+        "{refused:?}"
+    );
+
     let report = a.verify(VerifyAuditRequest {}).await.unwrap().into_inner();
     assert!(report.ok, "{report:?}");
     assert!(report.checkpoints >= 3, "{report:?}");

@@ -138,6 +138,25 @@ async fn init_then_sealed_restart_and_unseal_with_threshold_shares() {
         !unseal(&mut k, &shares[2]).await.unwrap().0,
         "third share unseals"
     );
+    // The malformed share was refused on the record, without its digits.
+    let events =
+        cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await)
+            .query(cardvault::proto::AuditQueryRequest {
+                action: "Unseal".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+    let digits = shares[1].split('-').nth(4).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.outcome != "OK" && e.error.contains("not a cardvault share")),
+        "{events:?}"
+    );
+    assert!(!format!("{events:?}").contains(digits));
     let t = v
         .client("merchant")
         .await

@@ -26,6 +26,21 @@ impl AuditServiceImpl {
     pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
         AuditServiceImpl { vault, auth }
     }
+
+    /// The request's `since` and `until` in ms; a refusal is audited.
+    async fn window(
+        &self,
+        ctx: &crate::vault::CallContext,
+        action: &str,
+        since: &Option<prost_types::Timestamp>,
+        until: &Option<prost_types::Timestamp>,
+    ) -> Result<(i64, i64)> {
+        let window = ms_of(since, "since").and_then(|s| Ok((s, ms_of(until, "until")?)));
+        if let Err(e) = &window {
+            self.vault.audit_rejected(ctx, action, "", "", e).await;
+        }
+        window
+    }
 }
 
 /// Milliseconds since the epoch of an optional request time (0 if unset).
@@ -77,13 +92,16 @@ impl AuditService for AuditServiceImpl {
         )
         .await?;
         let req = request.into_inner();
+        let window = self
+            .window(&ctx, "AuditQuery", &req.since, &req.until)
+            .await?;
         let filter = AuditFilter {
             principal: req.principal,
             tenant: req.tenant,
             action: req.action,
             token: req.token,
-            since_ms: ms_of(&req.since, "since")?,
-            until_ms: ms_of(&req.until, "until")?,
+            since_ms: window.0,
+            until_ms: window.1,
         };
         let limit = if req.limit == 0 {
             1000
@@ -113,8 +131,9 @@ impl AuditService for AuditServiceImpl {
         )
         .await?;
         let req = request.into_inner();
-        let since = ms_of(&req.since, "since")?;
-        let until = ms_of(&req.until, "until")?;
+        let (since, until) = self
+            .window(&ctx, "AuditBlastRadius", &req.since, &req.until)
+            .await?;
         let radius = self
             .vault
             .blast_radius(&ctx, &req.principal, since, until)

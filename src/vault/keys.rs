@@ -205,8 +205,12 @@ impl Vault {
         let cfg = self.seal_config().await?.ok_or_else(|| {
             Error::FailedPrecondition("this vault was not initialised with key shares".into())
         })?;
-        let parsed = shamir::decode_share(text).map_err(|e| Error::invalid("share", e))?;
-        let result = self.add_share(&cfg, parsed).await;
+        // A malformed share is audited like any other refusal (the reasons
+        // name what is wrong, never the share's digits).
+        let result = match shamir::decode_share(text) {
+            Ok(parsed) => self.add_share(&cfg, parsed).await,
+            Err(e) => Err(Error::invalid("share", e)),
+        };
         let mut body = audit_body(ctx, "Unseal", "", "", result.as_ref().map(|_| ()));
         if let Ok(p) = &result {
             body.detail = format!(
