@@ -200,18 +200,26 @@ impl Purpose {
     }
 }
 
-/// True when `text` holds a run of 12-19 digits (spaces/dashes allowed
-/// between them) that passes Luhn: free text that would leak a PAN into logs.
+/// True when `text` holds a run of 12-19 digits that passes Luhn: free
+/// text that would leak a PAN into logs. The ways card numbers are written
+/// are allowed between the digits (spaces, dashes, dots, underscores), and
+/// full-width digits count as digits.
 pub fn contains_card_number(text: &str) -> bool {
+    let digit = |c: char| match c {
+        '0'..='9' => Some(c),
+        // Full-width digits, as some input methods type them.
+        '\u{ff10}'..='\u{ff19}' => char::from_digit(c as u32 - 0xff10, 10),
+        _ => None,
+    };
     // Most texts (e.g. "authorization") hold too few digits to check.
-    if text.bytes().filter(u8::is_ascii_digit).count() < 12 {
+    if text.chars().filter_map(digit).count() < 12 {
         return false;
     }
     let mut runs = vec![String::new()];
     for c in text.chars() {
-        if c.is_ascii_digit() {
-            runs.last_mut().expect("never empty").push(c);
-        } else if c != ' ' && c != '-' {
+        if let Some(d) = digit(c) {
+            runs.last_mut().expect("never empty").push(d);
+        } else if !matches!(c, ' ' | '-' | '.' | '_') {
             runs.push(String::new());
         }
     }
@@ -327,5 +335,15 @@ mod tests {
         // numbers adding up to 12 digits or more are not one number.
         assert!(contains_card_number("ref 1234-5678-9015"));
         assert!(!contains_card_number("order 1234 item 5678x qty 9015"));
+        // Other ways of writing one.
+        for written in [
+            "4111.1111.1111.1111",
+            "4111_1111_1111_1111",
+            "\u{ff14}\u{ff11}\u{ff11}\u{ff11}111111111111",
+        ] {
+            assert!(contains_card_number(written), "{written}");
+            assert!(Purpose::parse(written).is_err(), "{written}");
+        }
+        assert!(!contains_card_number("2026-11-26 07:51:01 batch 42"));
     }
 }
