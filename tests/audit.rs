@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cardvault::Error;
 use cardvault::audit::{AuditBody, AuditRecord};
-use cardvault::card::{Brand, Cvv, Expiry, Pan, YearMonth};
+use cardvault::card::{Brand, Cvv};
 use cardvault::crypto::keys::SecretKey;
 use cardvault::proto::audit_service_client::AuditServiceClient;
 use cardvault::proto::{
@@ -23,13 +23,7 @@ use common::{Opts, VaultProcess, exp_year};
 use prost::Message;
 
 fn card(pan: &str) -> NewCard {
-    let today = YearMonth::now_utc();
-    NewCard {
-        pan: Pan::parse(pan).unwrap(),
-        expiry: Expiry::new(12, today.year + 2, today).unwrap(),
-        name: None,
-        cvv: None,
-    }
+    NewCard::sample(pan)
 }
 
 fn ctx(principal: &str) -> CallContext {
@@ -490,15 +484,7 @@ async fn audit_service_query_blast_radius_and_verify() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("since: "), "{}", e.message());
-    let refused = a
-        .query(AuditQueryRequest {
-            action: "AuditQuery".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let refused = v.audit_events("AuditQuery").await;
     assert!(
         refused
             .iter()

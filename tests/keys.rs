@@ -6,7 +6,6 @@ mod common;
 use std::sync::Arc;
 
 use cardvault::Error;
-use cardvault::card::{Expiry, Pan, YearMonth};
 use cardvault::crypto::keys::SecretKey;
 use cardvault::crypto::shamir::{Share, decode_share, encode_share};
 use cardvault::proto::key_service_client::KeyServiceClient;
@@ -19,7 +18,7 @@ use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
 use cardvault::token::{Purpose, Tenant, Token};
 use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig};
-use common::flaky::Flaky;
+use common::flaky::{Flaky, Pause};
 use common::{Opts, VaultProcess, exp_year};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -139,16 +138,7 @@ async fn init_then_sealed_restart_and_unseal_with_threshold_shares() {
         "third share unseals"
     );
     // The malformed share was refused on the record, without its digits.
-    let events =
-        cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await)
-            .query(cardvault::proto::AuditQueryRequest {
-                action: "Unseal".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+    let events = v.audit_events("Unseal").await;
     let digits = shares[1].split('-').nth(4).unwrap();
     assert!(
         events
@@ -334,14 +324,16 @@ async fn master_key_rotation_keeps_tokens_and_replaces_shares() {
     assert!(report.ok, "{report:?}");
 }
 
+/// An unsealed vault (random KEK) on a sled store in `dir`.
+async fn unsealed(dir: &std::path::Path, cfg: VaultConfig) -> (Vault, Arc<dyn Store>) {
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).unwrap());
+    let v = Vault::new(store.clone(), cfg);
+    v.unseal(SecretKey::generate()).await.unwrap();
+    (v, store)
+}
+
 fn new_card(pan: &str) -> NewCard {
-    let today = YearMonth::now_utc();
-    NewCard {
-        pan: Pan::parse(pan).unwrap(),
-        expiry: Expiry::new(12, today.year + 2, today).unwrap(),
-        name: None,
-        cvv: None,
-    }
+    NewCard::sample(pan)
 }
 
 fn ctx() -> CallContext {
@@ -356,13 +348,12 @@ fn ctx() -> CallContext {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrap_10k_records_under_live_traffic() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let cfg = VaultConfig {
         retire_grace: std::time::Duration::ZERO,
         ..Default::default()
     };
-    let v = Arc::new(Vault::new(store.clone(), cfg));
-    v.unseal(SecretKey::generate()).await.unwrap();
+    let (v, store) = unsealed(dir.path(), cfg).await;
+    let v = Arc::new(v);
     let demo = Tenant::parse("demo").unwrap();
     let pans = [
         "4111111111111111",
@@ -488,13 +479,11 @@ async fn rewrap_10k_records_under_live_traffic() {
 #[tokio::test]
 async fn data_keys_rotate_automatically_at_the_encryption_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let cfg = VaultConfig {
         dek_max_encryptions: 5,
         ..Default::default()
     };
-    let v = Vault::new(store, cfg);
-    v.unseal(SecretKey::generate()).await.unwrap();
+    let (v, _) = unsealed(dir.path(), cfg).await;
     let demo = Tenant::parse("demo").unwrap();
     let mut tokens = Vec::new();
     for _ in 0..12 {
@@ -790,28 +779,21 @@ async fn a_seal_during_a_master_key_rotation_stays() {
 async fn a_tenants_first_keys_made_during_a_master_key_rotation_use_the_new_kek() {
     let dir = tempfile::tempdir().unwrap();
     let (v, store, _) = initialised(dir.path()).await;
-    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     // The rotation stops right after its commit, holding the key lock.
-    store.after_next_put_keys(move || {
-        entered_tx.send(()).unwrap();
-        go_rx.recv().unwrap();
-    });
+    let (mut pause, hook) = Pause::new();
+    store.after_next_put_keys(hook);
     let rotation = tokio::spawn({
         let v = v.clone();
         async move { v.rotate_master_key(&CallContext::default(), 3, 2).await }
     });
-    tokio::task::spawn_blocking(move || entered_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    pause.reached().await;
     let first = tokio::spawn({
         let v = v.clone();
         async move { tokenize_in(&v, "fresh").await }
     });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!first.is_finished(), "waits for the rotation's key lock");
-    go_tx.send(()).unwrap();
+    pause.release();
     let (new, _) = rotation.await.unwrap().unwrap();
     let token = first.await.unwrap();
     v.seal();
@@ -835,24 +817,18 @@ async fn a_read_overtaken_by_a_master_key_rotation_succeeds() {
     // A fresh keyring, with no tenant keys cached yet.
     v.seal();
     unseal_with(&v, &shares).await;
-    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    store.before_next_get(move || {
-        entered_tx.send(()).unwrap();
-        go_rx.recv().unwrap();
-    });
+    // The read stops just before it reads the record.
+    let (mut pause, hook) = Pause::new();
+    store.before_next_get(hook);
     let read = tokio::spawn({
         let (v, token) = (v.clone(), token.clone());
         async move { reads(&v, "demo", &token).await }
     });
-    tokio::task::spawn_blocking(move || entered_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    pause.reached().await;
     v.rotate_master_key(&CallContext::default(), 3, 2)
         .await
         .unwrap();
-    go_tx.send(()).unwrap();
+    pause.release();
     assert_eq!(read.await.unwrap().unwrap(), "4111111111111111");
 }
 
@@ -862,13 +838,11 @@ async fn a_read_overtaken_by_a_master_key_rotation_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_in_flight_at_the_limit_rotate_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let cfg = VaultConfig {
         dek_max_encryptions: 50,
         ..Default::default()
     };
-    let v = Vault::new(store, cfg);
-    v.unseal(SecretKey::generate()).await.unwrap();
+    let (v, _) = unsealed(dir.path(), cfg).await;
     let items = (0..500).map(|_| Ok(new_card("4111111111111111"))).collect();
     let demo = Tenant::parse("demo").unwrap();
     let results = v
@@ -897,13 +871,11 @@ async fn requests_in_flight_at_the_limit_rotate_once() {
 #[tokio::test]
 async fn a_just_replaced_key_is_not_retired_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let cfg = VaultConfig {
         retire_grace: std::time::Duration::from_secs(3600),
         ..Default::default()
     };
-    let v = Vault::new(store, cfg);
-    v.unseal(SecretKey::generate()).await.unwrap();
+    let (v, _) = unsealed(dir.path(), cfg).await;
     let demo = Tenant::parse("demo").unwrap();
     v.tokenize(
         &ctx(),

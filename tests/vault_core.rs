@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use cardvault::card::{Expiry, Pan, YearMonth};
 use cardvault::crypto::keys::SecretKey;
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
@@ -11,13 +10,7 @@ use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig
 use cardvault::{Error, card::Cvv};
 
 fn new_card(pan: &str) -> NewCard {
-    let today = YearMonth::now_utc();
-    NewCard {
-        pan: Pan::parse(pan).unwrap(),
-        expiry: Expiry::new(12, today.year + 2, today).unwrap(),
-        name: None,
-        cvv: None,
-    }
+    NewCard::sample(pan)
 }
 
 fn vault(dir: &std::path::Path) -> (Vault, Arc<dyn Store>) {

@@ -107,6 +107,21 @@ pub struct NewCard {
     pub cvv: Option<Cvv>,
 }
 
+impl NewCard {
+    /// A card expiring in two years, without name or CVV, from a card
+    /// number known to be valid (tests and examples; panics otherwise).
+    #[doc(hidden)]
+    pub fn sample(pan: &str) -> NewCard {
+        let today = crate::card::YearMonth::now_utc();
+        NewCard {
+            pan: Pan::parse(pan).expect("a valid sample card number"),
+            expiry: Expiry::new(12, today.year + 2, today).expect("a valid expiry"),
+            name: None,
+            cvv: None,
+        }
+    }
+}
+
 /// Options of a tokenize call.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokenizeOptions {
@@ -817,8 +832,15 @@ fn check_batch_size(n: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::card::YearMonth;
     use crate::store::sled::SledStore;
+
+    /// An unsealed vault (random KEK) on a sled store in `dir`.
+    async fn unsealed(dir: &std::path::Path) -> Vault {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).unwrap());
+        let v = Vault::new(store, VaultConfig::default());
+        v.unseal(SecretKey::generate()).await.unwrap();
+        v
+    }
 
     /// A candidate token that turns out to be another card's must leave
     /// that card's CVV alone: the new card's CVV goes only under the token
@@ -827,20 +849,12 @@ mod tests {
     #[tokio::test]
     async fn a_colliding_candidate_token_leaves_the_other_cards_cvv_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let v = Vault::new(store, VaultConfig::default());
-        v.unseal(SecretKey::generate()).await.unwrap();
+        let v = unsealed(dir.path()).await;
         let (ctx, tenant) = (CallContext::default(), Tenant::parse("a").unwrap());
         let card = |pan: &str, code: &str| {
-            let today = YearMonth::now_utc();
-            let pan = Pan::parse(pan).unwrap();
-            let cvv = Cvv::parse(code, pan.brand()).unwrap();
-            NewCard {
-                pan,
-                expiry: Expiry::new(12, today.year + 2, today).unwrap(),
-                name: None,
-                cvv: Some(cvv),
-            }
+            let mut card = NewCard::sample(pan);
+            card.cvv = Some(Cvv::parse(code, card.pan.brand()).unwrap());
+            card
         };
         let opts = TokenizeOptions::default();
         let first = v
@@ -880,17 +894,9 @@ mod tests {
     #[tokio::test]
     async fn short_card_numbers_keep_four_digits_hidden() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let v = Vault::new(store, VaultConfig::default());
-        v.unseal(SecretKey::generate()).await.unwrap();
+        let v = unsealed(dir.path()).await;
         let (ctx, tenant) = (CallContext::default(), Tenant::parse("a").unwrap());
-        let today = YearMonth::now_utc();
-        let card = |pan: &str| NewCard {
-            pan: Pan::parse(pan).unwrap(),
-            expiry: Expiry::new(12, today.year + 2, today).unwrap(),
-            name: None,
-            cvv: None,
-        };
+        let card = NewCard::sample;
         // 12 digits, Luhn-valid.
         let short = (0..10)
             .map(|d| format!("50180000001{d}"))

@@ -134,3 +134,39 @@ impl Store for Flaky {
         self.inner.checkpoints().await
     }
 }
+
+/// Stops the store call whose hook it is (on that call's thread) until
+/// released, and tells when it has stopped: to interleave another call at
+/// an exact step. Needs a multi-threaded runtime.
+pub struct Pause {
+    reached: Option<tokio::sync::oneshot::Receiver<()>>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+impl Pause {
+    /// The pause, and the hook to give the store.
+    pub fn new() -> (Pause, impl FnOnce() + Send + 'static) {
+        let (reached_tx, reached) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let hook = move || {
+            let _ = reached_tx.send(());
+            let _ = go_rx.recv();
+        };
+        let pause = Pause {
+            reached: Some(reached),
+            go,
+        };
+        (pause, hook)
+    }
+
+    /// Waits until the store call has stopped at the hook.
+    pub async fn reached(&mut self) {
+        let reached = self.reached.take().expect("waited for once");
+        reached.await.expect("the hook ran");
+    }
+
+    /// Lets the store call go on.
+    pub fn release(&self) {
+        let _ = self.go.send(());
+    }
+}

@@ -122,6 +122,20 @@ impl VaultProcess {
         }
     }
 
+    /// The audit events of `action`, as the dev auditor reads them.
+    pub async fn audit_events(&self, action: &str) -> Vec<cardvault::proto::AuditEvent> {
+        let channel = self.channel("auditor").await;
+        cardvault::proto::audit_service_client::AuditServiceClient::new(channel)
+            .query(cardvault::proto::AuditQueryRequest {
+                action: action.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+
     /// mTLS channel using the dev certificate `identity` (e.g. "merchant").
     pub async fn channel(&self, identity: &str) -> Channel {
         let certs = self.data_dir.join("certs");
