@@ -647,15 +647,17 @@ impl Vault {
     ) -> Result<Card> {
         let result = match self.keyring() {
             Ok(keyring) => {
-                let read = self.read_card(&keyring, tenant, token).await;
-                match (&read, self.keyring()) {
+                match self.read_card(&keyring, tenant, token).await {
                     // The master key was rotated during the read: keys
                     // wrapped under the new KEK do not unwrap under the old
                     // one. Not tampering; read again with the new keyring.
-                    (Err(Error::DataLoss(_)), Ok(now)) if !Arc::ptr_eq(&now, &keyring) => {
-                        self.read_card(&now, tenant, token).await
-                    }
-                    _ => read,
+                    Err(Error::DataLoss(why)) => match self.keyring() {
+                        Ok(now) if !Arc::ptr_eq(&now, &keyring) => {
+                            self.read_card(&now, tenant, token).await
+                        }
+                        _ => Err(Error::DataLoss(why)),
+                    },
+                    read => read,
                 }
             }
             Err(e) => Err(e),
