@@ -110,20 +110,26 @@ impl CvvHolder {
 
     /// Removes and returns the CVV if it is still live. A second call returns `None`.
     pub fn take(&self, tenant: &str, token: &str) -> Option<Cvv> {
-        let entry = (self.lock().entries).remove(&(tenant.to_owned(), token.to_owned()))?;
+        let entry = self
+            .lock()
+            .entries
+            .remove(&(tenant.to_owned(), token.to_owned()))?;
         (entry.expires_at > Instant::now()).then_some(entry.cvv)
     }
 
     /// Whether a live CVV is held for the token.
     pub fn is_held(&self, tenant: &str, token: &str) -> bool {
-        (self.lock().entries)
+        self.lock()
+            .entries
             .get(&(tenant.to_owned(), token.to_owned()))
             .is_some_and(|e| e.expires_at > Instant::now())
     }
 
     /// Wipes the CVV for a token, if any (used by delete).
     pub fn remove(&self, tenant: &str, token: &str) {
-        (self.lock().entries).remove(&(tenant.to_owned(), token.to_owned()));
+        self.lock()
+            .entries
+            .remove(&(tenant.to_owned(), token.to_owned()));
     }
 
     /// Wipes every expired entry; returns how many were removed. Called
