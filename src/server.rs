@@ -176,7 +176,21 @@ pub fn grpc_server() -> Server {
     Server::builder().timeout(Duration::from_secs(30))
 }
 
-/// Runs the vault until `shutdown` resolves: hardens the process, opens the
+/// Hardens the process before any key is read into it: no core dumps, not
+/// dumpable, and with `keys.mlock` all memory locked. Warnings are logged:
+/// the vault still runs, but ops should know.
+pub fn harden(cfg: &Config) -> Result<(), String> {
+    for w in crate::hardening::harden_process() {
+        tracing::warn!("{w}");
+    }
+    if cfg.keys.mlock {
+        crate::hardening::lock_memory()?;
+    }
+    Ok(())
+}
+
+/// Runs the vault until `shutdown` resolves (the caller has called
+/// [`harden`] before loading `keys`): opens the
 /// store, unseals from `keys` (or starts sealed in Shamir mode), serves gRPC
 /// over mTLS (plus metrics if configured), then drains in-flight calls,
 /// signs a final audit checkpoint and wipes keys and CVVs. `on_ready`
@@ -187,12 +201,6 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    for w in crate::hardening::harden_process() {
-        tracing::warn!("{w}");
-    }
-    if cfg.keys.mlock {
-        crate::hardening::lock_memory()?;
-    }
     let tls = tls_config(cfg)?;
     let auth = authorizer(cfg)?;
     let store = open_store(cfg).await?;

@@ -181,3 +181,19 @@ async fn json_logs_carry_request_ids_and_no_secrets_on_any_error_path() {
         "CVV in logs"
     );
 }
+
+/// The running vault cannot write a core file (keys live in its memory):
+/// its core-size limit is 0, soft and hard.
+#[tokio::test]
+async fn the_running_vault_writes_no_core_dumps() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", v.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core size line");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    v.stop().await;
+}
