@@ -902,3 +902,46 @@ async fn a_just_replaced_key_is_not_retired_within_the_grace() {
         "{e}"
     );
 }
+
+/// Replicas on one database (here two vaults on one store) share a data
+/// key's encryption limit: each writes its own use count and reads the
+/// others', so their sum, not each one's, stays within the limit.
+#[tokio::test]
+async fn replicas_on_one_store_share_a_keys_encryption_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let kek = SecretKey::generate();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let cfg = VaultConfig {
+            dek_max_encryptions: 40,
+            ..Default::default()
+        };
+        let v = Vault::new(store.clone(), cfg);
+        v.unseal(kek.clone()).await.unwrap();
+        replicas.push(v);
+    }
+    let demo = Tenant::parse("demo").unwrap();
+    let mut per_version = std::collections::BTreeMap::<u32, u32>::new();
+    for i in 0..120 {
+        let m = replicas[i % 2]
+            .tokenize(
+                &ctx(),
+                &demo,
+                new_card("4111111111111111"),
+                TokenizeOptions::default(),
+            )
+            .await
+            .unwrap();
+        *per_version.entry(m.key_version).or_default() += 1;
+    }
+    assert!(
+        per_version.values().all(|&n| n <= 40),
+        "encryptions per version: {per_version:?}"
+    );
+    assert!(per_version.len() >= 3, "{per_version:?}");
+    // Status adds up what every replica wrote.
+    let status = replicas[0].status().await.unwrap();
+    let v1 = &status.tenants[0].versions[0];
+    assert!(v1.encryptions >= 30, "{v1:?}");
+}

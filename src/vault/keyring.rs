@@ -4,6 +4,11 @@
 //! * `vault/kek-check`: KEK check value (detects a wrong KEK at unseal).
 //! * `tenant/{tenant}/dek/{version:010}`: data key, wrapped by the KEK.
 //! * `tenant/{tenant}/fpk`: fingerprint (HMAC) key, wrapped by the KEK.
+//! * `tenant/{tenant}/dekmeta/{version:010}`: a data key's creation time
+//!   (and, from before per-keyring counts, a use count).
+//! * `tenant/{tenant}/dekcount/{version:010}/{keyring id}`: encryptions
+//!   one keyring (one replica since its unseal) made with a data key
+//!   version; the sum over all keyrings is the version's use count.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
@@ -36,6 +41,11 @@ pub fn dek_meta_name(tenant: &str, version: u32) -> String {
     format!("tenant/{tenant}/dekmeta/{version:010}")
 }
 
+/// Prefix of the use counts of one data key version, one per keyring.
+pub fn dek_count_prefix(tenant: &str, version: u32) -> String {
+    format!("tenant/{tenant}/dekcount/{version:010}/")
+}
+
 /// Name of a tenant's wrapped fingerprint key.
 pub fn fpk_name(tenant: &str) -> String {
     format!("tenant/{tenant}/fpk")
@@ -52,9 +62,35 @@ pub fn version_of(name: &str) -> Option<u32> {
     name.rsplit('/').next().and_then(|v| v.parse().ok())
 }
 
-/// Encryptions added to the persisted count after a restart, since up to
-/// this many may have happened after the last persist.
+/// Most encryptions between two writes of a keyring's use count: up to
+/// this many of another keyring's encryptions may not be written yet, so
+/// each other keyring's count is taken as this much higher.
 pub const ENCRYPTION_COUNT_SLACK: u64 = 1000;
+
+/// How often a keyring writes its use count, for a data key limited to
+/// `limit` encryptions: every [`ENCRYPTION_COUNT_SLACK`], or more often
+/// for small limits so that the slack stays well below the limit.
+pub fn count_every(limit: u64) -> u64 {
+    (limit / 16).clamp(1, ENCRYPTION_COUNT_SLACK)
+}
+
+/// Encryptions under one data key version, for the random-nonce bound of
+/// AES-GCM. Shared by every load of that version in one keyring.
+#[derive(Default)]
+pub struct UseCount {
+    /// This keyring's own encryptions.
+    pub own: AtomicU64,
+    /// Every other keyring's, as last read (plus each one's unwritten slack).
+    pub others: AtomicU64,
+}
+
+impl UseCount {
+    /// The version's use count as this keyring knows it.
+    pub fn total(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.own.load(Relaxed) + self.others.load(Relaxed)
+    }
+}
 
 /// Metadata of one data key version, stored in clear (it is not secret).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -62,7 +98,8 @@ pub struct DekMeta {
     /// Creation time, ms since the epoch.
     #[prost(int64, tag = "1")]
     pub created_at_ms: i64,
-    /// Encryptions performed (persisted every ENCRYPTION_COUNT_SLACK).
+    /// Encryptions counted before per-keyring counts (no longer written;
+    /// still added to the use count).
     #[prost(uint64, tag = "2")]
     pub encryptions: u64,
 }
@@ -77,10 +114,14 @@ pub struct TenantKeys {
     pub fingerprint: FingerprintKey,
     /// When the active version was created (ms), for the cryptoperiod.
     pub active_created_ms: i64,
-    /// Encryptions under the active version (lower bound), for the
-    /// random-nonce bound of AES-GCM. Shared by every load of the same
-    /// version (see [`Keyring`]'s `counters`).
-    pub active_encryptions: Arc<AtomicU64>,
+    /// Encryptions under the active version (lower bound), by this keyring
+    /// and the others. Shared by every load of the same version (see
+    /// [`Keyring`]'s `counters`).
+    pub active_encryptions: Arc<UseCount>,
+    /// Where this keyring writes its own count of the active version.
+    pub count_name: String,
+    /// How often it writes it.
+    pub count_every: u64,
     /// When these keys were read from the store.
     pub loaded_at: std::time::Instant,
 }
@@ -107,7 +148,13 @@ pub struct Keyring {
     /// tenant's first use, a reload after a rotation) each load their own
     /// keys: with a counter per load, each would count from the same start
     /// and the version could encrypt far past its limit.
-    counters: std::sync::Mutex<HashMap<(String, u32), Arc<AtomicU64>>>,
+    counters: std::sync::Mutex<HashMap<(String, u32), Arc<UseCount>>>,
+    /// Names this keyring's use counts in the store (random per unseal, so
+    /// replicas, and one replica before and after a restart, never
+    /// overwrite each other's counts).
+    id: String,
+    /// How often this keyring writes its use counts.
+    count_every: u64,
 }
 
 fn corrupt_key(name: &str) -> Error {
@@ -116,14 +163,44 @@ fn corrupt_key(name: &str) -> Error {
 
 impl Keyring {
     /// Holds a KEK that has already been checked against the store, and the
-    /// audit signing key it unwrapped.
-    pub fn new(kek: Aead, audit_key: Ed25519KeyPair) -> Self {
+    /// audit signing key it unwrapped; data keys are limited to `limit`
+    /// encryptions each.
+    pub fn new(kek: Aead, audit_key: Ed25519KeyPair, limit: u64) -> Self {
         Keyring {
             kek,
             audit_key,
             tenants: RwLock::new(HashMap::new()),
             counters: Default::default(),
+            id: hex::encode(crate::crypto::random_array::<8>()),
+            count_every: count_every(limit),
         }
+    }
+
+    /// The use count of every keyring but this one for a data key version
+    /// (each taken as [`Keyring::count_every`] higher, for what it may not
+    /// have written yet), plus any count from before per-keyring counts.
+    pub async fn others_count(&self, store: &dyn Store, tenant: &str, version: u32) -> Result<u64> {
+        let mut total = 0u64;
+        for (name, value) in store.list_keys(&dek_count_prefix(tenant, version)).await? {
+            if name.rsplit('/').next() == Some(self.id.as_str()) {
+                continue;
+            }
+            let n = value
+                .as_slice()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| Error::DataLoss(format!("use count {name} is corrupt")))?;
+            total = total.saturating_add(n).saturating_add(self.count_every);
+        }
+        let legacy = store
+            .get_key(&dek_meta_name(tenant, version))
+            .await?
+            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
+            .map_or(0, |m| m.encryptions);
+        if legacy > 0 {
+            total = total.saturating_add(legacy + ENCRYPTION_COUNT_SLACK);
+        }
+        Ok(total)
     }
 
     /// The audit checkpoint signing key.
@@ -235,13 +312,9 @@ impl Keyring {
             .await?
             .and_then(|b| DekMeta::decode(b.as_slice()).ok())
             .unwrap_or_default();
-        // Conservative after a restart: up to ENCRYPTION_COUNT_SLACK uses may
-        // not have been persisted. On a cache refresh, keep our own count.
-        let persisted = if meta.encryptions > 0 {
-            meta.encryptions + ENCRYPTION_COUNT_SLACK
-        } else {
-            0
-        };
+        // Our own count is in memory; the others' are read at each load
+        // (and each time ours is written, see `Vault::maybe_auto_rotate`).
+        let others = self.others_count(store, tenant, active).await?;
         let counter = self
             .counters
             .lock()
@@ -249,13 +322,17 @@ impl Keyring {
             .entry((tenant.to_owned(), active))
             .or_default()
             .clone();
-        counter.fetch_max(persisted, std::sync::atomic::Ordering::Relaxed);
+        counter
+            .others
+            .fetch_max(others, std::sync::atomic::Ordering::Relaxed);
         let keys = Arc::new(TenantKeys {
             active,
             deks,
             fingerprint: FingerprintKey::new(&fpk),
             active_created_ms: meta.created_at_ms,
             active_encryptions: counter,
+            count_name: format!("{}{}", dek_count_prefix(tenant, active), self.id),
+            count_every: self.count_every,
             loaded_at: std::time::Instant::now(),
         });
         self.tenants

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use super::keyring::{
-    AUDIT_KEY_NAME, DekMeta, KEK_CHECK_NAME, Keyring, dek_meta_name, dek_name, is_wrapped_key,
-    version_of,
+    AUDIT_KEY_NAME, DekMeta, KEK_CHECK_NAME, Keyring, dek_count_prefix, dek_meta_name, dek_name,
+    is_wrapped_key, version_of,
 };
 use super::{CallContext, Vault, audit_body, now_ms};
 use crate::crypto::envelope;
@@ -390,17 +390,22 @@ impl Vault {
         tenant: &str,
         keys: &super::keyring::TenantKeys,
     ) -> Result<bool> {
-        let n = keys.active_encryptions.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_multiple_of(super::keyring::ENCRYPTION_COUNT_SLACK) {
-            let meta = DekMeta {
-                created_at_ms: keys.active_created_ms,
-                encryptions: n,
-            };
+        let count = &keys.active_encryptions;
+        let own = count.own.fetch_add(1, Ordering::Relaxed) + 1;
+        if own.is_multiple_of(keys.count_every) {
+            // Ours written, the other replicas' read: with several replicas
+            // on one database, the limit holds for their sum.
             self.store
-                .put_keys(&[(dek_meta_name(tenant, keys.active), meta.encode_to_vec())])
+                .put_keys(&[(keys.count_name.clone(), own.to_le_bytes().to_vec())])
                 .await?;
+            let others = self
+                .keyring()?
+                .others_count(&*self.store, tenant, keys.active)
+                .await?;
+            count.others.fetch_max(others, Ordering::Relaxed);
         }
-        let too_many = n >= self.config.dek_max_encryptions;
+        let too_many =
+            own + count.others.load(Ordering::Relaxed) >= self.config.dek_max_encryptions;
         let too_old = keys.active_created_ms > 0
             && now_ms().saturating_sub(keys.active_created_ms) >= self.config.dek_max_age_ms;
         if too_many || too_old {
@@ -642,6 +647,13 @@ impl Vault {
         self.store
             .delete_key(&dek_meta_name(tenant.as_str(), version))
             .await?;
+        for (name, _) in self
+            .store
+            .list_keys(&dek_count_prefix(tenant.as_str(), version))
+            .await?
+        {
+            self.store.delete_key(&name).await?;
+        }
         keyring.invalidate(tenant.as_str());
         tracing::info!(tenant = %tenant, version, "data key retired and destroyed");
         Ok(())
@@ -740,7 +752,8 @@ impl Vault {
             // Sealed meanwhile (seal does not wait for this lock): it stays
             // sealed, and is unsealed with the new shares.
             if keys.is_some() {
-                *keys = Some(Arc::new(Keyring::new(new_aead, audit_key)));
+                let limit = self.config.dek_max_encryptions;
+                *keys = Some(Arc::new(Keyring::new(new_aead, audit_key, limit)));
             }
         }
         let out = encode_shares(&new_kek, &cfg)?;
@@ -769,11 +782,18 @@ impl Vault {
                     .await?
                     .and_then(|b| DekMeta::decode(b.as_slice()).ok())
                     .unwrap_or_default();
+                // Written counts of every keyring (what is not written yet,
+                // at most `count_every` each, is not included).
+                let mut encryptions = meta.encryptions;
+                for (_, n) in self.store.list_keys(&dek_count_prefix(&t, v)).await? {
+                    let n = n.as_slice().try_into().map_or(0, u64::from_le_bytes);
+                    encryptions = encryptions.saturating_add(n);
+                }
                 versions.push(VersionStatus {
                     version: v,
                     records: counts.get(&(t.clone(), v)).copied().unwrap_or(0),
                     created_at_ms: meta.created_at_ms,
-                    encryptions: meta.encryptions,
+                    encryptions,
                 });
             }
             tenants.push(TenantStatus {

@@ -359,8 +359,11 @@ impl Vault {
             .map_err(|_| Error::Internal("bad audit signing key".into()))?;
         let last_cp = self.store.checkpoints().await?.last().map_or(0, |c| c.seq);
         self.last_checkpoint.fetch_max(last_cp, Ordering::Relaxed);
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Keyring::new(kek, audit_key)));
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Keyring::new(
+            kek,
+            audit_key,
+            self.config.dek_max_encryptions,
+        )));
         Ok(())
     }
 
