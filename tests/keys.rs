@@ -487,16 +487,7 @@ async fn data_keys_rotate_automatically_at_the_encryption_limit() {
     let demo = Tenant::parse("demo").unwrap();
     let mut tokens = Vec::new();
     for _ in 0..12 {
-        tokens.push(
-            v.tokenize(
-                &ctx(),
-                &demo,
-                new_card("4111111111111111"),
-                TokenizeOptions::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        tokens.push(tokenized(&v, "demo").await);
     }
     let versions: std::collections::BTreeSet<u32> = tokens.iter().map(|m| m.key_version).collect();
     assert!(versions.len() >= 3, "{versions:?}");
@@ -692,17 +683,20 @@ async fn unseal_with(v: &Vault, shares: &[String]) {
     assert!(!v.is_sealed(), "these shares unseal the vault");
 }
 
+/// Tokenizes the Visa test card for `tenant` (opaque token, no dedupe).
+async fn tokenized(v: &Vault, tenant: &str) -> cardvault::vault::CardMetadata {
+    v.tokenize(
+        &ctx(),
+        &Tenant::parse(tenant).unwrap(),
+        new_card("4111111111111111"),
+        TokenizeOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn tokenize_in(v: &Vault, tenant: &str) -> Token {
-    let meta = v
-        .tokenize(
-            &CallContext::default(),
-            &Tenant::parse(tenant).unwrap(),
-            new_card("4111111111111111"),
-            TokenizeOptions::default(),
-        )
-        .await
-        .unwrap();
-    Token::parse(&meta.token).unwrap()
+    Token::parse(&tokenized(v, tenant).await.token).unwrap()
 }
 
 async fn reads(v: &Vault, tenant: &str, token: &Token) -> Result<String, Error> {
@@ -877,14 +871,7 @@ async fn a_just_replaced_key_is_not_retired_within_the_grace() {
     };
     let (v, _) = unsealed(dir.path(), cfg).await;
     let demo = Tenant::parse("demo").unwrap();
-    v.tokenize(
-        &ctx(),
-        &demo,
-        new_card("4111111111111111"),
-        TokenizeOptions::default(),
-    )
-    .await
-    .unwrap();
+    tokenized(&v, "demo").await;
     // v2 is made and replaced by v3 at once; no record ever used it.
     v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
     let rotated = v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
@@ -921,18 +908,9 @@ async fn replicas_on_one_store_share_a_keys_encryption_limit() {
         v.unseal(kek.clone()).await.unwrap();
         replicas.push(v);
     }
-    let demo = Tenant::parse("demo").unwrap();
     let mut per_version = std::collections::BTreeMap::<u32, u32>::new();
     for i in 0..120 {
-        let m = replicas[i % 2]
-            .tokenize(
-                &ctx(),
-                &demo,
-                new_card("4111111111111111"),
-                TokenizeOptions::default(),
-            )
-            .await
-            .unwrap();
+        let m = tokenized(&replicas[i % 2], "demo").await;
         *per_version.entry(m.key_version).or_default() += 1;
     }
     assert!(

@@ -177,7 +177,7 @@ impl Keyring {
     }
 
     /// The use count of every keyring but this one for a data key version
-    /// (each taken as [`Keyring::count_every`] higher, for what it may not
+    /// (each taken as [`count_every`] higher, for what it may not
     /// have written yet), plus any count from before per-keyring counts.
     pub async fn others_count(&self, store: &dyn Store, tenant: &str, version: u32) -> Result<u64> {
         let mut total = 0u64;
