@@ -145,10 +145,6 @@ impl Tenant {
         {
             return Err(Error::invalid("tenant", "must match [a-z0-9_-]+"));
         }
-        // Tenant names are logged and audited in clear everywhere.
-        if contains_card_number(input) {
-            return Err(Error::invalid("tenant", "must not contain a card number"));
-        }
         Ok(Tenant(input.to_owned()))
     }
 
@@ -297,16 +293,7 @@ mod tests {
     fn tenant_rules() {
         assert!(Tenant::parse("demo").is_ok());
         assert!(Tenant::parse("acme-eu_2").is_ok());
-        assert!(Tenant::parse("shop-123456789012").is_ok(), "not Luhn-valid");
-        for bad in [
-            "",
-            "Demo",
-            "a b",
-            "a/b",
-            &"x".repeat(65),
-            "4111111111111111",
-            "t-4111-1111-1111-1111",
-        ] {
+        for bad in ["", "Demo", "a b", "a/b", &"x".repeat(65)] {
             assert!(
                 matches!(Tenant::parse(bad), Err(Error::InvalidArgument { field, .. }) if field == "tenant")
             );

@@ -78,6 +78,18 @@ async fn init_then_sealed_restart_and_unseal_with_threshold_shares() {
         let err = bad.detokenize(req).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     }
+    let err =
+        cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await)
+            .query(cardvault::proto::AuditQueryRequest {
+                since: Some(prost_types::Timestamp {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let mut k = admin(&v).await;
     let st = k.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.sealed && !st.initialized && st.seal_mode == "shamir");
@@ -922,4 +934,28 @@ async fn replicas_on_one_store_share_a_keys_encryption_limit() {
     let status = replicas[0].status().await.unwrap();
     let v1 = &status.tenants[0].versions[0];
     assert!(v1.encryptions >= 30, "{v1:?}");
+}
+
+/// A rewrap encrypts every record again: that counts against the new
+/// key's limit like any tokenize.
+#[tokio::test]
+async fn rewrapped_records_count_against_the_new_keys_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VaultConfig {
+        dek_max_encryptions: 100,
+        ..Default::default()
+    };
+    let (v, _) = unsealed(dir.path(), cfg).await;
+    for _ in 0..50 {
+        tokenized(&v, "demo").await;
+    }
+    let demo = Tenant::parse("demo").unwrap();
+    v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::channel(64);
+    assert_eq!(v.rewrap(&ctx(), None, tx).await.unwrap().done, 50);
+    let status = v.status().await.unwrap();
+    let v2 = &status.tenants[0].versions[1];
+    assert_eq!(v2.version, 2);
+    // Written every 6 at this limit: at least 48 of the 50.
+    assert!(v2.encryptions >= 48, "{v2:?}");
 }

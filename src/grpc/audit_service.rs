@@ -35,7 +35,11 @@ impl AuditServiceImpl {
         since: &Option<prost_types::Timestamp>,
         until: &Option<prost_types::Timestamp>,
     ) -> Result<(i64, i64)> {
-        let window = ms_of(since, "since").and_then(|s| Ok((s, ms_of(until, "until")?)));
+        // Sealed, the service is unavailable whatever the input.
+        let window = match self.vault.is_sealed() {
+            true => Err(crate::Error::Sealed),
+            false => ms_of(since, "since").and_then(|s| Ok((s, ms_of(until, "until")?))),
+        };
         if let Err(e) = &window {
             self.vault.audit_rejected(ctx, action, "", "", e).await;
         }

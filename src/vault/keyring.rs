@@ -74,6 +74,10 @@ pub fn count_every(limit: u64) -> u64 {
     (limit / 16).clamp(1, ENCRYPTION_COUNT_SLACK)
 }
 
+/// The use count taken for a count that cannot be read: past any limit,
+/// far from overflowing when added to.
+const USED_UP: u64 = u64::MAX / 4;
+
 /// Encryptions under one data key version, for the random-nonce bound of
 /// AES-GCM. Shared by every load of that version in one keyring.
 #[derive(Default)]
@@ -185,11 +189,16 @@ impl Keyring {
             if name.rsplit('/').next() == Some(self.id.as_str()) {
                 continue;
             }
-            let n = value
-                .as_slice()
-                .try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| Error::DataLoss(format!("use count {name} is corrupt")))?;
+            // Unreadable, a count is taken as the limit reached: the next
+            // tokenize moves to a new version, and reads (which need no
+            // count) are not failed for it.
+            let n = value.as_slice().try_into().map_or_else(
+                |_| {
+                    tracing::warn!(count = %name, "unreadable data key use count; taking the key as used up");
+                    USED_UP
+                },
+                u64::from_le_bytes,
+            );
             total = total.saturating_add(n).saturating_add(self.count_every);
         }
         let legacy = store

@@ -382,6 +382,25 @@ impl Vault {
         Ok(out)
     }
 
+    /// Counts `n` encryptions under `keys.active` made besides a tokenize's
+    /// own (a rewrap's, a retried candidate token's), writing the count
+    /// when it passes a write point. No rotation here: the next tokenize
+    /// sees the count and rotates.
+    pub(crate) async fn count_encryptions(
+        &self,
+        keys: &super::keyring::TenantKeys,
+        n: u64,
+    ) -> Result<()> {
+        let before = keys.active_encryptions.own.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        if after / keys.count_every > before / keys.count_every {
+            self.store
+                .put_keys(&[(keys.count_name.clone(), after.to_le_bytes().to_vec())])
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Counts one encryption under the tenant's active key and rotates when
     /// a trigger fires: the GCM random-nonce budget or the cryptoperiod.
     /// Returns whether it rotated (the caller then reloads the keys).
@@ -527,6 +546,12 @@ impl Vault {
                 updated.envelope =
                     envelope::seal(new, target, &updated.tenant, &updated.token, &secret);
                 updated.key_version = target;
+                // Rewrapping encrypts too: it counts against the key's limit
+                // (unless a rotation since the start made `target` an older
+                // version, whose count this keyring no longer holds).
+                if keys.active == target {
+                    self.count_encryptions(&keys, 1).await?;
+                }
                 updates.push((rec, updated));
             }
             // Only if unchanged since the scan: a record deleted meanwhile

@@ -567,7 +567,11 @@ impl Vault {
                     self.after_append(&link, &body).await;
                     (record, false)
                 }
-                Ok(InsertOutcome::TokenTaken) => continue,
+                Ok(InsertOutcome::TokenTaken) => {
+                    // That candidate's record was encrypted too: count it.
+                    self.count_encryptions(&keys, 1).await?;
+                    continue;
+                }
                 Ok(InsertOutcome::Deduplicated(existing)) => {
                     body.token = existing.token.clone();
                     body.detail = format!("deduplicated to an existing token; {}", body.detail);
@@ -873,6 +877,10 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(second.token, first.token);
+        // Three records were encrypted (the refused candidate's too).
+        let keys = v.keyring().unwrap();
+        let keys = keys.tenant(&*v.store, "a", false).await.unwrap();
+        assert_eq!(keys.active_encryptions.own.load(Ordering::Relaxed), 3);
         let purpose = Purpose::parse("authorization").unwrap();
         let cvv_of = |token: &str| {
             let token = Token::parse(token).unwrap();
