@@ -122,6 +122,22 @@ impl VaultProcess {
         }
     }
 
+    /// The answer to an audit query whose window starts before 1970 (an
+    /// invalid request), as the dev auditor gets it.
+    pub async fn query_before_1970(&self) -> tonic::Status {
+        let channel = self.channel("auditor").await;
+        cardvault::proto::audit_service_client::AuditServiceClient::new(channel)
+            .query(cardvault::proto::AuditQueryRequest {
+                since: Some(prost_types::Timestamp {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+    }
+
     /// The audit events of `action`, as the dev auditor reads them.
     pub async fn audit_events(&self, action: &str) -> Vec<cardvault::proto::AuditEvent> {
         let channel = self.channel("auditor").await;
