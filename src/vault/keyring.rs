@@ -86,14 +86,14 @@ pub struct UseCount {
     pub own: AtomicU64,
     /// Every other keyring's, as last read (plus each one's unwritten slack).
     pub others: AtomicU64,
+    /// The count written before per-keyring counts (in the version's
+    /// metadata), read at load.
+    pub legacy: AtomicU64,
 }
 
-impl UseCount {
-    /// The version's use count as this keyring knows it.
-    pub fn total(&self) -> u64 {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.own.load(Relaxed) + self.others.load(Relaxed)
-    }
+/// A written use count, or `None` if it is not 8 bytes.
+pub fn decode_count(value: &[u8]) -> Option<u64> {
+    value.try_into().ok().map(u64::from_le_bytes)
 }
 
 /// Metadata of one data key version, stored in clear (it is not secret).
@@ -128,6 +128,39 @@ pub struct TenantKeys {
     pub count_every: u64,
     /// When these keys were read from the store.
     pub loaded_at: std::time::Instant,
+}
+
+impl TenantKeys {
+    /// Reads every other keyring's use count of the active version into
+    /// `active_encryptions.others`: the written counts (each taken as
+    /// [`TenantKeys::count_every`] higher, for what it may not have
+    /// written yet) plus any count from before per-keyring counts.
+    pub async fn read_others(&self, store: &dyn Store, tenant: &str) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut total = 0u64;
+        for (name, value) in store
+            .list_keys(&dek_count_prefix(tenant, self.active))
+            .await?
+        {
+            if name == self.count_name {
+                continue;
+            }
+            // Unreadable, a count is taken as the limit reached: the next
+            // tokenize moves to a new version, and reads (which need no
+            // count) are not failed for it.
+            let n = decode_count(&value).unwrap_or_else(|| {
+                tracing::warn!(count = %name, "unreadable data key use count; taking the key as used up");
+                USED_UP
+            });
+            total = total.saturating_add(n).saturating_add(self.count_every);
+        }
+        let legacy = self.active_encryptions.legacy.load(Relaxed);
+        if legacy > 0 {
+            total = total.saturating_add(legacy + ENCRYPTION_COUNT_SLACK);
+        }
+        self.active_encryptions.others.fetch_max(total, Relaxed);
+        Ok(())
+    }
 }
 
 /// How long a tenant's unwrapped keys are used before the key table is
@@ -178,38 +211,6 @@ impl Keyring {
             id: hex::encode(crate::crypto::random_array::<8>()),
             count_every: count_every(limit),
         }
-    }
-
-    /// The use count of every keyring but this one for a data key version
-    /// (each taken as [`count_every`] higher, for what it may not
-    /// have written yet), plus any count from before per-keyring counts.
-    pub async fn others_count(&self, store: &dyn Store, tenant: &str, version: u32) -> Result<u64> {
-        let mut total = 0u64;
-        for (name, value) in store.list_keys(&dek_count_prefix(tenant, version)).await? {
-            if name.rsplit('/').next() == Some(self.id.as_str()) {
-                continue;
-            }
-            // Unreadable, a count is taken as the limit reached: the next
-            // tokenize moves to a new version, and reads (which need no
-            // count) are not failed for it.
-            let n = value.as_slice().try_into().map_or_else(
-                |_| {
-                    tracing::warn!(count = %name, "unreadable data key use count; taking the key as used up");
-                    USED_UP
-                },
-                u64::from_le_bytes,
-            );
-            total = total.saturating_add(n).saturating_add(self.count_every);
-        }
-        let legacy = store
-            .get_key(&dek_meta_name(tenant, version))
-            .await?
-            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
-            .map_or(0, |m| m.encryptions);
-        if legacy > 0 {
-            total = total.saturating_add(legacy + ENCRYPTION_COUNT_SLACK);
-        }
-        Ok(total)
     }
 
     /// The audit checkpoint signing key.
@@ -321,9 +322,6 @@ impl Keyring {
             .await?
             .and_then(|b| DekMeta::decode(b.as_slice()).ok())
             .unwrap_or_default();
-        // Our own count is in memory; the others' are read at each load
-        // (and each time ours is written, see `Vault::maybe_auto_rotate`).
-        let others = self.others_count(store, tenant, active).await?;
         let counter = self
             .counters
             .lock()
@@ -332,8 +330,8 @@ impl Keyring {
             .or_default()
             .clone();
         counter
-            .others
-            .fetch_max(others, std::sync::atomic::Ordering::Relaxed);
+            .legacy
+            .store(meta.encryptions, std::sync::atomic::Ordering::Relaxed);
         let keys = Arc::new(TenantKeys {
             active,
             deks,
@@ -344,6 +342,9 @@ impl Keyring {
             count_every: self.count_every,
             loaded_at: std::time::Instant::now(),
         });
+        // Our own count is in memory; the others' are read at each load
+        // (and each time ours is written, see `Vault::count_encryptions`).
+        keys.read_others(store, tenant).await?;
         self.tenants
             .write()
             .unwrap_or_else(|p| p.into_inner())

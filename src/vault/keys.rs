@@ -382,23 +382,27 @@ impl Vault {
         Ok(out)
     }
 
-    /// Counts `n` encryptions under `keys.active` made besides a tokenize's
-    /// own (a rewrap's, a retried candidate token's), writing the count
-    /// when it passes a write point. No rotation here: the next tokenize
-    /// sees the count and rotates.
+    /// Counts `n` encryptions under the tenant's active key (a tokenize's,
+    /// a rewrap's, a refused candidate token's). Each time the count passes
+    /// a write point, ours is written and the other replicas' read: with
+    /// several replicas on one database, the limit holds for their sum.
+    /// Returns our count after these. No rotation here (see
+    /// [`Vault::maybe_auto_rotate`]).
     pub(crate) async fn count_encryptions(
         &self,
+        tenant: &str,
         keys: &super::keyring::TenantKeys,
         n: u64,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let before = keys.active_encryptions.own.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
         if after / keys.count_every > before / keys.count_every {
             self.store
                 .put_keys(&[(keys.count_name.clone(), after.to_le_bytes().to_vec())])
                 .await?;
+            keys.read_others(&*self.store, tenant).await?;
         }
-        Ok(())
+        Ok(after)
     }
 
     /// Counts one encryption under the tenant's active key and rotates when
@@ -409,22 +413,11 @@ impl Vault {
         tenant: &str,
         keys: &super::keyring::TenantKeys,
     ) -> Result<bool> {
-        let count = &keys.active_encryptions;
-        let own = count.own.fetch_add(1, Ordering::Relaxed) + 1;
-        if own.is_multiple_of(keys.count_every) {
-            // Ours written, the other replicas' read: with several replicas
-            // on one database, the limit holds for their sum.
-            self.store
-                .put_keys(&[(keys.count_name.clone(), own.to_le_bytes().to_vec())])
-                .await?;
-            let others = self
-                .keyring()?
-                .others_count(&*self.store, tenant, keys.active)
-                .await?;
-            count.others.fetch_max(others, Ordering::Relaxed);
-        }
-        let too_many =
-            own + count.others.load(Ordering::Relaxed) >= self.config.dek_max_encryptions;
+        // Our count as this request made it (not as others have raised it
+        // since), so only requests past the limit move to a new key.
+        let own = self.count_encryptions(tenant, keys, 1).await?;
+        let others = keys.active_encryptions.others.load(Ordering::Relaxed);
+        let too_many = own + others >= self.config.dek_max_encryptions;
         let too_old = keys.active_created_ms > 0
             && now_ms().saturating_sub(keys.active_created_ms) >= self.config.dek_max_age_ms;
         if too_many || too_old {
@@ -550,7 +543,7 @@ impl Vault {
                 // (unless a rotation since the start made `target` an older
                 // version, whose count this keyring no longer holds).
                 if keys.active == target {
-                    self.count_encryptions(&keys, 1).await?;
+                    self.count_encryptions(&rec.tenant, &keys, 1).await?;
                 }
                 updates.push((rec, updated));
             }
@@ -811,7 +804,7 @@ impl Vault {
                 // at most `count_every` each, is not included).
                 let mut encryptions = meta.encryptions;
                 for (_, n) in self.store.list_keys(&dek_count_prefix(&t, v)).await? {
-                    let n = n.as_slice().try_into().map_or(0, u64::from_le_bytes);
+                    let n = super::keyring::decode_count(&n).unwrap_or(0);
                     encryptions = encryptions.saturating_add(n);
                 }
                 versions.push(VersionStatus {

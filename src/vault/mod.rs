@@ -569,7 +569,7 @@ impl Vault {
                 }
                 Ok(InsertOutcome::TokenTaken) => {
                     // That candidate's record was encrypted too: count it.
-                    self.count_encryptions(&keys, 1).await?;
+                    self.count_encryptions(tenant.as_str(), &keys, 1).await?;
                     continue;
                 }
                 Ok(InsertOutcome::Deduplicated(existing)) => {
