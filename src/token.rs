@@ -175,18 +175,7 @@ impl Purpose {
                 "is required (e.g. \"authorization\")",
             ));
         }
-        if t.chars().count() > 200 {
-            return Err(Error::invalid("purpose", "must be at most 200 characters"));
-        }
-        if t.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                "purpose",
-                "must not contain control characters",
-            ));
-        }
-        if contains_card_number(t) {
-            return Err(Error::invalid("purpose", "must not contain a card number"));
-        }
+        check_free_text("purpose", t, 200)?;
         Ok(Purpose(t.to_owned()))
     }
 
@@ -194,6 +183,25 @@ impl Purpose {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Checks free text that will be logged and audited in clear (error field
+/// `field`): at most `max` characters, no control characters, no card
+/// number.
+pub fn check_free_text(field: &str, text: &str, max: usize) -> Result<()> {
+    if text.chars().count() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    if contains_card_number(text) {
+        return Err(Error::invalid(field, "must not contain a card number"));
+    }
+    Ok(())
 }
 
 /// True when `text` holds a run of 12-19 digits that passes Luhn: free

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::AuditBody;
 use crate::error::{Error, Result};
-use crate::token::{Tenant, Token, contains_card_number};
+use crate::token::{Tenant, Token, check_free_text, contains_card_number};
 
 /// Longest principal a filter accepts (certificate names are far shorter).
 const MAX_PRINCIPAL_CHARS: usize = 256;
@@ -75,25 +75,7 @@ impl AuditFilter {
 /// Checks a principal given by a client (field `principal`): at most 256
 /// characters, no control characters, no card number.
 pub fn check_principal(principal: &str) -> Result<()> {
-    if principal.chars().count() > MAX_PRINCIPAL_CHARS {
-        return Err(Error::invalid(
-            "principal",
-            "must be at most 256 characters",
-        ));
-    }
-    if principal.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "principal",
-            "must not contain control characters",
-        ));
-    }
-    if contains_card_number(principal) {
-        return Err(Error::invalid(
-            "principal",
-            "must not contain a card number",
-        ));
-    }
-    Ok(())
+    check_free_text("principal", principal, MAX_PRINCIPAL_CHARS)
 }
 
 /// Reads of one token by one principal.
