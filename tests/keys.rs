@@ -492,8 +492,10 @@ async fn data_keys_rotate_automatically_at_the_encryption_limit() {
         tokens.push(tokenized(&v, "demo").await);
     }
     let versions: std::collections::BTreeSet<u32> = tokens.iter().map(|m| m.key_version).collect();
-    assert!(versions.len() >= 3, "{versions:?}");
-    assert!(tokens.iter().filter(|m| m.key_version == 1).count() <= 5);
+    // "Rotate after 5 encryptions": five per version, the limit'th
+    // included, so 12 tokenizes fill versions 1 and 2 and start 3.
+    assert_eq!(versions, (1..=3).collect(), "{versions:?}");
+    assert_eq!(tokens.iter().filter(|m| m.key_version == 1).count(), 5);
     let purpose = Purpose::parse("check").unwrap();
     for m in &tokens {
         v.detokenize(
@@ -506,19 +508,7 @@ async fn data_keys_rotate_automatically_at_the_encryption_limit() {
         .await
         .unwrap();
     }
-    let rotations = v
-        .query_audit(
-            &ctx(),
-            &cardvault::audit::query::AuditFilter {
-                action: "RotateDataKey".into(),
-                ..Default::default()
-            },
-            0,
-            100,
-        )
-        .await
-        .unwrap()
-        .0;
+    let rotations = rotation_records(&v).await;
     assert!(
         rotations
             .iter()
@@ -828,9 +818,46 @@ async fn a_read_overtaken_by_a_master_key_rotation_succeeds() {
     assert_eq!(read.await.unwrap().unwrap(), "4111111111111111");
 }
 
+/// The vault's RotateDataKey audit records, oldest first.
+async fn rotation_records(v: &Vault) -> Vec<cardvault::vault::audit_log::AuditHit> {
+    v.query_audit(
+        &ctx(),
+        &cardvault::audit::query::AuditFilter {
+            action: "RotateDataKey".into(),
+            ..Default::default()
+        },
+        0,
+        1000,
+    )
+    .await
+    .unwrap()
+    .0
+}
+
+/// At the smallest limit (one encryption per key) every tokenize gets a
+/// key of its own, rather than each finding the next key used up by its
+/// own count and giving up after a few rotations.
+#[tokio::test]
+async fn a_limit_of_one_gives_each_encryption_its_own_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VaultConfig {
+        dek_max_encryptions: 1,
+        ..Default::default()
+    };
+    let (v, _) = unsealed(dir.path(), cfg).await;
+    let mut versions = Vec::new();
+    for _ in 0..12 {
+        versions.push(tokenized(&v, "demo").await.key_version);
+    }
+    assert_eq!(versions, (1..=12).collect::<Vec<u32>>());
+    assert_eq!(rotation_records(&v).await.len(), 11);
+}
+
 /// Many requests in flight reach the encryption limit together (a batch
-/// of 500 tokenizes its items concurrently): one of them rotates, the
-/// others use the new key, rather than each making a version of its own.
+/// of 500 tokenizes its items concurrently): one of them rotates and
+/// audits it, the others use the new key, rather than each making a
+/// version (or an audit record) of its own. Ten keys' worth of requests
+/// wait through up to ten rotations, and none of them gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_in_flight_at_the_limit_rotate_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -850,15 +877,17 @@ async fn requests_in_flight_at_the_limit_rotate_once() {
         *per_version.entry(r.unwrap().key_version).or_default() += 1;
     }
     let made = v.status().await.unwrap().tenants[0].versions.len();
-    // No version encrypts past the limit (the request that reaches it
+    // No version encrypts past the limit (the request that passes it
     // moves to the next key, and is counted there)...
     assert!(
-        per_version.values().all(|&n| n < 50),
+        per_version.values().all(|&n| n <= 50),
         "encryptions per version: {per_version:?}"
     );
-    // ...and 500 encryptions at 49 per key need 11 versions: one rotation
-    // per request past the limit would make many more.
-    assert!(made <= 13, "{made} versions made for {per_version:?}");
+    // ...and 500 encryptions at 50 per key need 10 versions: one rotation
+    // per request past the limit would make many more...
+    assert!(made <= 12, "{made} versions made for {per_version:?}");
+    // ...each audited once, by the request that made it.
+    assert_eq!(rotation_records(&v).await.len(), made - 1);
 }
 
 /// A data key version is not retired while requests that loaded the keys

@@ -243,17 +243,18 @@ impl Keyring {
 
     /// Creates data key `version` for `tenant` unless it exists (several
     /// replicas may race; all adopt the first writer's key). Returns the
-    /// wrapped key now stored under that name.
+    /// wrapped key now stored under that name, and whether this call made
+    /// it (only the maker audits a rotation).
     pub async fn create_version(
         &self,
         store: &dyn Store,
         tenant: &str,
         version: u32,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<(Vec<u8>, bool)> {
         let name = dek_name(tenant, version);
         let fresh = wrap_key(&self.kek, &name, &SecretKey::generate());
         match store.put_key_if_absent(&name, &fresh).await? {
-            Some(existing) => Ok(existing),
+            Some(existing) => Ok((existing, false)),
             None => {
                 let meta = DekMeta {
                     created_at_ms: super::now_ms(),
@@ -262,7 +263,7 @@ impl Keyring {
                 store
                     .put_keys(&[(dek_meta_name(tenant, version), meta.encode_to_vec())])
                     .await?;
-                Ok(fresh)
+                Ok((fresh, true))
             }
         }
     }
@@ -288,7 +289,7 @@ impl Keyring {
             // First use of this tenant. Several requests (or replicas) may
             // race here; put_key_if_absent makes them all adopt the winner's key.
             let name = dek_name(tenant, 1);
-            let dek = self.create_version(store, tenant, 1).await?;
+            let (dek, _) = self.create_version(store, tenant, 1).await?;
             let fname = fpk_name(tenant);
             let fresh = wrap_key(&self.kek, &fname, &SecretKey::generate());
             let fpk = store

@@ -24,6 +24,17 @@ use crate::error::{Error, Result};
 use crate::store::StoredRecord;
 use crate::token::Tenant;
 
+/// What [`Vault::maybe_auto_rotate`] found for a request about to encrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rotation {
+    /// The loaded key may encrypt: no trigger fired.
+    NotDue,
+    /// This request made the next version (and audited it).
+    Made,
+    /// Another request (or replica) made the next version first.
+    Overtaken,
+}
+
 /// Name of the seal configuration in the key table.
 pub const SEAL_CONFIG_NAME: &str = "vault/seal-config";
 
@@ -331,10 +342,11 @@ impl Vault {
     /// Starts version `active + 1` for the tenant (one winner if several
     /// replicas race). Returns the new active version.
     ///
-    /// With `from`, only if `from` is still the active version, and
-    /// otherwise returns `None`: every request that finds the encryption
-    /// limit reached asks for a rotation, and only the first of them may
-    /// make one (not one version per request in flight).
+    /// With `from`, only if `from` is still the active version and this
+    /// call makes the new one, and otherwise returns `None`: every request
+    /// that finds the encryption limit reached asks for a rotation, and only
+    /// the first of them may make (and audit) one, not one version or one
+    /// audit record per request in flight.
     pub(crate) async fn rotate_tenant(
         &self,
         tenant: &str,
@@ -351,9 +363,11 @@ impl Vault {
             return Ok(None);
         }
         let next = keys.active + 1;
-        keyring.create_version(&*self.store, tenant, next).await?;
+        let (_, made) = keyring.create_version(&*self.store, tenant, next).await?;
         keyring.invalidate(tenant);
-        Ok(Some(next))
+        // An operator's rotation is satisfied by a racing one (the version
+        // is new either way); an automatic one is only reported by its maker.
+        Ok((made || from.is_none()).then_some(next))
     }
 
     /// Rotates the data key of one tenant, or of every tenant.
@@ -407,23 +421,24 @@ impl Vault {
 
     /// Counts one encryption under the tenant's active key and rotates when
     /// a trigger fires: the GCM random-nonce budget or the cryptoperiod.
-    /// Returns whether it rotated (the caller then reloads the keys).
+    /// Says whether the caller may encrypt with `keys` or must reload them.
     pub(crate) async fn maybe_auto_rotate(
         &self,
         tenant: &str,
         keys: &super::keyring::TenantKeys,
-    ) -> Result<bool> {
+    ) -> Result<Rotation> {
         // Our count as this request made it (not as others have raised it
-        // since), so only requests past the limit move to a new key.
+        // since), so only requests past the limit move to a new key. The
+        // limit'th encryption is still allowed: "rotate after N" means N.
         let own = self.count_encryptions(tenant, keys, 1).await?;
         let others = keys.active_encryptions.others.load(Ordering::Relaxed);
-        let too_many = own + others >= self.config.dek_max_encryptions;
+        let too_many = own.saturating_add(others) > self.config.dek_max_encryptions;
         let too_old = keys.active_created_ms > 0
             && now_ms().saturating_sub(keys.active_created_ms) >= self.config.dek_max_age_ms;
         if too_many || too_old {
             let Some(v) = self.rotate_tenant(tenant, Some(keys.active)).await? else {
                 // Another request rotated first: the caller reloads the keys.
-                return Ok(true);
+                return Ok(Rotation::Overtaken);
             };
             let ctx = CallContext {
                 principal: "cardvault".into(),
@@ -440,9 +455,9 @@ impl Vault {
             );
             self.record(body).await?;
             tracing::info!(tenant, version = v, "data key rotated automatically");
-            return Ok(true);
+            return Ok(Rotation::Made);
         }
-        Ok(false)
+        Ok(Rotation::NotDue)
     }
 
     /// Re-encrypts every record under an older data key version with the
