@@ -648,11 +648,16 @@ async fn rewrap_survives_sigkill_and_resumes() {
 /// A vault on a [`Flaky`] store, initialised with 3 shares (threshold 2)
 /// and unsealed; returns the shares.
 async fn initialised(dir: &std::path::Path) -> (Arc<Vault>, Arc<Flaky>, Vec<String>) {
+    initialised_with(dir, VaultConfig::default()).await
+}
+
+/// [`initialised`] with `cfg`.
+async fn initialised_with(
+    dir: &std::path::Path,
+    cfg: VaultConfig,
+) -> (Arc<Vault>, Arc<Flaky>, Vec<String>) {
     let store = Arc::new(Flaky::open(dir));
-    let v = Arc::new(Vault::new(
-        store.clone() as Arc<dyn Store>,
-        VaultConfig::default(),
-    ));
+    let v = Arc::new(Vault::new(store.clone() as Arc<dyn Store>, cfg));
     let ctx = CallContext::default();
     let shares: Vec<String> = v
         .init(&ctx, 3, 2)
@@ -977,4 +982,54 @@ async fn rewrapped_records_count_against_the_new_keys_limit() {
     assert_eq!(v2.version, 2);
     // Written every 6 at this limit: at least 48 of the 50.
     assert!(v2.encryptions >= 48, "{v2:?}");
+}
+
+/// Two writes of one keyring's use count cannot land out of order: a
+/// write that stalls (here: before the store commits it) holds back the
+/// next one, which then writes the count as it is by then, so the stored
+/// count never moves back below what this vault has encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_use_count_write_does_not_move_the_count_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // A limit of 48 writes the count every 3 encryptions.
+    let cfg = VaultConfig {
+        dek_max_encryptions: 48,
+        ..Default::default()
+    };
+    let (v, store, _) = initialised_with(dir.path(), cfg).await;
+    tokenized(&v, "demo").await;
+    tokenized(&v, "demo").await;
+    // The third encryption writes the count 3, and stalls before it lands.
+    let (mut pause, hook) = Pause::new();
+    store.before_next_put_keys(hook);
+    let third = tokio::spawn({
+        let v = v.clone();
+        async move { tokenized(&v, "demo").await }
+    });
+    pause.reached().await;
+    // Three more reach the next write point (6) meanwhile.
+    let mut more = tokio::spawn({
+        let v = v.clone();
+        async move {
+            for _ in 0..3 {
+                tokenized(&v, "demo").await;
+            }
+        }
+    });
+    // Without ordering they finish and write 6 before the stalled write
+    // lands; with it they wait for it. Either way, then let it land.
+    let finished = tokio::time::timeout(std::time::Duration::from_millis(500), &mut more).await;
+    pause.release();
+    third.await.unwrap();
+    match finished {
+        Ok(done) => done.unwrap(),
+        Err(_) => more.await.unwrap(),
+    }
+    let counts = store
+        .list_keys("tenant/demo/dekcount/0000000001/")
+        .await
+        .unwrap();
+    assert_eq!(counts.len(), 1, "one keyring, one count");
+    let written = u64::from_le_bytes(counts[0].1.as_slice().try_into().unwrap());
+    assert_eq!(written, 6, "the stored count moved back");
 }

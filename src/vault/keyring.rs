@@ -89,6 +89,11 @@ pub struct UseCount {
     /// The count written before per-keyring counts (in the version's
     /// metadata), read at load.
     pub legacy: AtomicU64,
+    /// This keyring's count as last written. Held across the write, so
+    /// writes of one count go one at a time and a slow one cannot land
+    /// after a newer one and move the stored count back (taken only every
+    /// [`TenantKeys::count_every`] encryptions).
+    pub written: tokio::sync::Mutex<u64>,
 }
 
 /// A written use count, or `None` if it is not 8 bytes.

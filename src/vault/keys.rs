@@ -411,9 +411,17 @@ impl Vault {
         let before = keys.active_encryptions.own.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
         if after / keys.count_every > before / keys.count_every {
-            self.store
-                .put_keys(&[(keys.count_name.clone(), after.to_le_bytes().to_vec())])
-                .await?;
+            let mut written = keys.active_encryptions.written.lock().await;
+            // The count as it is now, not `after`: a write that waited for
+            // the lock writes what the writes before it did not.
+            let now = keys.active_encryptions.own.load(Ordering::Relaxed);
+            if now > *written {
+                self.store
+                    .put_keys(&[(keys.count_name.clone(), now.to_le_bytes().to_vec())])
+                    .await?;
+                *written = now;
+            }
+            drop(written);
             keys.read_others(&*self.store, tenant).await?;
         }
         Ok(after)

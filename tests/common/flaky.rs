@@ -16,12 +16,14 @@ pub type Hook = Box<dyn FnOnce() + Send>;
 
 /// A sled store whose audit appends fail while `fail` is set (disk full,
 /// database down...), and which can run a hook once before the next
-/// record read, after the next audit head read or after the next
-/// `put_keys` (a key rotation's commit); everything else works.
+/// record read, after the next audit head read, or before or after the
+/// next `put_keys` (a key rotation's commit, a use count's write);
+/// everything else works.
 pub struct Flaky {
     pub inner: Arc<SledStore>,
     pub fail: AtomicBool,
     pub after_put_keys: std::sync::Mutex<Option<Hook>>,
+    pub before_put_keys: std::sync::Mutex<Option<Hook>>,
     pub before_get: std::sync::Mutex<Option<Hook>>,
     pub after_audit_head: std::sync::Mutex<Option<Hook>>,
 }
@@ -33,6 +35,7 @@ impl Flaky {
             inner: Arc::new(SledStore::open(dir).unwrap()),
             fail: false.into(),
             after_put_keys: Default::default(),
+            before_put_keys: Default::default(),
             before_get: Default::default(),
             after_audit_head: Default::default(),
         }
@@ -51,6 +54,11 @@ impl Flaky {
     /// Runs `hook` once, after the next read of the audit head.
     pub fn after_next_audit_head(&self, hook: impl FnOnce() + Send + 'static) {
         *self.after_audit_head.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` once, before the next `put_keys` writes anything.
+    pub fn before_next_put_keys(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.before_put_keys.lock().unwrap() = Some(Box::new(hook));
     }
 
     /// Runs `hook` once, after the next `put_keys` has committed.
@@ -93,6 +101,10 @@ impl Store for Flaky {
         self.inner.list_keys(prefix).await
     }
     async fn put_keys(&self, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        let hook = self.before_put_keys.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
         self.inner.put_keys(entries).await?;
         let hook = self.after_put_keys.lock().unwrap().take();
         if let Some(hook) = hook {
