@@ -905,7 +905,7 @@ async fn a_just_replaced_key_is_not_retired_within_the_grace() {
         retire_grace: std::time::Duration::from_secs(3600),
         ..Default::default()
     };
-    let (v, _) = unsealed(dir.path(), cfg).await;
+    let (v, store) = unsealed(dir.path(), cfg).await;
     let demo = Tenant::parse("demo").unwrap();
     tokenized(&v, "demo").await;
     // v2 is made and replaced by v3 at once; no record ever used it.
@@ -923,6 +923,27 @@ async fn a_just_replaced_key_is_not_retired_within_the_grace() {
     assert!(
         matches!(e, Error::FailedPrecondition(ref m) if m.contains("1 records still use")),
         "{e}"
+    );
+    // A crash between writing v4 and its metadata leaves v4 without a
+    // creation time: the grace then counts from when that is noticed, and
+    // is not skipped.
+    v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    store
+        .delete_key("tenant/demo/dekmeta/0000000004")
+        .await
+        .unwrap();
+    let e = v.retire_key(&ctx(), &demo, 3).await.unwrap_err();
+    assert!(
+        matches!(e, Error::FailedPrecondition(ref m) if m.contains("version 3 was replaced 0 s ago")),
+        "{e}"
+    );
+    assert!(
+        store
+            .get_key("tenant/demo/dekmeta/0000000004")
+            .await
+            .unwrap()
+            .is_some(),
+        "the missing metadata is written"
     );
 }
 
@@ -1032,4 +1053,36 @@ async fn a_stalled_use_count_write_does_not_move_the_count_back() {
     assert_eq!(counts.len(), 1, "one keyring, one count");
     let written = u64::from_le_bytes(counts[0].1.as_slice().try_into().unwrap());
     assert_eq!(written, 6, "the stored count moved back");
+}
+
+/// A data key whose metadata cannot be decoded is taken as used up: its
+/// encryption count is unknown, so the next tokenize moves to a new key
+/// rather than trusting a count of zero.
+#[tokio::test]
+async fn a_key_with_unreadable_metadata_is_taken_as_used_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store, shares) = initialised(dir.path()).await;
+    assert_eq!(tokenized(&v, "demo").await.key_version, 1);
+    store
+        .put_keys(&[("tenant/demo/dekmeta/0000000001".into(), vec![0xff; 3])])
+        .await
+        .unwrap();
+    // A fresh keyring loads the keys (and the metadata) again.
+    v.seal();
+    unseal_with(&v, &shares).await;
+    assert_eq!(tokenized(&v, "demo").await.key_version, 2);
+    assert_eq!(tokenized(&v, "demo").await.key_version, 2);
+    // It is replaced by readable metadata of a used-up key, so a retire
+    // of version 1 waits one grace from now, not one from every attempt.
+    let meta = store
+        .get_key("tenant/demo/dekmeta/0000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    let meta = <cardvault::vault::keyring::DekMeta as prost::Message>::decode(meta.as_slice())
+        .expect("readable again");
+    assert!(
+        meta.encryptions > 1 << 32 && meta.created_at_ms > 0,
+        "{meta:?}"
+    );
 }

@@ -113,6 +113,54 @@ pub struct DekMeta {
     pub encryptions: u64,
 }
 
+/// The metadata of a tenant's data key version, as the key paths use it.
+///
+/// A crash between writing a new version and writing its metadata leaves
+/// the version without one; it is then written now (unless another writer
+/// is first), so the version's cryptoperiod starts and a retire of its
+/// predecessor waits the full grace, instead of both being skipped for
+/// want of a creation time. Metadata that cannot be decoded is replaced by
+/// a key created now and used up (its count is unknown), so the next
+/// tokenize moves to a new key and the grace runs once, from now.
+pub async fn version_meta(store: &dyn Store, tenant: &str, version: u32) -> Result<DekMeta> {
+    let name = dek_meta_name(tenant, version);
+    let stored = match store.get_key(&name).await? {
+        Some(b) => b,
+        None => {
+            let fresh = DekMeta {
+                created_at_ms: super::now_ms(),
+                encryptions: 0,
+            };
+            tracing::warn!(
+                tenant,
+                version,
+                "data key version without metadata; written now"
+            );
+            match store
+                .put_key_if_absent(&name, &fresh.encode_to_vec())
+                .await?
+            {
+                None => return Ok(fresh),
+                Some(existing) => existing,
+            }
+        }
+    };
+    if let Ok(meta) = DekMeta::decode(stored.as_slice()) {
+        return Ok(meta);
+    }
+    tracing::warn!(
+        tenant,
+        version,
+        "unreadable data key metadata; taking the key as used up"
+    );
+    let used_up = DekMeta {
+        created_at_ms: super::now_ms(),
+        encryptions: USED_UP,
+    };
+    store.put_keys(&[(name, used_up.encode_to_vec())]).await?;
+    Ok(used_up)
+}
+
 /// One tenant's unwrapped keys.
 pub struct TenantKeys {
     /// Version used for new encryptions (the newest).
@@ -323,11 +371,7 @@ impl Keyring {
             .keys()
             .next_back()
             .ok_or_else(|| corrupt_key(&dek_prefix(tenant)))?;
-        let meta = store
-            .get_key(&dek_meta_name(tenant, active))
-            .await?
-            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
-            .unwrap_or_default();
+        let meta = version_meta(store, tenant, active).await?;
         let counter = self
             .counters
             .lock()

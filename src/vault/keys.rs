@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::keyring::{
     AUDIT_KEY_NAME, DekMeta, KEK_CHECK_NAME, Keyring, dek_count_prefix, dek_meta_name, dek_name,
-    is_wrapped_key, version_of,
+    is_wrapped_key, version_meta, version_of,
 };
 use super::{CallContext, Vault, audit_body, now_ms};
 use crate::crypto::envelope;
@@ -665,15 +665,12 @@ impl Vault {
         // When the version stopped being active: its successor's creation.
         let successor = keys.deks.range(version + 1..).next().map(|(v, _)| *v);
         if let Some(next) = successor {
-            let replaced_ms = self
-                .store
-                .get_key(&dek_meta_name(tenant.as_str(), next))
+            let replaced_ms = version_meta(&*self.store, tenant.as_str(), next)
                 .await?
-                .and_then(|b| DekMeta::decode(b.as_slice()).ok())
-                .map_or(0, |m| m.created_at_ms);
+                .created_at_ms;
             let grace_ms = self.config.retire_grace.as_millis() as i64;
             let since = now_ms().saturating_sub(replaced_ms);
-            if replaced_ms > 0 && since < grace_ms {
+            if since < grace_ms {
                 return Err(Error::FailedPrecondition(format!(
                     "version {version} was replaced {} s ago, and requests that loaded the keys \
                      before may still write with it; retry in {} s (keys.retire_grace_secs)",
