@@ -516,6 +516,11 @@ async fn acknowledged_writes_are_visible_before_they_are_applied() {
     s.put_keys(&[("dek/acme/1".into(), vec![1; 8])])
         .await
         .unwrap();
+    // put_keys is answered before its apply; a hold taken now could stop
+    // that apply instead, and the commit thread would never write the
+    // insert below. A scan returns once everything before it is applied.
+    assert_eq!(s.count(Some("acme")).await.unwrap(), 0);
+    assert_eq!(s.unapplied_changes(), 0);
     let hold = s.hold_apply();
     let r = sample("acme", "tok_held", 3);
     let out = s.insert(&r, false, &audit_body("Tokenize")).await.unwrap();

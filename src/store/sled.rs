@@ -789,6 +789,9 @@ impl SledStore {
 
     /// Holds every sled apply (after its writers were answered) until the
     /// guard is dropped, to test reads of acknowledged, unapplied writes.
+    /// Take it with no apply in flight (after a scan, say): otherwise it
+    /// may stop an earlier batch's apply, and the commit thread then
+    /// writes nothing until it is dropped.
     #[doc(hidden)]
     pub fn hold_apply(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         self.shared
