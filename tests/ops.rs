@@ -197,3 +197,16 @@ async fn the_running_vault_writes_no_core_dumps() {
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
     v.stop().await;
 }
+
+/// A SIGTERM sent as soon as the vault prints its listening line drains
+/// and exits cleanly: the handler is in place by then, rather than
+/// installed when the server first polls for it (the default action would
+/// kill the process). Repeated, since the old window was short.
+#[tokio::test]
+async fn a_sigterm_right_after_the_listening_line_is_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        let v = VaultProcess::start(&dir.path().join(format!("data{i}")), &Opts::default());
+        v.stop().await;
+    }
+}
