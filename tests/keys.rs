@@ -334,6 +334,14 @@ async fn unsealed(dir: &std::path::Path, cfg: VaultConfig) -> (Vault, Arc<dyn St
     (v, store)
 }
 
+/// A vault configuration whose data keys rotate after `n` encryptions.
+fn limited(n: u64) -> VaultConfig {
+    VaultConfig {
+        dek_max_encryptions: n,
+        ..Default::default()
+    }
+}
+
 fn new_card(pan: &str) -> NewCard {
     NewCard::sample(pan)
 }
@@ -481,10 +489,7 @@ async fn rewrap_10k_records_under_live_traffic() {
 #[tokio::test]
 async fn data_keys_rotate_automatically_at_the_encryption_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = VaultConfig {
-        dek_max_encryptions: 5,
-        ..Default::default()
-    };
+    let cfg = limited(5);
     let (v, _) = unsealed(dir.path(), cfg).await;
     let demo = Tenant::parse("demo").unwrap();
     let mut tokens = Vec::new();
@@ -845,10 +850,7 @@ async fn rotation_records(v: &Vault) -> Vec<cardvault::vault::audit_log::AuditHi
 #[tokio::test]
 async fn a_limit_of_one_gives_each_encryption_its_own_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = VaultConfig {
-        dek_max_encryptions: 1,
-        ..Default::default()
-    };
+    let cfg = limited(1);
     let (v, _) = unsealed(dir.path(), cfg).await;
     let mut versions = Vec::new();
     for _ in 0..12 {
@@ -866,10 +868,7 @@ async fn a_limit_of_one_gives_each_encryption_its_own_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_in_flight_at_the_limit_rotate_once() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = VaultConfig {
-        dek_max_encryptions: 50,
-        ..Default::default()
-    };
+    let cfg = limited(50);
     let (v, _) = unsealed(dir.path(), cfg).await;
     let items = (0..500).map(|_| Ok(new_card("4111111111111111"))).collect();
     let demo = Tenant::parse("demo").unwrap();
@@ -957,10 +956,7 @@ async fn replicas_on_one_store_share_a_keys_encryption_limit() {
     let kek = SecretKey::generate();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let cfg = VaultConfig {
-            dek_max_encryptions: 40,
-            ..Default::default()
-        };
+        let cfg = limited(40);
         let v = Vault::new(store.clone(), cfg);
         v.unseal(kek.clone()).await.unwrap();
         replicas.push(v);
@@ -986,10 +982,7 @@ async fn replicas_on_one_store_share_a_keys_encryption_limit() {
 #[tokio::test]
 async fn rewrapped_records_count_against_the_new_keys_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = VaultConfig {
-        dek_max_encryptions: 100,
-        ..Default::default()
-    };
+    let cfg = limited(100);
     let (v, _) = unsealed(dir.path(), cfg).await;
     for _ in 0..50 {
         tokenized(&v, "demo").await;
@@ -1013,10 +1006,7 @@ async fn rewrapped_records_count_against_the_new_keys_limit() {
 async fn a_stalled_use_count_write_does_not_move_the_count_back() {
     let dir = tempfile::tempdir().unwrap();
     // A limit of 48 writes the count every 3 encryptions.
-    let cfg = VaultConfig {
-        dek_max_encryptions: 48,
-        ..Default::default()
-    };
+    let cfg = limited(48);
     let (v, store, _) = initialised_with(dir.path(), cfg).await;
     tokenized(&v, "demo").await;
     tokenized(&v, "demo").await;
