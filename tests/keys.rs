@@ -977,6 +977,32 @@ async fn replicas_on_one_store_share_a_keys_encryption_limit() {
     assert!(v1.encryptions >= 30, "{v1:?}");
 }
 
+/// A replica that stops (crash, kill) before its first write point still
+/// counts: its entry is written at its first encryption under a key, and
+/// the others add a write interval for it, so the limit holds for the sum.
+#[tokio::test]
+async fn a_replica_gone_before_its_first_count_write_is_still_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let kek = SecretKey::generate();
+    // A limit of 48 writes counts every 3 encryptions.
+    let gone = Vault::new(store.clone(), limited(48));
+    gone.unseal(kek.clone()).await.unwrap();
+    tokenized(&gone, "demo").await;
+    tokenized(&gone, "demo").await;
+    // Dropped without a seal: nothing more is written, as after a crash.
+    drop(gone);
+    let v = Vault::new(store.clone(), limited(48));
+    v.unseal(kek).await.unwrap();
+    let mut on_v1 = 2;
+    for _ in 0..60 {
+        if tokenized(&v, "demo").await.key_version == 1 {
+            on_v1 += 1;
+        }
+    }
+    assert!(on_v1 <= 48, "{on_v1} encryptions under version 1");
+}
+
 /// A rewrap encrypts every record again: that counts against the new
 /// key's limit like any tokenize.
 #[tokio::test]

@@ -397,9 +397,13 @@ impl Vault {
     }
 
     /// Counts `n` encryptions under the tenant's active key (a tokenize's,
-    /// a rewrap's, a refused candidate token's). Each time the count passes
-    /// a write point, ours is written and the other replicas' read: with
-    /// several replicas on one database, the limit holds for their sum.
+    /// a rewrap's, a refused candidate token's). At this keyring's first
+    /// encryption under the key, and each time the count passes a write
+    /// point, ours is written and the other replicas' read: with several
+    /// replicas on one database, the limit holds for their sum. The first
+    /// write puts our entry in place at once, so that if this keyring dies
+    /// before its first write point the others still add a write interval
+    /// for it, rather than counting nothing.
     /// Returns our count after these. No rotation here (see
     /// [`Vault::maybe_auto_rotate`]).
     pub(crate) async fn count_encryptions(
@@ -410,7 +414,7 @@ impl Vault {
     ) -> Result<u64> {
         let before = keys.active_encryptions.own.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
-        if after / keys.count_every > before / keys.count_every {
+        if before == 0 || after / keys.count_every > before / keys.count_every {
             let mut written = keys.active_encryptions.written.lock().await;
             // The count as it is now, not `after`: a write that waited for
             // the lock writes what the writes before it did not.
