@@ -36,10 +36,8 @@ impl AuditServiceImpl {
         until: &Option<prost_types::Timestamp>,
     ) -> Result<(i64, i64)> {
         // Sealed, the service is unavailable whatever the input.
-        let window = match self.vault.is_sealed() {
-            true => Err(crate::Error::Sealed),
-            false => ms_of(since, "since").and_then(|s| Ok((s, ms_of(until, "until")?))),
-        };
+        let window = (self.vault.check_unsealed())
+            .and_then(|()| Ok((ms_of(since, "since")?, ms_of(until, "until")?)));
         if let Err(e) = &window {
             self.vault.audit_rejected(ctx, action, "", "", e).await;
         }

@@ -80,10 +80,7 @@ impl TokenServiceImpl {
     ) -> Result<T> {
         // Sealed, every data call answers UNAVAILABLE whatever its input,
         // and before a detokenize budget is charged.
-        let parsed = match self.vault.is_sealed() {
-            true => Err(crate::Error::Sealed),
-            false => parsed,
-        };
+        let parsed = self.vault.check_unsealed().and(parsed);
         if let Err(e) = &parsed {
             self.vault
                 .audit_rejected(ctx, action.as_str(), tenant.as_str(), "", e)

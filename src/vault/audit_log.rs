@@ -102,7 +102,7 @@ impl Vault {
     ) -> Result<(Vec<AuditHit>, u64)> {
         // Sealed, the audit service is unavailable like the token service.
         // A refusal is itself recorded, without the refused values.
-        if let Err(e) = self.keyring().and_then(|_| filter.validate()) {
+        if let Err(e) = self.check_unsealed().and_then(|()| filter.validate()) {
             self.audit_rejected(ctx, "AuditQuery", "", "", &e).await;
             return Err(e);
         }
@@ -142,7 +142,7 @@ impl Vault {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<BlastRadius> {
-        let checked = self.keyring().and_then(|_| match principal {
+        let checked = self.check_unsealed().and_then(|()| match principal {
             "" => Err(Error::invalid("principal", "is required")),
             p => crate::audit::query::check_principal(p),
         });

@@ -376,7 +376,7 @@ impl Vault {
         ctx: &CallContext,
         tenant: Option<&Tenant>,
     ) -> Result<Vec<(String, u32)>> {
-        self.keyring()?;
+        self.check_unsealed()?;
         let tenants = match tenant {
             Some(t) => vec![t.as_str().to_owned()],
             None => self.tenants().await?,
