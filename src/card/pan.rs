@@ -149,7 +149,13 @@ impl Pan {
     /// six and last four of a 12-digit number leave two, which the Luhn
     /// check narrows to about ten candidates).
     pub fn shown_head(&self) -> &str {
-        &self.0[..if self.0.len() >= 15 { 6 } else { 4 }]
+        &self.0[..if self.shows_bin() { 6 } else { 4 }]
+    }
+
+    /// Whether the BIN (first six digits) may be shown beside the last
+    /// four: only for numbers of 15 digits or more (see [`Pan::shown_head`]).
+    pub fn shows_bin(&self) -> bool {
+        self.0.len() >= 15
     }
 }
 

@@ -490,7 +490,7 @@ impl Vault {
         if matches!(
             opts.format,
             TokenFormat::FormatPreserving { keep_bin: true }
-        ) && card.pan.len() < 15
+        ) && !card.pan.shows_bin()
         {
             // The token would show first six and last four: too much of a
             // short number (see `Pan::shown_head`).
