@@ -17,6 +17,17 @@ use cardvault::store::InsertOutcome;
 use cardvault::store::conformance::{assert_chain_intact, audit_body, sample};
 use cardvault::store::wal;
 
+/// Inserts `n` sample records (`tok_000`, `tok_001`, ...) into `store`.
+async fn insert_samples(store: &SledStore, n: u8) {
+    for i in 0..n {
+        let r = sample("acme", &format!("tok_{i:03}"), i);
+        store
+            .insert(&r, false, &audit_body("Tokenize"))
+            .await
+            .unwrap();
+    }
+}
+
 /// Copies the write-ahead log segments of `from` into `to`.
 fn copy_log(from: &std::path::Path, to: &std::path::Path) -> Vec<u64> {
     let segs = wal::segments(from).unwrap();
@@ -89,13 +100,7 @@ async fn a_torn_tail_is_dropped_but_a_corrupt_middle_is_refused() {
         tempfile::tempdir().unwrap(),
     );
     let store = SledStore::open(crashed.path()).unwrap();
-    for i in 0..10u8 {
-        let r = sample("acme", &format!("tok_{i:03}"), i);
-        store
-            .insert(&r, false, &audit_body("Tokenize"))
-            .await
-            .unwrap();
-    }
+    insert_samples(&store, 10).await;
     std::mem::forget(store);
 
     let segs = copy_log(crashed.path(), torn.path());
@@ -244,13 +249,7 @@ async fn an_acknowledged_batch_that_failed_to_apply_survives_in_the_log() {
     let kept = sample("acme", "tok_kept", 7);
     {
         let store = SledStore::open_with(dir.path(), 512).unwrap();
-        for i in 0..3u8 {
-            let r = sample("acme", &format!("tok_{i}"), i);
-            store
-                .insert(&r, false, &audit_body("Tokenize"))
-                .await
-                .unwrap();
-        }
+        insert_samples(&store, 3).await;
         // Writers are answered before the apply: let those finish first,
         // so that the failure hits the next batch.
         while store.unapplied_changes() > 0 {
@@ -383,10 +382,7 @@ async fn after_reopen_the_key_filter_still_sees_existing_tokens_and_cards() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = SledStore::open(dir.path()).unwrap();
-        for i in 0..200u8 {
-            let r = sample("acme", &format!("tok_{i:03}"), i);
-            s.insert(&r, false, &audit_body("Tokenize")).await.unwrap();
-        }
+        insert_samples(&s, 200).await;
     }
     let s = SledStore::open(dir.path()).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
