@@ -158,6 +158,55 @@ async fn a_torn_tail_is_dropped_but_a_corrupt_middle_is_refused() {
     }
 }
 
+/// Damage to a frame of the last segment with later writes after it (more
+/// than one log write further on) is not a torn last write: acknowledged
+/// writes follow it, so open refuses with DATA_LOSS instead of dropping them.
+#[tokio::test]
+async fn damage_early_in_the_last_segment_is_refused_not_dropped() {
+    let (crashed, intact, damaged) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let store = SledStore::open(crashed.path()).unwrap();
+    // 40 writes of 64 KiB: 2.5 MiB of log, more than two writes' reach.
+    for i in 0..40u8 {
+        store
+            .put_keys(&[(format!("blob/{i}"), vec![i | 1; 64 << 10])])
+            .await
+            .unwrap();
+    }
+    insert_samples(&store, 10).await;
+    std::mem::forget(store);
+
+    let segs = copy_log(crashed.path(), intact.path());
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    {
+        let s = SledStore::open(intact.path()).unwrap();
+        assert_eq!(
+            s.get_key("blob/39").await.unwrap(),
+            Some(vec![39; 64 << 10])
+        );
+        assert_eq!(s.count(Some("acme")).await.unwrap(), 10);
+    }
+
+    copy_log(crashed.path(), damaged.path());
+    let path = wal::segment_path(damaged.path(), segs[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Inside the second blob's value (frames are 64 KiB and some bytes).
+    bytes[100_000] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    match SledStore::open(damaged.path()) {
+        Err(cardvault::error::Error::DataLoss(m)) => {
+            assert!(m.contains("corrupt at byte"), "{m}")
+        }
+        Err(e) => panic!("expected DATA_LOSS, got {e}"),
+        Ok(_) => panic!("damage before acknowledged writes must not open"),
+    }
+    // The damaged log is kept for the operator, not deleted.
+    assert_eq!(wal::segments(damaged.path()).unwrap(), segs);
+}
+
 /// With small segments the log rotates many times; closed segments are
 /// deleted once sled is flushed, so the log does not grow without bound,
 /// and the store reopens with everything (records and one intact chain).

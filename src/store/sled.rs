@@ -379,8 +379,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Whether every one of `segs` holds no frame at all (zero-filled spares).
 fn later_segments_are_unused(dir: &Path, segs: &[u64]) -> Result<bool> {
     for &n in segs {
-        let (ops, torn) = wal::read_segment(dir, n).map_err(unavailable)?;
-        if !ops.is_empty() || torn {
+        let (ops, end) = wal::read_segment(dir, n).map_err(unavailable)?;
+        if !ops.is_empty() || end != wal::End::Clean {
             return Ok(false);
         }
     }
@@ -392,23 +392,30 @@ fn later_segments_are_unused(dir: &Path, segs: &[u64]) -> Result<bool> {
 fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
     let segs = wal::segments(dir).map_err(unavailable)?;
     for (i, &n) in segs.iter().enumerate() {
-        let (ops, torn) = wal::read_segment(dir, n).map_err(unavailable)?;
+        let (ops, end) = wal::read_segment(dir, n).map_err(unavailable)?;
         trees.apply(ops.iter().flatten())?;
-        // Only the segment being written at the crash can end mid-frame;
-        // an earlier one was complete and synced before the next began.
-        // Segments after it may exist but be empty: prepared ahead of need
-        // (see `Preparer`), never written.
-        if torn && !later_segments_are_unused(dir, &segs[i + 1..])? {
-            return Err(Error::DataLoss(format!(
-                "write-ahead log segment {n} is corrupt before its end"
-            )));
-        }
-        if torn {
-            tracing::warn!(
+        match end {
+            wal::End::Clean => {}
+            // Written after the bad frame: acknowledged writes are unreadable.
+            wal::End::Corrupt { at } => {
+                return Err(Error::DataLoss(format!(
+                    "write-ahead log segment {n} is corrupt at byte {at}, with writes after it"
+                )));
+            }
+            // Only the segment being written at the crash can end mid-frame;
+            // an earlier one was complete and synced before the next began.
+            // Segments after it may exist but be empty: prepared ahead of
+            // need (see `Preparer`), never written.
+            wal::End::Torn if !later_segments_are_unused(dir, &segs[i + 1..])? => {
+                return Err(Error::DataLoss(format!(
+                    "write-ahead log segment {n} is corrupt before its end"
+                )));
+            }
+            wal::End::Torn => tracing::warn!(
                 segment = n,
                 replayed = ops.len(),
                 "write-ahead log ended in an incomplete write (a crash while writing); that unacknowledged write is dropped"
-            );
+            ),
         }
     }
     if let Some(&last) = segs.last() {
