@@ -207,6 +207,112 @@ async fn damage_early_in_the_last_segment_is_refused_not_dropped() {
     assert_eq!(wal::segments(damaged.path()).unwrap(), segs);
 }
 
+/// Offsets of the frames of an audit journal file (`seq | len | crc | record`).
+fn journal_frames(bytes: &[u8]) -> Vec<(usize, u64, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= bytes.len() {
+        let seq = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+        out.push((at, seq, len));
+        at += 16 + len;
+    }
+    out
+}
+
+/// The audit journal past what the write-ahead log can restore: damage
+/// inside its synced part, a file cut short, records past the chain head,
+/// or records missing below it. Each is refused at open with DATA_LOSS and
+/// the file is left as it was (before, open cut the file at the damage,
+/// dropping the records after it, and the next audited write failed).
+#[tokio::test]
+async fn a_damaged_or_cut_audit_journal_is_refused_at_open_and_left_as_is() {
+    use cardvault::store::sled::AUDIT_FILE;
+    let journal_of = |dir: &std::path::Path| dir.join(AUDIT_FILE);
+    async fn three_hundred_records() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        for _ in 0..300 {
+            s.append_audit(&audit_body("Detokenize")).await.unwrap();
+        }
+        dir
+    }
+    let refused = |dir: &std::path::Path, want: &str| match SledStore::open(dir) {
+        Err(cardvault::error::Error::DataLoss(m)) => assert!(m.contains(want), "{m}"),
+        Err(e) => panic!("expected DATA_LOSS ({want}), got {e}"),
+        Ok(_) => panic!("a journal with {want} must not open"),
+    };
+
+    // The control: untouched, it opens with all 300.
+    let dir = three_hundred_records().await;
+    let intact = std::fs::read(journal_of(dir.path())).unwrap();
+    let frames = journal_frames(&intact);
+    assert_eq!(frames.len(), 300);
+    assert_eq!(
+        assert_chain_intact(&SledStore::open(dir.path()).unwrap()).await,
+        300
+    );
+
+    // A flipped byte in the last record (synced at the clean close).
+    let dir = three_hundred_records().await;
+    let mut bytes = std::fs::read(journal_of(dir.path())).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0x40;
+    std::fs::write(journal_of(dir.path()), &bytes).unwrap();
+    refused(dir.path(), "corrupt at byte");
+    assert_eq!(std::fs::read(journal_of(dir.path())).unwrap(), bytes);
+
+    // Cut to half its length.
+    let dir = three_hundred_records().await;
+    let path = journal_of(dir.path());
+    let half = std::fs::metadata(&path).unwrap().len() / 2;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(half)
+        .unwrap();
+    refused(dir.path(), "cut short");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), half);
+
+    // A well-formed record 301 appended behind the chain's back.
+    let dir = three_hundred_records().await;
+    let mut bytes = std::fs::read(journal_of(dir.path())).unwrap();
+    let (at, _, len) = *journal_frames(&bytes).last().unwrap();
+    let rec = bytes[at + 16..at + 16 + len].to_vec();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&301u64.to_le_bytes());
+    crc.update(&(len as u32).to_le_bytes());
+    crc.update(&rec);
+    bytes.extend_from_slice(&301u64.to_le_bytes());
+    bytes.extend_from_slice(&(len as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc.finalize().to_le_bytes());
+    bytes.extend_from_slice(&rec);
+    std::fs::write(journal_of(dir.path()), &bytes).unwrap();
+    refused(dir.path(), "never reached");
+
+    // Cut at a record boundary with the synced length forgotten too (an
+    // attacker who also edits sled): the chain head still tells.
+    let dir = three_hundred_records().await;
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .remove("audit-synced-len")
+            .unwrap()
+            .expect("the synced length is recorded");
+        db.flush().unwrap();
+    }
+    let cut = frames[150].0 as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(journal_of(dir.path()))
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    refused(dir.path(), "records are missing");
+}
+
 /// With small segments the log rotates many times; closed segments are
 /// deleted once sled is flushed, so the log does not grow without bound,
 /// and the store reopens with everything (records and one intact chain).

@@ -51,6 +51,7 @@ mod journal;
 use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
+pub use journal::FILE as AUDIT_FILE;
 pub use journal::RawAudit;
 
 /// Longest a batch of buffered audit records (nobody waiting) is held
@@ -727,6 +728,24 @@ impl SledStore {
         };
         let next_segment = recover(&db, &trees, path)?;
         let head = trees.journal.head()?.unwrap_or((0, GENESIS.to_vec()));
+        // After the replay every record up to the head is in the journal. If
+        // not, the journal was cut short or damaged past what the log could
+        // restore: appending would leave a gap (or, past the head, write
+        // over nothing and drop the new record), so refuse now, with the
+        // files as they are.
+        let last = trees.journal.last_seq();
+        if last != head.0 {
+            return Err(Error::DataLoss(format!(
+                "audit journal {} ends at record {last} but the audit chain head is record {}: {}",
+                journal::FILE,
+                head.0,
+                if last < head.0 {
+                    "records are missing (the file was cut short or damaged)"
+                } else {
+                    "the file holds records the chain never reached"
+                }
+            )));
+        }
         let segment = Segment::create(path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             trees,

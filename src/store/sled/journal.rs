@@ -17,9 +17,12 @@
 //!   (unsynced) when a batch is applied. Before log segments are deleted
 //!   the file is synced and its synced length recorded in sled
 //!   ([`Journal::sync`]). On open the file is checked from the last index
-//!   entry inside the synced part and cut at the first torn frame; the log
-//!   replay then appends what is missing (records already present are
-//!   skipped, a gap is refused as DATA_LOSS).
+//!   entry inside the synced part and cut at the first torn frame after
+//!   the synced part (a bad frame inside it is damage: refused as
+//!   DATA_LOSS, the file left as it is); the log replay then appends what
+//!   is missing (records already present are skipped, a gap is refused as
+//!   DATA_LOSS), and the store checks that the journal then ends at the
+//!   chain head.
 //! * Index: every [`INDEX_EVERY`]th seq's offset, in sled tree
 //!   `audit_index`, so a page of records starts with one sled lookup and a
 //!   short scan.
@@ -221,9 +224,14 @@ impl Journal {
             .map_err(unavailable)?;
         let file_len = file.metadata().map_err(unavailable)?.len();
         let synced = match meta.get(SYNCED_KEY).map_err(unavailable)? {
-            Some(v) => le_u64(&v)?.min(file_len),
+            Some(v) => le_u64(&v)?,
             None => 0,
         };
+        if file_len < synced {
+            return Err(Error::DataLoss(format!(
+                "audit journal {FILE} is {file_len} bytes, shorter than the {synced} bytes synced to disk: it was cut short"
+            )));
+        }
         // Start at the last indexed frame inside the synced part: what was
         // synced is intact, what came after may have holes (page cache
         // writes back in any order) and is checked frame by frame.
@@ -242,10 +250,13 @@ impl Journal {
             true
         })
         .map_err(unavailable)?;
-        if last_seq == 0 && start > 0 {
-            return Err(Error::DataLoss(
-                "audit journal: the synced part is corrupt".into(),
-            ));
+        // What was synced cannot have been torn by a crash: a bad frame
+        // there is damage, and cutting the file at it would throw away the
+        // records after it (which the write-ahead log no longer holds).
+        if end < synced {
+            return Err(Error::DataLoss(format!(
+                "audit journal {FILE} is corrupt at byte {end}, inside the {synced} bytes synced to disk"
+            )));
         }
         if end < file_len {
             tracing::warn!(
