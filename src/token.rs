@@ -145,6 +145,12 @@ impl Tenant {
         {
             return Err(Error::invalid("tenant", "must match [a-z0-9_-]+"));
         }
+        // A tenant is echoed in errors, logs, audit records, storage keys
+        // and metric labels: a card number sent as one (fields swapped by a
+        // client) must stop here.
+        if contains_card_number(input) {
+            return Err(Error::invalid("tenant", "must not contain a card number"));
+        }
         Ok(Tenant(input.to_owned()))
     }
 
@@ -206,8 +212,10 @@ pub fn check_free_text(field: &str, text: &str, max: usize) -> Result<()> {
 
 /// True when `text` holds a run of 12-19 digits that passes Luhn: free
 /// text that would leak a PAN into logs. The ways card numbers are written
-/// are allowed between the digits (spaces, dashes, dots, underscores), and
-/// full-width digits count as digits.
+/// are allowed between the digits (any white space, dashes of every
+/// width, dots, underscores, slashes, commas, bars), and full-width
+/// digits count as digits. Other characters (letters, colons) end a run,
+/// so that a time like `2026-11-26 07:51:01` is not taken for one.
 pub fn contains_card_number(text: &str) -> bool {
     let digit = |c: char| match c {
         '0'..='9' => Some(c),
@@ -223,13 +231,26 @@ pub fn contains_card_number(text: &str) -> bool {
     for c in text.chars() {
         if let Some(d) = digit(c) {
             runs.last_mut().expect("never empty").push(d);
-        } else if !matches!(c, ' ' | '-' | '.' | '_') {
+        } else if !is_digit_separator(c) {
             runs.push(String::new());
         }
     }
     runs.iter().any(|run| {
         (0..run.len()).any(|s| (12..=19).any(|l| s + l <= run.len() && luhn_valid(&run[s..s + l])))
     })
+}
+
+/// Whether `c` may stand between the digit groups of a written card number.
+fn is_digit_separator(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '-' | '.' | '_' | '/' | ',' | '|' | '\\'
+            // Hyphens and dashes of other widths, the minus sign.
+            | '\u{2010}'..='\u{2015}' | '\u{2212}'
+            // Full-width hyphen, comma, full stop, solidus, low line.
+            | '\u{ff0c}'..='\u{ff0f}' | '\u{ff3f}'
+        )
 }
 
 #[cfg(test)]
@@ -335,10 +356,32 @@ mod tests {
             "4111.1111.1111.1111",
             "4111_1111_1111_1111",
             "\u{ff14}\u{ff11}\u{ff11}\u{ff11}111111111111",
+            "refund 4111/1111/1111/1111",
+            "4111,1111,1111,1111",
+            "4111 | 1111 | 1111 | 1111",
+            // No-break, thin and narrow no-break spaces; en dash; full-width hyphen.
+            "4111\u{a0}1111\u{a0}1111\u{a0}1111",
+            "4111\u{2009}1111\u{2009}1111\u{2009}1111",
+            "4111\u{202f}1111\u{202f}1111\u{202f}1111",
+            "4111\u{2013}1111\u{2013}1111\u{2013}1111",
+            "4111\u{ff0d}1111\u{ff0d}1111\u{ff0d}1111",
         ] {
             assert!(contains_card_number(written), "{written}");
             assert!(Purpose::parse(written).is_err(), "{written}");
         }
         assert!(!contains_card_number("2026-11-26 07:51:01 batch 42"));
+        assert!(!contains_card_number("4111:1111:1111 and 1111"));
+    }
+
+    #[test]
+    fn a_card_number_is_not_a_tenant() {
+        assert!(Tenant::parse("acme-eu-2").is_ok());
+        assert!(Tenant::parse("123456789012").is_ok(), "non-Luhn digits");
+        for pan in ["4111111111111111", "acme-4111-1111-1111-1111"] {
+            assert_eq!(
+                Tenant::parse(pan).unwrap_err(),
+                Error::invalid("tenant", "must not contain a card number")
+            );
+        }
     }
 }

@@ -491,6 +491,32 @@ async fn policy_reload_on_sighup_applies_without_reconnecting() {
 
 /// AuditService: only auditors, for every tenant. Cells are for a Query
 /// naming tenant `demo` / `other`; BlastRadius and Verify span all tenants.
+/// Identity and role are checked before a key RPC's input: a merchant
+/// asking for a data key rotation with no tenant is denied, not told that
+/// the tenant is missing.
+#[tokio::test]
+async fn key_rpcs_check_the_role_before_the_input() {
+    use cardvault::proto::RotateDataKeyRequest;
+    use cardvault::proto::key_service_client::KeyServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let empty = RotateDataKeyRequest {
+        all: false,
+        tenant: String::new(),
+    };
+    let err = KeyServiceClient::new(v.channel("merchant").await)
+        .rotate_data_key(empty.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = KeyServiceClient::new(v.channel("admin").await)
+        .rotate_data_key(empty)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("tenant:"), "{}", err.message());
+}
+
 #[tokio::test]
 async fn audit_service_authorisation() {
     use cardvault::proto::audit_service_client::AuditServiceClient;

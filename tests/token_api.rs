@@ -238,6 +238,22 @@ async fn validation_errors_name_the_field_and_never_echo_it() {
             },
             "purpose: must not contain a card number",
         ),
+        (
+            DetokenizeRequest {
+                purpose: "refund 4111/1111/1111/1111".into(),
+                ..detok("tok_AAAAAAAAAAAAAAAAAAAAAA")
+            },
+            "purpose: must not contain a card number",
+        ),
+        // A card number in the tenant field (fields swapped by a client)
+        // goes no further: not into the error, a log or the audit record.
+        (
+            DetokenizeRequest {
+                tenant: "4111111111111111".into(),
+                ..detok("tok_AAAAAAAAAAAAAAAAAAAAAA")
+            },
+            "tenant: must not contain a card number",
+        ),
     ];
     for (req, expected) in dcases {
         let err = p.detokenize(req).await.unwrap_err();
@@ -388,6 +404,37 @@ async fn batch_size_limits() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("at most 1000"), "{}", err.message());
+    // The same for a detokenize batch, before any token is read or any
+    // budget charged; the refusals are audited (checked before the items
+    // are parsed: a 4 MiB request of empty items is millions of them).
+    let mut p = v.client("processor").await;
+    for n in [0, 1001] {
+        let err = p
+            .detokenize_batch(DetokenizeBatchRequest {
+                tenant: "demo".into(),
+                items: (0..n)
+                    .map(|i| DetokenizeBatchItem {
+                        reference: i.to_string(),
+                        token: "x".into(),
+                    })
+                    .collect(),
+                purpose: "test".into(),
+                include_cvv: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{n}: {err:?}");
+        assert!(err.message().starts_with("items:"), "{}", err.message());
+    }
+    for action in ["TokenizeBatch", "DetokenizeBatch"] {
+        let refused = v
+            .audit_events(action)
+            .await
+            .into_iter()
+            .filter(|e| e.outcome == "INVALID_ARGUMENT")
+            .count();
+        assert_eq!(refused, 2, "{action}");
+    }
     // Exactly 1000 is allowed.
     let items = (0..1000)
         .map(|i| TokenizeBatchItem {

@@ -121,9 +121,12 @@ impl Policy {
                     .unwrap_or(file.defaults.detokenize_per_second),
                 burst: e.detokenize_burst.unwrap_or(file.defaults.detokenize_burst),
             };
-            if !(rate.per_second > 0.0 && rate.burst >= 1.0) {
+            // TOML has `inf` and `nan`: either would switch the limit off
+            // (an infinite bucket, or a NaN refill that fills it each call).
+            let finite = rate.per_second.is_finite() && rate.burst.is_finite();
+            if !(finite && rate.per_second > 0.0 && rate.burst >= 1.0) {
                 return Err(format!(
-                    "{at}: detokenize_per_second must be > 0 and detokenize_burst >= 1"
+                    "{at}: detokenize_per_second must be a finite number > 0 and detokenize_burst a finite number >= 1"
                 ));
             }
             let grant = Grant {
@@ -185,6 +188,10 @@ mod tests {
             "[[principal]]\nname = \"x\"\nroles = [\"merchant\"]\n[[principal]]\nname = \"x\"\nroles = [\"admin\"]",
             "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = 0",
             "[[principal]]\nname = \"x\"\nroles = [\"merchant\"]\nextra = 1",
+            "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_burst = inf",
+            "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = inf",
+            "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = nan",
+            "[defaults]\ndetokenize_burst = inf\n[[principal]]\nname = \"x\"\nroles = [\"processor\"]",
         ] {
             assert!(Policy::from_toml(bad).is_err(), "{bad}");
         }

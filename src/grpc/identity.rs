@@ -7,27 +7,42 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::vault::CallContext;
 
-/// The principal named by a DER certificate: its first SAN URI (e.g.
-/// `spiffe://cardvault.dev/demo/merchant`) if it has one, else its subject
-/// common name. `None` if the certificate names nothing usable.
+/// The principal named by a DER certificate: its SAN URI (e.g.
+/// `spiffe://cardvault.dev/demo/merchant`), or, for a certificate with no
+/// URI in its SAN, its subject common name. `None` if the certificate names
+/// nothing usable, or nothing unambiguous:
+///
+/// * several SAN URIs (which one would the policy mean?);
+/// * a SAN extension that does not parse (no falling back to the CN then);
+/// * a common name shaped like a URI (with `:`): the CN is the field CAs
+///   check least, and it must not pass for a SAN URI principal such as a
+///   processor's SPIFFE ID.
 pub fn principal_from_cert(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                return Some((*uri).to_owned());
-            }
-        }
+    let san = cert.subject_alternative_name().ok()?;
+    let mut uris = san
+        .iter()
+        .flat_map(|s| &s.value.general_names)
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => return Some(uri.to_owned()),
+        (Some(_), Some(_)) => return None,
+        (None, _) => {}
     }
     cert.subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
+        .filter(|cn| !cn.is_empty() && !cn.contains(':'))
         .map(str::to_owned)
 }
 
-/// A caller-supplied `x-request-id` if it is short and plain, otherwise a
-/// fresh random one (so a hostile id cannot inject text into logs).
+/// A caller-supplied `x-request-id` if it is short and plain and holds no
+/// card number, otherwise a fresh random one (so a hostile id cannot
+/// inject text into logs).
 fn request_id<T>(req: &Request<T>) -> String {
     if let Some(v) = req
         .metadata()
@@ -37,6 +52,8 @@ fn request_id<T>(req: &Request<T>) -> String {
         && v.len() <= 64
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        // It is logged and audited: not a card number sent by mistake.
+        && !crate::token::contains_card_number(v)
     {
         return v.to_owned();
     }
@@ -68,4 +85,52 @@ pub fn context_of<T>(req: &Request<T>) -> (CallContext, Option<String>) {
         peer: peer.map(|p| p.addr().to_owned()).unwrap_or_default(),
     };
     (ctx, principal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::principal_from_cert;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+
+    fn cert(cn: Option<&str>, sans: &[SanType]) -> Vec<u8> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = DistinguishedName::new();
+        if let Some(cn) = cn {
+            p.distinguished_name.push(DnType::CommonName, cn);
+        }
+        p.subject_alt_names = sans.to_vec();
+        p.self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    fn uri(u: &str) -> SanType {
+        SanType::URI(u.try_into().unwrap())
+    }
+
+    #[test]
+    fn the_principal_is_the_one_san_uri_else_a_plain_common_name() {
+        let spiffe = "spiffe://payments.example/acme/processor";
+        assert_eq!(
+            principal_from_cert(&cert(Some("checkout"), &[uri(spiffe)])).as_deref(),
+            Some(spiffe)
+        );
+        // DNS names do not count as URIs: the CN names the principal.
+        let dns = SanType::DnsName("svc.example".try_into().unwrap());
+        assert_eq!(
+            principal_from_cert(&cert(Some("batch-job"), &[dns])).as_deref(),
+            Some("batch-job")
+        );
+        assert_eq!(
+            principal_from_cert(&cert(Some("batch-job"), &[])).as_deref(),
+            Some("batch-job")
+        );
+        // Ambiguous or masquerading certificates name no one.
+        let two = [uri(spiffe), uri("spiffe://payments.example/acme/merchant")];
+        assert_eq!(principal_from_cert(&cert(Some("x"), &two)), None);
+        assert_eq!(principal_from_cert(&cert(Some(spiffe), &[])), None);
+        assert_eq!(principal_from_cert(&cert(None, &[])), None);
+        assert_eq!(principal_from_cert(b"not a certificate"), None);
+    }
 }

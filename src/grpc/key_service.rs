@@ -158,12 +158,14 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::RotateDataKeyRequest>,
     ) -> Result<Response<proto::RotateDataKeyResponse>, Status> {
         let scope = (!request.get_ref().all).then(|| request.get_ref().tenant.clone());
-        if scope.as_deref() == Some("") {
-            return Err(Error::invalid("tenant", "is required (or set all=true)").into());
-        }
+        // Identity and role first, as for every call: a caller without the
+        // admin role learns nothing about request validation.
         let ctx = self
             .authorize(&request, Action::RotateDataKey, scope.as_deref())
             .await?;
+        if scope.as_deref() == Some("") {
+            return Err(Error::invalid("tenant", "is required (or set all=true)").into());
+        }
         let tenant = scope.as_deref().map(Tenant::parse).transpose()?;
         let rotated = self.vault.rotate_data_key(&ctx, tenant.as_ref()).await?;
         Ok(Response::new(proto::RotateDataKeyResponse {

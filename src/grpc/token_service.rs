@@ -14,7 +14,9 @@ use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
 use crate::error::Result;
 use crate::proto::{self, token_service_server::TokenService};
 use crate::token::{Purpose, Tenant, Token, TokenFormat};
-use crate::vault::{CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault};
+use crate::vault::{
+    CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault, check_batch_size,
+};
 
 /// The service, holding the shared vault and the authorizer.
 pub struct TokenServiceImpl {
@@ -247,14 +249,21 @@ impl TokenService for TokenServiceImpl {
     ) -> Result<Response<proto::TokenizeBatchResponse>, Status> {
         let (mut ctx, principal) = context_of(&request);
         let mut req = request.into_inner();
-        let authz = self
-            .authorize(
-                &mut ctx,
-                principal.as_deref(),
-                Action::TokenizeBatch,
-                &req.tenant,
-            )
-            .await;
+        let action = Action::TokenizeBatch;
+        let authz = match self
+            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .await
+        {
+            // Before any item is parsed: a 4 MiB request of empty items is
+            // millions of them.
+            Ok(a) => {
+                let size = check_batch_size(req.items.len());
+                self.validated(&ctx, action, &a.tenant, size)
+                    .await
+                    .map(|()| a)
+            }
+            Err(e) => Err(e),
+        };
         if authz.is_err() {
             for item in &mut req.items {
                 wipe(&mut item.pan, &mut item.cardholder_name, &mut item.cvv);
@@ -279,7 +288,7 @@ impl TokenService for TokenServiceImpl {
             cards.push(parsed);
         }
         let format = self
-            .validated(&ctx, Action::TokenizeBatch, &tenant, format_of(req.format))
+            .validated(&ctx, action, &tenant, format_of(req.format))
             .await?;
         let opts = TokenizeOptions {
             format,
@@ -333,14 +342,12 @@ impl TokenService for TokenServiceImpl {
         let authz = self
             .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
             .await?;
-        let purpose = self
-            .validated(&ctx, action, &authz.tenant, Purpose::parse(&req.purpose))
-            .await?;
+        // The size before any item is parsed (see tokenize_batch).
+        let parsed = check_batch_size(req.items.len()).and_then(|()| Purpose::parse(&req.purpose));
+        let purpose = self.validated(&ctx, action, &authz.tenant, parsed).await?;
         // The whole batch is charged up front: a budget bounds cards read,
         // however they are packaged.
-        if !req.items.is_empty() && req.items.len() <= crate::vault::MAX_BATCH {
-            self.charge(&ctx, action, &authz, req.items.len()).await?;
-        }
+        self.charge(&ctx, action, &authz, req.items.len()).await?;
         let (references, tokens): (Vec<_>, Vec<_>) = req
             .items
             .into_iter()

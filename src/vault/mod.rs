@@ -843,7 +843,9 @@ impl Vault {
     }
 }
 
-fn check_batch_size(n: usize) -> Result<()> {
+/// Checks the item count of a batch call (1 to [`MAX_BATCH`]); the gRPC
+/// layer checks it before it parses any item, the core again.
+pub fn check_batch_size(n: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::invalid("items", "must not be empty"));
     }
