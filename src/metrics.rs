@@ -227,8 +227,15 @@ pub async fn serve(
     auth: Arc<Authorizer>,
 ) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning (the gRPC
+                // listener shares the descriptor limit).
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let (metrics, vault, auth) = (metrics.clone(), vault.clone(), auth.clone());
         tokio::spawn(async move {
