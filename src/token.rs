@@ -68,6 +68,35 @@ impl Token {
         Err(Error::invalid("token", "is not a valid cardvault token"))
     }
 
+    /// The token as an audit record or a log line about a call writes it.
+    /// `found`: whether a card is stored under it. A digit token under
+    /// which nothing was found is masked like a card number (first six and
+    /// last four digits at 15 digits or more, else first and last four): a
+    /// card number with one digit mistyped fails Luhn too, so it passes for
+    /// a format-preserving token, and written whole it would put most of a
+    /// real PAN in the record. A token that names a card is that card's
+    /// token, not a card number, and is written whole, as is an opaque one.
+    pub fn recorded(&self, found: bool) -> std::borrow::Cow<'_, str> {
+        let t = &self.0;
+        if found || !self.is_digits() {
+            return std::borrow::Cow::Borrowed(t);
+        }
+        // Digit tokens are 12-19 digits (see `parse`).
+        let head = if t.len() >= 15 { 6 } else { 4 };
+        let hidden = t.len().saturating_sub(head + 4);
+        std::borrow::Cow::Owned(format!(
+            "{}{}{}",
+            &t[..head.min(t.len())],
+            "*".repeat(hidden),
+            &t[t.len().saturating_sub(4)..]
+        ))
+    }
+
+    /// Whether it is a digit (format-preserving) token, not an opaque one.
+    pub fn is_digits(&self) -> bool {
+        self.0.bytes().all(|b| b.is_ascii_digit())
+    }
+
     /// Makes a new random token for `pan` in the given format.
     pub fn generate(format: TokenFormat, pan: &Pan) -> Token {
         #[cfg(test)]
@@ -371,6 +400,18 @@ mod tests {
         }
         assert!(!contains_card_number("2026-11-26 07:51:01 batch 42"));
         assert!(!contains_card_number("4111:1111:1111 and 1111"));
+    }
+
+    #[test]
+    fn an_unfound_digit_token_is_recorded_masked() {
+        // A Visa test number with its last digit mistyped: fails Luhn.
+        let typo = Token::parse("4111111111111112").unwrap();
+        assert_eq!(typo.recorded(false), "411111******1112");
+        assert_eq!(typo.recorded(true), "4111111111111112");
+        let short = Token::parse("123456789012").unwrap();
+        assert_eq!(short.recorded(false), "1234****9012");
+        let opaque = Token::parse("tok_AAAAAAAAAAAAAAAAAAAAAA").unwrap();
+        assert_eq!(opaque.recorded(false), opaque.as_str());
     }
 
     #[test]

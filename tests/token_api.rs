@@ -551,6 +551,76 @@ async fn format_preserving_tokens() {
     }
 }
 
+/// A card number with one digit mistyped fails Luhn, so it parses as a
+/// format-preserving token; nothing is stored under it, and the audit
+/// records and logs of the calls that tried it write it masked, not whole.
+/// A real digit token is still recorded whole.
+#[tokio::test]
+async fn a_mistyped_card_number_sent_as_a_token_is_recorded_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        env: vec![("CARDVAULT_LOG".into(), "debug".into())],
+    };
+    let v = VaultProcess::start(&dir.path().join("data"), &opts);
+    let typo = "4111111111111112";
+    let mut p = v.client("processor").await;
+    let mut m = v.client("merchant").await;
+    let err = p.detokenize(detok(typo)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let meta = GetMetadataRequest {
+        tenant: "demo".into(),
+        token: typo.into(),
+    };
+    assert_eq!(
+        m.get_metadata(meta).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let del = DeleteTokenRequest {
+        tenant: "demo".into(),
+        token: typo.into(),
+    };
+    assert!(!m.delete_token(del).await.unwrap().into_inner().deleted);
+    // A real format-preserving token, found: recorded whole.
+    let real = m
+        .tokenize(TokenizeRequest {
+            format: TokenFormat::FormatPreserving as i32,
+            ..card("5555555555554444")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    p.detokenize(detok(&real)).await.unwrap();
+    for action in ["Detokenize", "GetMetadata", "DeleteToken"] {
+        let tokens: Vec<String> = v
+            .audit_events(action)
+            .await
+            .into_iter()
+            .map(|e| e.token)
+            .collect();
+        assert!(
+            tokens.iter().any(|t| t == "411111******1112"),
+            "{action}: {tokens:?}"
+        );
+        assert!(
+            !tokens.iter().any(|t| t.contains(typo)),
+            "{action}: {tokens:?}"
+        );
+        if action == "Detokenize" {
+            assert!(tokens.contains(&real), "{tokens:?}");
+        }
+    }
+    let logs = v.logs();
+    assert!(
+        logs.contains("411111******1112"),
+        "the debug lines name it masked"
+    );
+    assert!(
+        !logs.contains(typo),
+        "a log line names the mistyped number whole"
+    );
+}
+
 #[tokio::test]
 async fn cvv_is_single_use() {
     let (_d, v) = start();

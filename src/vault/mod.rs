@@ -687,11 +687,12 @@ impl Vault {
             }
             Err(e) => Err(e),
         };
+        let recorded = token.recorded(holds_a_card(&result));
         let mut body = audit_body(
             ctx,
             action,
             tenant.as_str(),
-            token.as_str(),
+            &recorded,
             result.as_ref().map(|_| ()),
         );
         body.purpose = purpose.as_str().to_owned();
@@ -702,7 +703,7 @@ impl Vault {
             request_id = %ctx.request_id,
             principal = %ctx.principal,
             tenant = %tenant,
-            token = %token,
+            token = %recorded,
             purpose = purpose.as_str(),
             include_cvv,
             outcome = %body.outcome,
@@ -805,7 +806,7 @@ impl Vault {
             ctx,
             "GetMetadata",
             tenant.as_str(),
-            token.as_str(),
+            &token.recorded(holds_a_card(&result)),
             result.as_ref().map(|_| ()),
         );
         // Metadata returns no card data, so its record is appended (in chain
@@ -832,15 +833,31 @@ impl Vault {
             return Err(e);
         }
         self.cvv.remove(tenant.as_str(), token.as_str());
-        let body = audit_body(ctx, "DeleteToken", tenant.as_str(), token.as_str(), Ok(()));
+        // The record is written with the delete, so whether a card is there
+        // (for how the token is recorded) is read first; only digit tokens
+        // need it.
+        let found = token.is_digits()
+            && self
+                .store
+                .get(tenant.as_str(), token.as_str())
+                .await?
+                .is_some();
+        let recorded = token.recorded(found);
+        let body = audit_body(ctx, "DeleteToken", tenant.as_str(), &recorded, Ok(()));
         let (deleted, link) = self
             .store
             .delete(tenant.as_str(), token.as_str(), &body)
             .await?;
         self.after_append(&link, &body).await;
-        tracing::info!(request_id = %ctx.request_id, principal = %ctx.principal, tenant = %tenant, token = %token, deleted, "delete");
+        tracing::info!(request_id = %ctx.request_id, principal = %ctx.principal, tenant = %tenant, token = %recorded, deleted, "delete");
         Ok(deleted)
     }
+}
+
+/// Whether a call's result shows a card stored under its token: found, or
+/// found and failing its integrity check (see [`Token::recorded`]).
+fn holds_a_card<T>(result: &Result<T>) -> bool {
+    matches!(result, Ok(_) | Err(Error::DataLoss(_)))
 }
 
 /// Checks the item count of a batch call (1 to [`MAX_BATCH`]); the gRPC
