@@ -29,6 +29,11 @@ struct Held {
     /// Places promised to tokenize calls whose token is not written yet
     /// (see [`CvvHolder::reserve`]); they count against the capacity.
     reserved: usize,
+    /// Bumped by every [`CvvHolder::clear`] (seal, shutdown): a place
+    /// reserved before it is not filled after it, so a tokenize that was
+    /// under way when the vault sealed cannot leave a CVV behind for the
+    /// next unseal.
+    epoch: u64,
 }
 
 /// Bounded, expiring, single-read store of CVVs keyed by (tenant, token).
@@ -98,7 +103,10 @@ impl CvvHolder {
             return Err(full());
         }
         held.reserved += 1;
-        Ok(Reservation { holder: self })
+        Ok(Reservation {
+            holder: self,
+            epoch: held.epoch,
+        })
     }
 
     fn entry(&self, cvv: Cvv) -> Entry {
@@ -142,9 +150,12 @@ impl CvvHolder {
         before - map.len()
     }
 
-    /// Wipes everything (seal, shutdown).
+    /// Wipes everything (seal, shutdown), and what reserved places would
+    /// still bring.
     pub fn clear(&self) {
-        self.lock().entries.clear();
+        let mut held = self.lock();
+        held.entries.clear();
+        held.epoch += 1;
     }
 
     /// Number of entries held (live or not yet purged).
@@ -164,14 +175,22 @@ fn full() -> Error {
 
 /// A place in the holder promised by [`CvvHolder::reserve`].
 pub struct Reservation<'a> {
+    /// Where the place is.
     holder: &'a CvvHolder,
+    /// The holder's epoch when the place was promised.
+    epoch: u64,
 }
 
 impl Reservation<'_> {
     /// Holds `cvv` for the token in the reserved place, replacing (and
     /// wiping) any earlier one for that token; never fails for capacity.
+    /// If the holder was cleared since the place was reserved (the vault
+    /// sealed meanwhile), `cvv` is wiped instead of held.
     pub fn fill(self, tenant: &str, token: &str, cvv: Cvv) {
         let mut held = self.holder.lock();
+        if held.epoch != self.epoch {
+            return;
+        }
         let entry = self.holder.entry(cvv);
         held.entries
             .insert((tenant.to_owned(), token.to_owned()), entry);
@@ -269,6 +288,23 @@ mod tests {
         h.put("t", "tok", cvv("111")).unwrap();
         drop(h.reserve().unwrap());
         assert_eq!(h.take("t", "tok").unwrap().expose(), "111");
+    }
+
+    /// A tokenize under way when the vault seals fills its place after the
+    /// seal cleared the holder: the CVV must not outlive the seal (it would
+    /// be readable again after the next unseal, within its TTL).
+    #[test]
+    fn a_place_reserved_before_a_clear_is_not_filled_after_it() {
+        let h = CvvHolder::new(Duration::from_secs(60), 2);
+        let before = h.reserve().unwrap();
+        h.clear();
+        before.fill("t", "tok", cvv("111"));
+        assert!(!h.is_held("t", "tok") && h.is_empty());
+        // Its place is given back, and places reserved after work.
+        let after = h.reserve().unwrap();
+        h.reserve().unwrap().fill("t", "b", cvv("222"));
+        after.fill("t", "a", cvv("333"));
+        assert_eq!(h.len(), 2);
     }
 
     #[test]

@@ -848,6 +848,9 @@ impl Vault {
             .store
             .delete(tenant.as_str(), token.as_str(), &body)
             .await?;
+        // Again: a deduplicating tokenize of the same card may have filled
+        // a CVV under this token while the delete was being written.
+        self.cvv.remove(tenant.as_str(), token.as_str());
         self.after_append(&link, &body).await;
         tracing::info!(request_id = %ctx.request_id, principal = %ctx.principal, tenant = %tenant, token = %recorded, deleted, "delete");
         Ok(deleted)
