@@ -99,6 +99,8 @@ struct PeerDetails {
     /// [`crate::grpc::identity::principal_from_cert`]); `None` if it names
     /// none.
     principal: Option<String>,
+    /// SHA-256 of the client certificate (DER), which the policy can revoke.
+    cert_sha256: Option<[u8; 32]>,
     /// Peer address as written in audit records.
     addr: String,
 }
@@ -106,11 +108,15 @@ struct PeerDetails {
 impl Peer {
     /// Works out the peer of a connection from its verified certificate.
     fn of(tls: &TlsStream<TcpStream>, addr: SocketAddr) -> Peer {
-        let principal = (tls.get_ref().1.peer_certificates())
-            .and_then(|c| c.first())
-            .and_then(|c| crate::grpc::identity::principal_from_cert(c.as_ref()));
+        let cert = (tls.get_ref().1.peer_certificates()).and_then(|c| c.first());
+        let principal = cert.and_then(|c| crate::grpc::identity::principal_from_cert(c.as_ref()));
+        let cert_sha256 = cert.map(|c| {
+            let d = ring::digest::digest(&ring::digest::SHA256, c.as_ref());
+            d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+        });
         Peer(Arc::new(PeerDetails {
             principal,
+            cert_sha256,
             addr: addr.to_string(),
         }))
     }
@@ -118,6 +124,11 @@ impl Peer {
     /// The principal named by the client certificate, if any.
     pub fn principal(&self) -> Option<&str> {
         self.0.principal.as_deref()
+    }
+
+    /// SHA-256 of the client certificate (DER), if there is one.
+    pub fn cert_sha256(&self) -> Option<&[u8; 32]> {
+        self.0.cert_sha256.as_ref()
     }
 
     /// The peer's address (`ip:port`).

@@ -489,8 +489,71 @@ async fn policy_reload_on_sighup_applies_without_reconnecting() {
     );
 }
 
-/// AuditService: only auditors, for every tenant. Cells are for a Query
-/// naming tenant `demo` / `other`; BlastRadius and Verify span all tenants.
+/// A leaked certificate is revoked by its SHA-256 in the policy: after the
+/// reload its open connection is refused (UNAUTHENTICATED) on the next
+/// call, and the denial audited under its principal, while another
+/// certificate keeps working.
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_on_its_open_connection() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    const AUDITOR: &str = "\n[[principal]]\nname = \"spiffe://cardvault.dev/auditor\"\nroles = [\"auditor\"]\ntenants = [\"*\"]\n";
+    write_policy(&data, &format!("{BASE_POLICY}{AUDITOR}"));
+    let v = VaultProcess::start(&data, &Opts::default());
+    let mut m = v.client("merchant").await;
+    m.tokenize(card("demo")).await.unwrap();
+    let mut p = v.client("processor").await;
+    let meta = || GetMetadataRequest {
+        tenant: "demo".into(),
+        token: "tok_AAAAAAAAAAAAAAAAAAAAAA".into(),
+    };
+    assert_eq!(
+        m.get_metadata(meta()).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
+    let der = CertificateDer::from_pem_file(data.join("certs/merchant.pem")).unwrap();
+    let fp = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+    let openssl_style = fp
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    write_policy(
+        &data,
+        &format!("revoked_certificates = [\"{openssl_style}\"]\n{BASE_POLICY}{AUDITOR}"),
+    );
+    v.signal("HUP");
+    v.wait_for_log("policy reloaded", 1).await;
+    let err = m.tokenize(card("demo")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    // A fresh connection with it fares no better; another certificate
+    // (the processor's) is untouched.
+    let err = v
+        .client("merchant")
+        .await
+        .get_metadata(meta())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        p.get_metadata(meta()).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let denied: Vec<_> = v
+        .audit_events("Tokenize")
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == "UNAUTHENTICATED")
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(denied[0].principal.contains("merchant"), "{denied:?}");
+}
+
 /// Identity and role are checked before a key RPC's input: a merchant
 /// asking for a data key rotation with no tenant is denied, not told that
 /// the tenant is missing.
@@ -517,6 +580,8 @@ async fn key_rpcs_check_the_role_before_the_input() {
     assert!(err.message().starts_with("tenant:"), "{}", err.message());
 }
 
+/// AuditService: only auditors, for every tenant. Cells are for a Query
+/// naming tenant `demo` / `other`; BlastRadius and Verify span all tenants.
 #[tokio::test]
 async fn audit_service_authorisation() {
     use cardvault::proto::audit_service_client::AuditServiceClient;

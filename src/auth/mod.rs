@@ -128,6 +128,27 @@ impl Action {
     }
 }
 
+/// Who is calling, as the TLS handshake established it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The principal the client certificate names (`None`: no certificate,
+    /// or one that names no principal).
+    pub principal: Option<String>,
+    /// SHA-256 of the client certificate (DER): what the policy's
+    /// `revoked_certificates` lists.
+    pub cert_sha256: Option<[u8; 32]>,
+}
+
+impl Caller {
+    /// A caller known only by principal name (tests, tools).
+    pub fn named(principal: &str) -> Caller {
+        Caller {
+            principal: Some(principal.to_owned()),
+            cert_sha256: None,
+        }
+    }
+}
+
 /// The outcome of a successful check: the principal's grant and the tenant
 /// the call acts for.
 #[derive(Debug, Clone)]
@@ -189,8 +210,8 @@ impl Authorizer {
     /// Checks a call that is not scoped to one tenant (audit verify, blast
     /// radius, an unfiltered query): the caller needs the role *and* a
     /// grant for every tenant (`"*"`).
-    pub fn authorize_global(&self, principal: Option<&str>, action: Action) -> Result<Grant> {
-        let grant = self.grant_for(principal, action)?;
+    pub fn authorize_global(&self, caller: &Caller, action: Action) -> Result<Grant> {
+        let grant = self.grant_for(caller, action)?;
         if grant.tenants.is_some() {
             return Err(Error::PermissionDenied(format!(
                 "{} across tenants requires a grant for all tenants (\"*\")",
@@ -200,10 +221,21 @@ impl Authorizer {
         Ok(grant)
     }
 
-    fn grant_for(&self, principal: Option<&str>, action: Action) -> Result<Grant> {
-        let name =
-            principal.ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+    fn grant_for(&self, caller: &Caller, action: Action) -> Result<Grant> {
+        let name = caller.principal.as_deref().ok_or_else(|| {
+            Error::Unauthenticated("the client certificate names no principal".into())
+        })?;
         let policy = self.current();
+        // Checked on every call, not only at the handshake: a reload cuts
+        // off a revoked certificate's open connections too.
+        if caller
+            .cert_sha256
+            .is_some_and(|fp| policy.revoked_certificates.contains(&fp))
+        {
+            return Err(Error::Unauthenticated(
+                "the client certificate is revoked".into(),
+            ));
+        }
         let grant = policy.principals.get(name).ok_or_else(|| {
             Error::Unauthenticated("the client certificate names no known principal".into())
         })?;
@@ -224,11 +256,11 @@ impl Authorizer {
     /// request validation or tenants.
     pub fn authorize(
         &self,
-        principal: Option<&str>,
+        caller: &Caller,
         action: Action,
         requested_tenant: &str,
     ) -> Result<Authorized> {
-        let grant = self.grant_for(principal, action)?;
+        let grant = self.grant_for(caller, action)?;
         let tenant = if requested_tenant.is_empty() {
             match &grant.tenants {
                 Some(t) if t.len() == 1 => Tenant::parse(t.iter().next().expect("one tenant"))?,
@@ -357,42 +389,62 @@ mod tests {
     fn roles_tenants_and_identity() {
         let a = authz();
         assert_eq!(
-            a.authorize(Some("m"), Action::Tokenize, "")
+            a.authorize(&Caller::named("m"), Action::Tokenize, "")
                 .unwrap()
                 .tenant
                 .as_str(),
             "demo"
         );
         assert!(matches!(
-            a.authorize(Some("m"), Action::Detokenize, "demo"),
+            a.authorize(&Caller::named("m"), Action::Detokenize, "demo"),
             Err(Error::PermissionDenied(_))
         ));
         assert!(matches!(
-            a.authorize(Some("m"), Action::Tokenize, "other"),
+            a.authorize(&Caller::named("m"), Action::Tokenize, "other"),
             Err(Error::PermissionDenied(_))
         ));
         assert!(matches!(
-            a.authorize(None, Action::Tokenize, "demo"),
+            a.authorize(&Caller::default(), Action::Tokenize, "demo"),
             Err(Error::Unauthenticated(_))
         ));
         assert!(matches!(
-            a.authorize(Some("who"), Action::Tokenize, "demo"),
+            a.authorize(&Caller::named("who"), Action::Tokenize, "demo"),
             Err(Error::Unauthenticated(_))
         ));
         assert!(matches!(
-            a.authorize(Some("multi"), Action::Tokenize, ""),
+            a.authorize(&Caller::named("multi"), Action::Tokenize, ""),
             Err(Error::InvalidArgument { .. })
         ));
-        assert!(a.authorize(Some("multi"), Action::Detokenize, "b").is_ok());
+        assert!(
+            a.authorize(&Caller::named("multi"), Action::Detokenize, "b")
+                .is_ok()
+        );
         // Admin holds every tenant but no data role.
         assert!(matches!(
-            a.authorize(Some("admin"), Action::Detokenize, "demo"),
+            a.authorize(&Caller::named("admin"), Action::Detokenize, "demo"),
             Err(Error::PermissionDenied(_))
         ));
         assert!(matches!(
-            a.authorize(Some("admin"), Action::GetMetadata, "demo"),
+            a.authorize(&Caller::named("admin"), Action::GetMetadata, "demo"),
             Err(Error::PermissionDenied(_))
         ));
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_whatever_it_names() {
+        let mut policy = authz().current().as_ref().clone();
+        policy.revoked_certificates.insert([7; 32]);
+        let a = Authorizer::new(policy);
+        let with = |fp: [u8; 32]| Caller {
+            principal: Some("m".into()),
+            cert_sha256: Some(fp),
+        };
+        assert!(matches!(
+            a.authorize(&with([7; 32]), Action::Tokenize, "demo"),
+            Err(Error::Unauthenticated(m)) if m.contains("revoked")
+        ));
+        // The replacement certificate of the same principal.
+        assert!(a.authorize(&with([8; 32]), Action::Tokenize, "demo").is_ok());
     }
 
     #[test]

@@ -16,9 +16,13 @@
 //! roles = ["processor"]
 //! tenants = ["*"]               # every tenant
 //! detokenize_per_second = 500   # overrides the default
+//!
+//! # Certificates refused whoever they name (a leaked key), by SHA-256 of
+//! # the DER certificate as `openssl x509 -noout -fingerprint -sha256` prints it.
+//! revoked_certificates = ["3F:A2:...:9C"]
 //! ```
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::Deserialize;
 
@@ -56,6 +60,10 @@ impl Grant {
 pub struct Policy {
     /// Grants by principal name.
     pub principals: HashMap<String, Grant>,
+    /// SHA-256 of client certificates refused on every call, whatever
+    /// principal they name: a leaked certificate is cut off while its
+    /// replacement, naming the same principal, keeps working.
+    pub revoked_certificates: HashSet<[u8; 32]>,
 }
 
 #[derive(Deserialize)]
@@ -64,7 +72,18 @@ struct File {
     #[serde(default)]
     defaults: Defaults,
     #[serde(default)]
+    revoked_certificates: Vec<String>,
+    #[serde(default)]
     principal: Vec<Entry>,
+}
+
+/// A certificate's SHA-256 written as 64 hex digits, with or without `:`
+/// between the bytes (as `openssl x509 -fingerprint -sha256` prints it,
+/// after the `=`), in either case.
+fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let hex: String = text.trim().chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(hex).ok()?;
+    bytes.try_into().ok()
 }
 
 #[derive(Deserialize)]
@@ -138,7 +157,17 @@ impl Policy {
                 return Err(format!("{at}: listed twice"));
             }
         }
-        Ok(Policy { principals })
+        let mut revoked_certificates = HashSet::new();
+        for (i, f) in file.revoked_certificates.iter().enumerate() {
+            let fp = parse_fingerprint(f).ok_or_else(|| {
+                format!("revoked_certificates[{i}]: not a SHA-256 fingerprint (64 hex digits, `:` allowed between bytes)")
+            })?;
+            revoked_certificates.insert(fp);
+        }
+        Ok(Policy {
+            principals,
+            revoked_certificates,
+        })
     }
 }
 
@@ -180,6 +209,24 @@ mod tests {
     }
 
     #[test]
+    fn revoked_certificates_parse_with_or_without_colons() {
+        let fp: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
+        let colons = fp
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let p = Policy::from_toml(&format!(
+            "revoked_certificates = [\"{colons}\", \"{}\"]",
+            hex::encode([9u8; 32])
+        ))
+        .unwrap();
+        assert!(p.revoked_certificates.contains(&fp));
+        assert!(p.revoked_certificates.contains(&[9u8; 32]));
+        assert_eq!(p.revoked_certificates.len(), 2);
+    }
+
+    #[test]
     fn rejects_bad_policies() {
         for bad in [
             "[[principal]]\nname = \"x\"\nroles = []",
@@ -192,6 +239,8 @@ mod tests {
             "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = inf",
             "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = nan",
             "[defaults]\ndetokenize_burst = inf\n[[principal]]\nname = \"x\"\nroles = [\"processor\"]",
+            "revoked_certificates = [\"AB:CD\"]",
+            "revoked_certificates = [\"not hex\"]",
         ] {
             assert!(Policy::from_toml(bad).is_err(), "{bad}");
         }

@@ -5,6 +5,7 @@ use tonic::Request;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::auth::Caller;
 use crate::vault::CallContext;
 
 /// The principal named by a DER certificate: its SAN URI (e.g.
@@ -72,19 +73,25 @@ pub fn peer_of<T>(req: &Request<T>) -> Option<&crate::tls::Peer> {
     req.extensions().get::<crate::tls::Peer>()
 }
 
-/// Builds the call context of a request: request id and the principal from
-/// the verified peer certificate (`anonymous` without one; authorisation
-/// refuses such calls).
-pub fn context_of<T>(req: &Request<T>) -> (CallContext, Option<String>) {
+/// Builds the call context of a request: request id and the caller from
+/// the verified peer certificate (principal `anonymous` without one;
+/// authorisation refuses such calls).
+pub fn context_of<T>(req: &Request<T>) -> (CallContext, Caller) {
     let peer = peer_of(req);
-    let principal = peer.and_then(|p| p.principal()).map(str::to_owned);
+    let caller = Caller {
+        principal: peer.and_then(|p| p.principal()).map(str::to_owned),
+        cert_sha256: peer.and_then(|p| p.cert_sha256().copied()),
+    };
     let ctx = CallContext {
         request_id: request_id(req),
-        principal: principal.clone().unwrap_or_else(|| "anonymous".to_owned()),
+        principal: caller
+            .principal
+            .clone()
+            .unwrap_or_else(|| "anonymous".to_owned()),
         roles: Vec::new(),
         peer: peer.map(|p| p.addr().to_owned()).unwrap_or_default(),
     };
-    (ctx, principal)
+    (ctx, caller)
 }
 
 #[cfg(test)]

@@ -57,12 +57,10 @@ pub(crate) async fn authorize_call<T>(
     action: crate::auth::Action,
     scope: Option<&str>,
 ) -> Result<crate::vault::CallContext, Error> {
-    let (mut ctx, principal) = identity::context_of(req);
+    let (mut ctx, caller) = identity::context_of(req);
     let res = match scope {
-        Some(t) => auth
-            .authorize(principal.as_deref(), action, t)
-            .map(|a| a.grant),
-        None => auth.authorize_global(principal.as_deref(), action),
+        Some(t) => auth.authorize(&caller, action, t).map(|a| a.grant),
+        None => auth.authorize_global(&caller, action),
     };
     match res {
         Ok(grant) => {

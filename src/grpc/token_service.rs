@@ -9,7 +9,7 @@ use zeroize::Zeroize;
 
 use super::identity::context_of;
 use super::{item_error, timestamp};
-use crate::auth::{Action, Authorized, Authorizer};
+use crate::auth::{Action, Authorized, Authorizer, Caller};
 use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
 use crate::error::Result;
 use crate::proto::{self, token_service_server::TokenService};
@@ -37,11 +37,11 @@ impl TokenServiceImpl {
     async fn authorize(
         &self,
         ctx: &mut CallContext,
-        principal: Option<&str>,
+        caller: &Caller,
         action: Action,
         tenant: &str,
     ) -> Result<Authorized> {
-        match self.auth.authorize(principal, action, tenant) {
+        match self.auth.authorize(caller, action, tenant) {
             Ok(a) => {
                 ctx.roles = a
                     .grant
@@ -207,15 +207,10 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let (mut ctx, caller) = context_of(&request);
         let mut req = request.into_inner();
         let authz = self
-            .authorize(
-                &mut ctx,
-                principal.as_deref(),
-                Action::Tokenize,
-                &req.tenant,
-            )
+            .authorize(&mut ctx, &caller, Action::Tokenize, &req.tenant)
             .await;
         // Parse only for authorised callers, but wipe the secrets either way.
         let parsed = authz.as_ref().ok().map(|_| {
@@ -247,13 +242,10 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeBatchRequest>,
     ) -> Result<Response<proto::TokenizeBatchResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let (mut ctx, caller) = context_of(&request);
         let mut req = request.into_inner();
         let action = Action::TokenizeBatch;
-        let authz = match self
-            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
-            .await
-        {
+        let authz = match self.authorize(&mut ctx, &caller, action, &req.tenant).await {
             // Before any item is parsed: a 4 MiB request of empty items is
             // millions of them.
             Ok(a) => {
@@ -316,11 +308,11 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let (mut ctx, caller) = context_of(&request);
         let req = request.into_inner();
         let action = Action::Detokenize;
         let authz = self
-            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .authorize(&mut ctx, &caller, action, &req.tenant)
             .await?;
         let parsed = Token::parse(&req.token).and_then(|t| Ok((t, Purpose::parse(&req.purpose)?)));
         let (token, purpose) = self.validated(&ctx, action, &authz.tenant, parsed).await?;
@@ -336,11 +328,11 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DetokenizeBatchRequest>,
     ) -> Result<Response<proto::DetokenizeBatchResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let (mut ctx, caller) = context_of(&request);
         let req = request.into_inner();
         let action = Action::DetokenizeBatch;
         let authz = self
-            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .authorize(&mut ctx, &caller, action, &req.tenant)
             .await?;
         // The size before any item is parsed (see tokenize_batch).
         let parsed = check_batch_size(req.items.len()).and_then(|()| Purpose::parse(&req.purpose));
@@ -382,11 +374,11 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::GetMetadataRequest>,
     ) -> Result<Response<proto::CardMetadata>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let (mut ctx, caller) = context_of(&request);
         let req = request.into_inner();
         let action = Action::GetMetadata;
         let authz = self
-            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .authorize(&mut ctx, &caller, action, &req.tenant)
             .await?;
         let token = self
             .validated(&ctx, action, &authz.tenant, Token::parse(&req.token))
@@ -410,11 +402,11 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::DeleteTokenRequest>,
     ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
-        let (mut ctx, principal) = context_of(&request);
+        let (mut ctx, caller) = context_of(&request);
         let req = request.into_inner();
         let action = Action::DeleteToken;
         let authz = self
-            .authorize(&mut ctx, principal.as_deref(), action, &req.tenant)
+            .authorize(&mut ctx, &caller, action, &req.tenant)
             .await?;
         let token = self
             .validated(&ctx, action, &authz.tenant, Token::parse(&req.token))
