@@ -369,11 +369,29 @@ impl Config {
         if self.store.backend == Backend::Postgres && self.store.url.is_none() {
             return Err("store.url is required with store.backend = \"postgres\"".into());
         }
-        if self.store.pool_size == 0 {
-            return Err("store.pool_size must be at least 1".into());
+        if !(1..=1000).contains(&self.store.pool_size) {
+            return Err("store.pool_size must be 1 to 1000".into());
         }
         if self.cvv.max_entries == 0 {
             return Err("cvv.max_entries must be at least 1".into());
+        }
+        // Upper bounds: past them a duration overflows a timer (a panic in
+        // a background task, e.g. no more periodic checkpoints) or the
+        // value is a typo rather than a policy.
+        const DAY: u64 = 86_400;
+        for (name, value, max) in [
+            ("audit.checkpoint_secs", self.audit.checkpoint_secs, DAY),
+            (
+                "keys.retire_grace_secs",
+                self.keys.retire_grace_secs,
+                3650 * DAY,
+            ),
+            ("keys.dek_max_age_days", self.keys.dek_max_age_days, 3650),
+            ("keys.rewrap_pause_ms", self.keys.rewrap_pause_ms, 60_000),
+        ] {
+            if value > max {
+                return Err(format!("{name} must be at most {max}"));
+            }
         }
         Ok(())
     }
@@ -448,6 +466,26 @@ mod tests {
         let mut cfg = Config::default();
         cfg.cvv.ttl_secs = 7200;
         assert!(cfg.validate().is_err());
+        for (edit, field) in [
+            (
+                (|c: &mut Config| c.audit.checkpoint_secs = u64::MAX) as fn(&mut Config),
+                "audit.checkpoint_secs",
+            ),
+            (|c| c.store.pool_size = 1 << 40, "store.pool_size"),
+            (
+                |c| c.keys.retire_grace_secs = u64::MAX,
+                "keys.retire_grace_secs",
+            ),
+            (
+                |c| c.keys.rewrap_pause_ms = u64::MAX,
+                "keys.rewrap_pause_ms",
+            ),
+        ] {
+            let mut c = Config::default();
+            edit(&mut c);
+            let err = c.validate().unwrap_err();
+            assert!(err.starts_with(field), "{err}");
+        }
         let env: HashMap<&str, &str> = [("CARDVAULT_CVV_TTL_SECS", "soon")].into();
         assert!(
             cfg.apply_env(&|k| env.get(k).map(|v| v.to_string()))

@@ -17,6 +17,7 @@ use cardvault::proto::{
 use cardvault::store::Store;
 use cardvault::store::sled::{RawAudit, SledStore};
 use cardvault::token::{Purpose, Tenant, Token};
+use cardvault::vault::keyring::AUDIT_KEY_NAME;
 use cardvault::vault::{CallContext, CvvOutcome, NewCard, TokenizeOptions, Vault, VaultConfig};
 use common::flaky::Flaky;
 use common::{Opts, VaultProcess, exp_year};
@@ -496,4 +497,64 @@ async fn audit_service_query_blast_radius_and_verify() {
     let lines = std::fs::read_to_string(&siem).unwrap();
     assert!(lines.lines().count() as u64 >= report.records);
     assert!(lines.contains("\"action\":\"Detokenize\""));
+}
+
+/// The audit signing key deleted from the store: unseal refuses (DATA_LOSS)
+/// rather than make a new key that would sign whatever the log now holds.
+/// A store with no checkpoint yet (a crash during the first unseal) still
+/// gets a key made.
+#[tokio::test]
+async fn a_missing_audit_signing_key_is_refused_once_checkpoints_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let kek = SecretKey::generate();
+    let v = Vault::new(store.clone() as Arc<dyn Store>, VaultConfig::default());
+    v.unseal(kek.clone()).await.unwrap();
+    store.delete_key(AUDIT_KEY_NAME).await.unwrap();
+    v.seal();
+    v.unseal(kek.clone())
+        .await
+        .expect("no checkpoint yet: a key is made");
+    assert!(store.get_key(AUDIT_KEY_NAME).await.unwrap().is_some());
+
+    v.tokenize(
+        &ctx("m"),
+        &t("x"),
+        card("4111111111111111"),
+        TokenizeOptions::default(),
+    )
+    .await
+    .unwrap();
+    v.checkpoint_now().await.unwrap();
+    v.seal();
+    store.delete_key(AUDIT_KEY_NAME).await.unwrap();
+    match v.unseal(kek).await {
+        Err(Error::DataLoss(m)) => {
+            assert!(m.contains("audit signing key is missing"), "{m}")
+        }
+        other => panic!("expected DATA_LOSS, got {other:?}"),
+    }
+    assert!(
+        store.get_key(AUDIT_KEY_NAME).await.unwrap().is_none(),
+        "no new key made"
+    );
+}
+
+/// An operator's seal is itself under the checkpoint signed as it seals.
+#[tokio::test]
+async fn the_checkpoint_signed_at_a_seal_covers_the_seal_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = open_vault(dir.path(), 1000).await;
+    v.tokenize(
+        &ctx("m"),
+        &t("x"),
+        card("4111111111111111"),
+        TokenizeOptions::default(),
+    )
+    .await
+    .unwrap();
+    v.seal_by(&ctx("admin")).await.unwrap();
+    let head = store.audit_head().await.unwrap().unwrap().0;
+    let last = store.checkpoints().await.unwrap().last().unwrap().seq;
+    assert_eq!(last, head, "the Seal record is the last one signed");
 }

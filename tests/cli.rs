@@ -149,3 +149,58 @@ async fn newcomer_flow_through_the_cli() {
         "KeyService stays up while sealed: {out}"
     );
 }
+
+/// Secrets from standard input, not argv (where `ps` and shell history see
+/// them): `--pan-stdin --cvv-stdin` read a line each. And `audit query`
+/// says when it stopped at --limit, and where to go on from.
+#[tokio::test]
+async fn secrets_from_stdin_and_audit_query_paging() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let port = v.addr.rsplit(':').next().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+        .args(["--addr", &format!("https://localhost:{port}"), "--dev-dir"])
+        .arg(&v.data_dir)
+        .args(["tokenize", "--pan-stdin", "--cvv-stdin", "--exp"])
+        .arg(format!("12/{}", exp_year()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"5555 5555 5555 4444\n737\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (t["last4"].as_str(), t["cvv_held"].as_bool()),
+        (Some("4444"), Some(true))
+    );
+
+    // Several records now (tokenize, the CLI's own queries...): one at a time.
+    let (ok, out, err) = cli(&v, &["audit", "query", "--json", "--limit", "1"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let first: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let seq = first["seq"].as_u64().unwrap();
+    assert!(err.contains(&format!("--after-seq {seq}")), "{err}");
+    let (ok, out, err) = cli(
+        &v,
+        &["audit", "query", "--json", "--after-seq", &seq.to_string()],
+    );
+    assert!(ok, "{err}");
+    let next: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(next["seq"].as_u64().unwrap() > seq, "{out}");
+    assert!(!err.contains("limit of"), "{err}");
+}

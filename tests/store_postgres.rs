@@ -141,3 +141,31 @@ async fn a_failed_group_commit_fails_every_operation_in_it() {
     store.append_audit(&audit_body("Detokenize")).await.unwrap();
     assert_eq!(assert_chain_intact(&*store).await, 2);
 }
+
+/// With a database CA configured, TLS is required: a server that answers
+/// "no TLS" (as this test cluster does, or anyone in the path could) is
+/// refused instead of being spoken to in clear, password included.
+#[tokio::test]
+async fn a_configured_database_ca_makes_tls_required() {
+    let Some(cluster) = common::pg::cluster() else {
+        return;
+    };
+    let url = cluster.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("db-ca.pem");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(&ca, cert.pem()).unwrap();
+    let tls = cardvault::tls::client_config(&ca).unwrap();
+    match PostgresStore::connect(&url, 2, Some(tls)).await {
+        Err(Error::Unavailable(m)) => assert!(m.to_lowercase().contains("tls"), "{m}"),
+        Err(e) => panic!("expected UNAVAILABLE, got {e}"),
+        Ok(_) => panic!("connected in clear although a database CA is configured"),
+    }
+    // Without a CA configured, the same server is used in clear (local
+    // development), as before.
+    PostgresStore::connect(&url, 2, None).await.unwrap();
+}

@@ -610,6 +610,25 @@ async fn a_mistyped_card_number_sent_as_a_token_is_recorded_masked() {
             assert!(tokens.contains(&real), "{tokens:?}");
         }
     }
+    // An auditor searching for it: the query's own record masks it too.
+    cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await)
+        .query(cardvault::proto::AuditQueryRequest {
+            token: typo.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let queries: Vec<String> = v
+        .audit_events("AuditQuery")
+        .await
+        .into_iter()
+        .map(|e| e.token)
+        .collect();
+    assert!(
+        queries.iter().any(|t| t == "411111******1112"),
+        "{queries:?}"
+    );
+    assert!(!queries.iter().any(|t| t.contains(typo)), "{queries:?}");
     let logs = v.logs();
     assert!(
         logs.contains("411111******1112"),

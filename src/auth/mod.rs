@@ -444,7 +444,10 @@ mod tests {
             Err(Error::Unauthenticated(m)) if m.contains("revoked")
         ));
         // The replacement certificate of the same principal.
-        assert!(a.authorize(&with([8; 32]), Action::Tokenize, "demo").is_ok());
+        assert!(
+            a.authorize(&with([8; 32]), Action::Tokenize, "demo")
+                .is_ok()
+        );
     }
 
     #[test]

@@ -38,9 +38,12 @@ pub struct QueryArgs {
     /// Until (exclusive): Unix seconds or YYYY-MM-DDTHH:MM:SSZ.
     #[arg(long)]
     pub until: Option<String>,
-    /// Most records to print.
+    /// Most records to print (asked for in pages of at most 10,000).
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
+    /// Only records after this seq (to continue where a query stopped).
+    #[arg(long, default_value_t = 0)]
+    pub after_seq: u64,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -137,53 +140,78 @@ fn principal_of_pem(path: &std::path::Path) -> Result<String, String> {
         .ok_or_else(|| format!("{} names no principal (no SAN URI or CN)", path.display()))
 }
 
+/// Prints one audit event, as a JSON line or a table row.
+fn print_event(e: &proto::AuditEvent, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "seq": e.seq, "time": secs(&e.time), "principal": e.principal, "roles": e.roles,
+                "tenant": e.tenant, "action": e.action, "token": e.token, "purpose": e.purpose,
+                "outcome": e.outcome, "error": e.error, "request_id": e.request_id,
+                "peer": e.peer, "detail": e.detail, "hash": e.hash,
+            })
+        );
+    } else {
+        println!(
+            "{:>8}  {:>10}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {}",
+            e.seq,
+            secs(&e.time),
+            e.action,
+            e.tenant,
+            e.token,
+            e.outcome,
+            e.principal,
+            e.purpose
+        );
+    }
+}
+
 /// Runs an audit subcommand.
 pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
     let mut client = AuditServiceClient::new(opts.connect("auditor").await?);
     match cmd {
         AuditCmd::Query(q) => {
-            let r = client
-                .query(proto::AuditQueryRequest {
-                    principal: q.principal,
-                    tenant: q.tenant,
-                    action: q.action,
-                    token: q.token,
-                    since: opt_time(&q.since)?,
-                    until: opt_time(&q.until)?,
-                    after_seq: 0,
-                    limit: q.limit,
-                })
-                .await
-                .map_err(|s| status_text(&s))?
-                .into_inner();
             if !q.json {
                 println!(
                     "{:>8}  {:>10}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  purpose",
                     "seq", "time", "action", "tenant", "token", "outcome", "principal"
                 );
             }
-            for e in r.events {
-                if q.json {
-                    println!(
-                        "{}",
-                        json!({
-                            "seq": e.seq, "time": secs(&e.time), "principal": e.principal, "roles": e.roles,
-                            "tenant": e.tenant, "action": e.action, "token": e.token, "purpose": e.purpose,
-                            "outcome": e.outcome, "error": e.error, "request_id": e.request_id,
-                            "peer": e.peer, "detail": e.detail, "hash": e.hash,
-                        })
-                    );
-                } else {
-                    println!(
-                        "{:>8}  {:>10}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {}",
-                        e.seq,
-                        secs(&e.time),
-                        e.action,
-                        e.tenant,
-                        e.token,
-                        e.outcome,
-                        e.principal,
-                        e.purpose
+            // Page by page (the vault answers at most 10,000 a call) until
+            // the log is scanned to its end or --limit records are printed,
+            // then say where to continue: a silent cut would pass for "no
+            // more records".
+            let (mut after, mut left) = (q.after_seq, q.limit);
+            while left > 0 {
+                let want = left.min(10_000);
+                let r = client
+                    .query(proto::AuditQueryRequest {
+                        principal: q.principal.clone(),
+                        tenant: q.tenant.clone(),
+                        action: q.action.clone(),
+                        token: q.token.clone(),
+                        since: opt_time(&q.since)?,
+                        until: opt_time(&q.until)?,
+                        after_seq: after,
+                        limit: want,
+                    })
+                    .await
+                    .map_err(|s| status_text(&s))?
+                    .into_inner();
+                let n = r.events.len() as u32;
+                for e in r.events {
+                    print_event(&e, q.json);
+                }
+                after = r.next_after_seq;
+                left -= n.min(left);
+                if n < want {
+                    break;
+                }
+                if left == 0 {
+                    eprintln!(
+                        "limit of {} records reached; more may match: add --after-seq {after}",
+                        q.limit
                     );
                 }
             }

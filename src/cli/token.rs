@@ -35,9 +35,13 @@ pub struct TokenizeCmd {
     /// Expiry as MM/YYYY (or MM/YY).
     #[arg(long)]
     pub exp: String,
-    /// CVV, held in vault memory only (testing convenience).
-    #[arg(long)]
+    /// CVV, held in vault memory only. Prefer --cvv-stdin (see --pan).
+    #[arg(long, conflicts_with = "cvv_stdin")]
     pub cvv: Option<String>,
+    /// Read the CVV from the next line of standard input (after the card
+    /// number's, with --pan-stdin).
+    #[arg(long)]
+    pub cvv_stdin: bool,
     /// Cardholder name.
     #[arg(long)]
     pub name: Option<String>,
@@ -93,17 +97,22 @@ fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
 
 /// Runs `tokenize`; prints the result as JSON.
 pub async fn tokenize(opts: &ClientOpts, cmd: TokenizeCmd) -> Result<(), String> {
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut next_line = || -> Result<Zeroizing<String>, String> {
+        let mut line = Zeroizing::new(String::new());
+        input.read_line(&mut line).map_err(|e| e.to_string())?;
+        Ok(Zeroizing::new(line.trim().to_owned()))
+    };
     let pan = match (cmd.pan, cmd.pan_stdin) {
         (Some(p), _) => Zeroizing::new(p),
-        (None, true) => {
-            let mut line = Zeroizing::new(String::new());
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| e.to_string())?;
-            Zeroizing::new(line.trim().to_owned())
-        }
+        (None, true) => next_line()?,
         (None, false) => return Err("give --pan or --pan-stdin".into()),
+    };
+    let cvv = match (cmd.cvv, cmd.cvv_stdin) {
+        (Some(c), _) => Some(c),
+        (None, true) => Some(next_line()?.to_string()),
+        (None, false) => None,
     };
     let (exp_month, exp_year) = parse_exp(&cmd.exp)?;
     let format = match cmd.format {
@@ -119,7 +128,7 @@ pub async fn tokenize(opts: &ClientOpts, cmd: TokenizeCmd) -> Result<(), String>
             exp_month,
             exp_year,
             cardholder_name: cmd.name,
-            cvv: cmd.cvv,
+            cvv,
             format: format as i32,
             dedupe: cmd.dedupe,
         })

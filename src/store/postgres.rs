@@ -482,12 +482,18 @@ impl PostgresStore {
         pool_size: usize,
         tls: Option<rustls::ClientConfig>,
     ) -> Result<PostgresStore> {
-        let cfg: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::invalid(
                 "store.url",
                 format!("not a valid PostgreSQL connection string: {e}"),
             )
         })?;
+        if tls.is_some() {
+            // tokio-postgres defaults to `prefer`: a server (or anyone in
+            // the path) answering "no TLS" would get the password and the
+            // traffic in clear. With a CA configured, TLS is required.
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         let mgr_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -784,15 +790,17 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        Ok(rows
-            .iter()
+        rows.iter()
             .map(|r| {
                 let seq: i64 = r.get(0);
-                let rec =
-                    AuditRecord::decode(r.get::<_, Vec<u8>>(1).as_slice()).unwrap_or_default();
-                (seq as u64, rec)
+                // Storage damage, told apart from tampering (which decodes
+                // but breaks the chain).
+                let rec = AuditRecord::decode(r.get::<_, Vec<u8>>(1).as_slice()).map_err(|_| {
+                    Error::DataLoss(format!("audit record {seq} cannot be decoded"))
+                })?;
+                Ok((seq as u64, rec))
             })
-            .collect())
+            .collect()
     }
 
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {

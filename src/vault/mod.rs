@@ -361,17 +361,32 @@ impl Vault {
                 "does not match the key-encrypting key this vault's data was written with",
             ));
         }
-        let fresh = wrap_key(&kek, AUDIT_KEY_NAME, &SecretKey::generate());
-        let wrapped = self
-            .store
-            .put_key_if_absent(AUDIT_KEY_NAME, &fresh)
-            .await?
-            .unwrap_or(fresh);
+        let checkpoints = self.store.checkpoints().await?;
+        let wrapped = match self.store.get_key(AUDIT_KEY_NAME).await? {
+            Some(w) => w,
+            // Checkpoints signed by a key that is gone: a new key would sign
+            // whatever the log now holds (a rewrite behind the deleted key
+            // and checkpoints included), so refuse instead.
+            None if !checkpoints.is_empty() => {
+                return Err(Error::DataLoss(format!(
+                    "the audit signing key is missing, but {} audit checkpoints were signed with it",
+                    checkpoints.len()
+                )));
+            }
+            // First unseal (or a crash during it): make one.
+            None => {
+                let fresh = wrap_key(&kek, AUDIT_KEY_NAME, &SecretKey::generate());
+                self.store
+                    .put_key_if_absent(AUDIT_KEY_NAME, &fresh)
+                    .await?
+                    .unwrap_or(fresh)
+            }
+        };
         let seed = unwrap_key(&kek, AUDIT_KEY_NAME, &wrapped)
             .map_err(|_| Error::DataLoss("the audit signing key failed to unwrap".into()))?;
         let audit_key = Ed25519KeyPair::from_seed_unchecked(seed.expose())
             .map_err(|_| Error::Internal("bad audit signing key".into()))?;
-        let last_cp = self.store.checkpoints().await?.last().map_or(0, |c| c.seq);
+        let last_cp = checkpoints.last().map_or(0, |c| c.seq);
         self.last_checkpoint.fetch_max(last_cp, Ordering::Relaxed);
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Keyring::new(
             kek,
@@ -828,8 +843,16 @@ impl Vault {
     /// whether it existed; deleting twice is not an error.
     pub async fn delete(&self, ctx: &CallContext, tenant: &Tenant, token: &Token) -> Result<bool> {
         if let Err(e) = self.keyring() {
-            self.audit_rejected(ctx, "DeleteToken", tenant.as_str(), token.as_str(), &e)
-                .await;
+            // Sealed: whether a card is under it is unknown, so a digit
+            // token is recorded masked (see `Token::recorded`).
+            self.audit_rejected(
+                ctx,
+                "DeleteToken",
+                tenant.as_str(),
+                &token.recorded(false),
+                &e,
+            )
+            .await;
             return Err(e);
         }
         self.cvv.remove(tenant.as_str(), token.as_str());
