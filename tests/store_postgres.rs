@@ -169,3 +169,53 @@ async fn a_configured_database_ca_makes_tls_required() {
     // development), as before.
     PostgresStore::connect(&url, 2, None).await.unwrap();
 }
+
+/// One job's own failure (a dedupe that finds its card's stored record
+/// undecodable) fails that job only: the other writes of its group commit,
+/// other tenants' included, still commit.
+#[tokio::test]
+async fn one_jobs_damaged_record_does_not_fail_its_batch() {
+    let Some((store, url)) = fresh_store().await else {
+        return;
+    };
+    assert_inserted(&*store, &sample("acme", "tok_damaged", 7), false).await;
+    admin(&url)
+        .await
+        .execute(
+            "UPDATE records SET data = '\\x00ff'::bytea WHERE token = 'tok_damaged'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for round in 0..5 {
+        let bad = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let again = sample("acme", &format!("tok_again_{round}"), 7);
+                store.insert(&again, true, &audit_body("Tokenize")).await
+            })
+        };
+        let good: Vec<_> = (0..20)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let r = sample("globex", &format!("tok_{round}_{i}"), 100 + i);
+                    store.insert(&r, false, &audit_body("Tokenize")).await
+                })
+            })
+            .collect();
+        match bad.await.unwrap() {
+            Err(Error::DataLoss(_)) => {}
+            other => panic!("round {round}: expected DATA_LOSS, got {other:?}"),
+        }
+        for g in good {
+            let out = g.await.unwrap();
+            assert!(
+                matches!(out, Ok(cardvault::store::InsertOutcome::Inserted(_))),
+                "round {round}: {out:?}"
+            );
+        }
+    }
+    assert_eq!(store.count(Some("globex")).await.unwrap(), 100);
+    assert_chain_intact(&*store).await;
+}

@@ -115,6 +115,9 @@ enum Done {
     Audit(AuditLink),
     Insert(InsertOutcome),
     Delete(bool, AuditLink),
+    /// This job alone failed (e.g. a stored record it had to read does not
+    /// decode); the rest of its batch went on and committed.
+    Failed(Error),
 }
 
 /// A job waiting for its group commit, and who to tell.
@@ -168,6 +171,7 @@ fn mismatch(done: &Done) -> Error {
         Done::Audit(_) => "audit",
         Done::Insert(_) => "insert",
         Done::Delete(..) => "delete",
+        Done::Failed(_) => "failure",
     };
     Error::Internal(format!(
         "group commit answered with a result of kind {kind}"
@@ -184,6 +188,10 @@ fn decode(bytes: &[u8]) -> Result<StoredRecord> {
 enum TxError {
     Pg(tokio_postgres::Error),
     Vault(Error),
+    /// Fails only the job it came from: nothing went wrong in the
+    /// transaction (the job undoes what it wrote), so the other jobs of its
+    /// batch, other tenants' included, are not failed with it.
+    Job(Error),
 }
 
 impl From<tokio_postgres::Error> for TxError {
@@ -223,7 +231,7 @@ async fn insert_in(
     };
     if dedupe && let Some(bytes) = indexed {
         return Ok(Some(InsertOutcome::Deduplicated(
-            decode(&bytes).map_err(TxError::Vault)?,
+            decode(&bytes).map_err(TxError::Job)?,
         )));
     }
     let insert_record = tx
@@ -268,8 +276,9 @@ async fn insert_in(
                 .await?;
             tx.execute(&delete, &[&record.tenant, &record.token])
                 .await?;
+            // Our record is gone again, so failing just this job is clean.
             return Ok(Some(InsertOutcome::Deduplicated(
-                decode(&bytes).map_err(TxError::Vault)?,
+                decode(&bytes).map_err(TxError::Job)?,
             )));
         }
     }
@@ -371,7 +380,7 @@ macro_rules! transaction {
                     tokio::time::sleep(Duration::from_millis(2 << attempt.min(6))).await;
                 }
                 Err(TxError::Pg(e)) => break Err(pg(e)),
-                Err(TxError::Vault(e)) => break Err(e),
+                Err(TxError::Vault(e) | TxError::Job(e)) => break Err(e),
             }
         }
     }};
@@ -430,6 +439,7 @@ impl Committer {
             for result in results {
                 match result {
                     Ok(step) => steps.push(step),
+                    Err(TxError::Job(e)) => steps.push(Step::Done(Done::Failed(e))),
                     Err(e) => failed.push(e),
                 }
             }
@@ -473,6 +483,32 @@ enum Step<'a> {
     Done(Done),
 }
 
+/// Longest a new database connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a call waits for a pooled connection.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+/// Longest sent data may stay unacknowledged before the connection is
+/// taken for dead (TCP_USER_TIMEOUT). A slow query is not cut by it: its
+/// request was acknowledged.
+const DEAD_PEER: Duration = Duration::from_secs(30);
+
+/// A database that stops answering (a partition that drops packets
+/// without a reset) must fail calls with UNAVAILABLE, not hang them and
+/// every call queued behind them: bounded connects, and dead-peer
+/// detection on open connections. A value the connection string sets wins.
+fn with_timeouts(cfg: &mut tokio_postgres::Config) {
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(DEAD_PEER);
+    }
+    // Idle connections in the pool: probe after a minute, not two hours.
+    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 3600) {
+        cfg.keepalives_idle(Duration::from_secs(60));
+    }
+}
+
 impl PostgresStore {
     /// Connects (`url` is a libpq-style connection string or URL) with a
     /// pool of `pool_size` connections and applies pending migrations.
@@ -488,6 +524,7 @@ impl PostgresStore {
                 format!("not a valid PostgreSQL connection string: {e}"),
             )
         })?;
+        with_timeouts(&mut cfg);
         if tls.is_some() {
             // tokio-postgres defaults to `prefer`: a server (or anyone in
             // the path) answering "no TLS" would get the password and the
@@ -507,6 +544,9 @@ impl PostgresStore {
         };
         let pool = Pool::builder(mgr)
             .max_size(pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(unavailable)?;
         let (audits, audit_jobs) = mpsc::unbounded_channel();
@@ -531,7 +571,10 @@ impl PostgresStore {
         let (reply, done) = oneshot::channel();
         let stopped = || unavailable("group commit stopped");
         to.send((job, reply)).map_err(|_| stopped())?;
-        done.await.map_err(|_| stopped())?
+        match done.await.map_err(|_| stopped())?? {
+            Done::Failed(e) => Err(e),
+            done => Ok(done),
+        }
     }
 
     /// Applies every migration not yet recorded. Safe to run from several
@@ -828,5 +871,25 @@ impl Store for PostgresStore {
                     .map_err(|_| Error::DataLoss("audit checkpoint is corrupt".into()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_set_unless_the_connection_string_sets_them() {
+        let mut cfg: tokio_postgres::Config = "host=db user=v".parse().unwrap();
+        with_timeouts(&mut cfg);
+        assert_eq!(cfg.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(cfg.get_tcp_user_timeout(), Some(&DEAD_PEER));
+        assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(60));
+        let mut cfg: tokio_postgres::Config = "host=db user=v connect_timeout=3 keepalives_idle=5"
+            .parse()
+            .unwrap();
+        with_timeouts(&mut cfg);
+        assert_eq!(cfg.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(5));
     }
 }
