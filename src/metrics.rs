@@ -170,6 +170,13 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "cardvault_audit_sink_dropped_total",
+            "Audit SIEM lines dropped because the sink could not keep up.",
+            "counter",
+            vault.audit_sink_dropped(),
+        );
+        gauge(
+            &mut out,
             "cardvault_tls_handshake_failures_total",
             "Connections refused during the TLS handshake.",
             "counter",

@@ -369,6 +369,8 @@ pub async fn serve(
     if let Err(e) = vault.checkpoint_now().await {
         tracing::warn!(error = %e, "final audit checkpoint failed");
     }
+    // The SIEM copy is complete before the process goes (bounded wait).
+    vault.close_audit_sink();
     // In-flight calls have drained; wipe keys and CVVs before the store closes.
     vault.seal();
     tracing::info!("cardvault stopped; keys and CVVs wiped");

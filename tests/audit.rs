@@ -493,8 +493,16 @@ async fn audit_service_query_blast_radius_and_verify() {
     let e = pa.verify(VerifyAuditRequest {}).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 
-    // The SIEM copy has one JSON line per record.
-    let lines = std::fs::read_to_string(&siem).unwrap();
+    // The SIEM copy has one JSON line per record (written on the sink's
+    // own thread, so it may trail the calls a little).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let lines = loop {
+        let lines = std::fs::read_to_string(&siem).unwrap();
+        if lines.lines().count() as u64 >= report.records || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert!(lines.lines().count() as u64 >= report.records);
     assert!(lines.contains("\"action\":\"Detokenize\""));
 }

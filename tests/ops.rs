@@ -61,6 +61,7 @@ async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
         "cardvault_cvv_held 0",
         "cardvault_rate_limited_total 0",
         "cardvault_audit_write_failures_total 0",
+        "cardvault_audit_sink_dropped_total 0",
         r#"cardvault_data_key_active_version{tenant="demo"} 1"#,
     ] {
         assert!(resp.lines().any(|l| l == line), "missing {line}\n{resp}");

@@ -22,20 +22,63 @@ pub const MAX_QUERY_LIMIT: usize = 10_000;
 /// Copies each committed audit record as one JSON line to a writer (a file
 /// or stdout) for a SIEM. The hash-chained store stays the source of truth;
 /// a write error here is logged, never fatal.
+///
+/// The writing happens on a thread of its own, fed through a bounded queue:
+/// a stalled destination (a full pipe, a hung network file system) must
+/// not stall the calls being audited. Lines follow the order the calls
+/// finished in, which is not always seq order (group commits answer their
+/// callers in any order): consumers order them by `seq`. If the queue is
+/// full, lines are dropped and counted ([`AuditSink::dropped`], exported as
+/// a metric), and the gap shows in the seqs the SIEM received.
 pub struct AuditSink {
-    /// Destination; a mutex keeps lines whole.
-    out: Mutex<Box<dyn Write + Send>>,
+    /// To the writer thread; `None` once closed (drop).
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<String>>>,
+    /// Lines dropped because the queue was full.
+    dropped: std::sync::atomic::AtomicU64,
+    /// Told when the writer thread has written everything and stopped.
+    done: Mutex<std::sync::mpsc::Receiver<()>>,
 }
+
+/// Lines that may wait for the writer thread.
+const SINK_QUEUE: usize = 65_536;
+
+/// How long a closing sink waits for its queue to be written.
+const SINK_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl AuditSink {
     /// A sink writing to `out`.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self::with_queue(out, SINK_QUEUE)
+    }
+
+    /// A sink whose queue holds `capacity` lines.
+    pub fn with_queue(mut out: Box<dyn Write + Send>, capacity: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(capacity);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("cardvault-siem".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    let mut ok = writeln!(out, "{line}").is_ok();
+                    // Whatever else is waiting, then one flush.
+                    while let Ok(line) = rx.try_recv() {
+                        ok &= writeln!(out, "{line}").is_ok();
+                    }
+                    if !(ok && out.flush().is_ok()) {
+                        tracing::warn!("audit SIEM sink write failed");
+                    }
+                }
+                let _ = done_tx.send(());
+            })
+            .expect("spawn the SIEM writer thread");
         AuditSink {
-            out: Mutex::new(out),
+            tx: Mutex::new(Some(tx)),
+            dropped: Default::default(),
+            done: Mutex::new(done),
         }
     }
 
-    /// Writes one record.
+    /// Queues one record for writing; never blocks.
     pub fn write(&self, link: &AuditLink, b: &AuditBody) {
         let line = json!({
             "seq": link.seq,
@@ -52,10 +95,45 @@ impl AuditSink {
             "request_id": b.request_id,
             "peer": b.peer,
             "detail": b.detail,
-        });
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
-            tracing::warn!("audit SIEM sink write failed");
+        })
+        .to_string();
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = tx.as_ref() else { return };
+        if tx.try_send(line).is_err() {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Once, then at every power of two: a stuck SIEM is loud but
+            // does not flood the log.
+            if (n + 1).is_power_of_two() {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "audit SIEM sink is not keeping up; lines dropped"
+                );
+            }
+        }
+    }
+
+    /// Lines dropped so far because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops taking lines and waits (at most a few seconds) until those
+    /// queued are written: at shutdown, so the SIEM file is complete.
+    pub fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if done.recv_timeout(SINK_DRAIN).is_err() {
+            tracing::warn!("audit SIEM sink did not drain at close");
+        }
+    }
+}
+
+impl Drop for AuditSink {
+    fn drop(&mut self) {
+        if self.tx.get_mut().map(|t| t.is_some()).unwrap_or(false) {
+            self.close();
         }
     }
 }
@@ -219,5 +297,75 @@ impl Vault {
         // Appended after the scan, so a verify never reports its own record.
         self.record(body).await?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Condvar};
+
+    /// Whether the gate is open, and what went through it.
+    type GateState = Mutex<(bool, Vec<u8>)>;
+
+    /// A destination that takes nothing until opened, then keeps lines.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(GateState, Condvar)>);
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, open) = &*self.0;
+            let mut g = open
+                .wait_while(lock.lock().unwrap(), |(opened, _)| !*opened)
+                .unwrap();
+            g.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn link(seq: u64) -> AuditLink {
+        AuditLink {
+            seq,
+            hash: vec![0; 32],
+        }
+    }
+
+    /// A stalled SIEM destination does not stall the audited calls: writes
+    /// return at once, a full queue drops (and counts) lines, and what was
+    /// queued is written, in order, once the destination moves again.
+    #[test]
+    fn a_stalled_destination_never_blocks_a_write() {
+        let gate = Gate::default();
+        let sink = AuditSink::with_queue(Box::new(gate.clone()), 4);
+        let body = AuditBody::default();
+        // The writer thread takes line 1 and blocks in it; 4 more queue.
+        for seq in 1..=20 {
+            sink.write(&link(seq), &body);
+        }
+        let dropped = sink.dropped();
+        assert!((15..=16).contains(&dropped), "dropped {dropped}");
+        {
+            let (lock, open) = &*gate.0;
+            lock.lock().unwrap().0 = true;
+            open.notify_all();
+        }
+        sink.close();
+        let text = String::from_utf8(gate.0.0.lock().unwrap().1.clone()).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs.len() as u64, 20 - dropped, "{seqs:?}");
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        // Closed: further writes are ignored, not queued.
+        sink.write(&link(99), &body);
+        assert_eq!(sink.dropped(), dropped);
     }
 }

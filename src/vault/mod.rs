@@ -409,6 +409,18 @@ impl Vault {
         self.audit_failures.load(Ordering::Relaxed)
     }
 
+    /// SIEM lines dropped because the sink could not keep up (0 without one).
+    pub fn audit_sink_dropped(&self) -> u64 {
+        self.config.audit_sink.as_ref().map_or(0, |s| s.dropped())
+    }
+
+    /// Writes out what the SIEM sink still holds and closes it (shutdown).
+    pub fn close_audit_sink(&self) {
+        if let Some(s) = &self.config.audit_sink {
+            s.close();
+        }
+    }
+
     /// Appends an audit record (and signs a checkpoint when one is due).
     pub async fn record(&self, body: AuditBody) -> Result<AuditLink> {
         self.record_with(body, true).await
