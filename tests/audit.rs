@@ -566,3 +566,32 @@ async fn the_checkpoint_signed_at_a_seal_covers_the_seal_record() {
     let last = store.checkpoints().await.unwrap().last().unwrap().seq;
     assert_eq!(last, head, "the Seal record is the last one signed");
 }
+
+/// Deleting the newest checkpoints (the first step of rewriting the tail
+/// undetected) is reported by the vault that signed or saw them.
+#[tokio::test]
+async fn deleted_checkpoints_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = open_vault(dir.path(), 10).await;
+    for _ in 0..25 {
+        v.tokenize(
+            &ctx("m"),
+            &t("x"),
+            card("4111111111111111"),
+            TokenizeOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    v.checkpoint_now().await.unwrap();
+    let before = v.verify_audit(&ctx("auditor")).await.unwrap();
+    assert!(before.ok() && before.checkpoints >= 3, "{before:?}");
+    assert!(store.raw_remove_checkpoints_from(20).unwrap() >= 2);
+    let after = v.verify_audit(&ctx("auditor")).await.unwrap();
+    assert!(!after.ok(), "{after:?}");
+    assert!(
+        after.problem.contains("checkpoints were deleted"),
+        "{after:?}"
+    );
+    assert_eq!(after.first_bad_seq, 11, "{after:?}");
+}

@@ -322,6 +322,18 @@ async fn batch_with_mixed_items() {
     assert_eq!(err(1).code, "INVALID_ARGUMENT");
     assert_eq!(err(1).field, "items[1].pan");
     assert_eq!(err(2).field, "items[2].exp_month");
+    // Every item has its record under the batch's action, stored or not.
+    let items: Vec<(String, String)> = v
+        .audit_events("TokenizeBatch")
+        .await
+        .into_iter()
+        .map(|e| (e.outcome, e.token))
+        .collect();
+    assert_eq!(items.len(), 4, "{items:?}");
+    for token in [&a.token, &d.token] {
+        assert!(items.contains(&("OK".into(), token.clone())), "{items:?}");
+    }
+    assert!(v.audit_events("Tokenize").await.is_empty());
 
     let dreq = DetokenizeBatchRequest {
         tenant: "demo".into(),

@@ -862,6 +862,23 @@ impl SledStore {
         RawAudit(&self.shared.trees.journal)
     }
 
+    /// Deletes the signed checkpoints at or above `seq` behind the store's
+    /// back (not through the log), as an attacker with file access would:
+    /// for tamper tests.
+    #[doc(hidden)]
+    pub fn raw_remove_checkpoints_from(&self, seq: u64) -> Result<usize> {
+        let tree = &self.shared.trees.checkpoints;
+        let keys: Vec<_> = tree
+            .range(seq.to_be_bytes()..)
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(unavailable)?;
+        for k in &keys {
+            tree.remove(k).map_err(unavailable)?;
+        }
+        Ok(keys.len())
+    }
+
     /// Reads a key as writers must see it: queued changes first, then sled.
     fn lookup(&self, st: &State, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.lookup_pre(st, None, tree, key)

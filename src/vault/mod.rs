@@ -499,9 +499,22 @@ impl Vault {
         card: NewCard,
         opts: TokenizeOptions,
     ) -> Result<CardMetadata> {
-        let result = self.tokenize_inner(ctx, tenant, card, opts).await;
+        self.tokenize_as(ctx, "Tokenize", tenant, card, opts).await
+    }
+
+    /// [`Vault::tokenize`], audited as `action` (a batch's items as
+    /// `TokenizeBatch`, so that a query by action finds all of them).
+    async fn tokenize_as(
+        &self,
+        ctx: &CallContext,
+        action: &str,
+        tenant: &Tenant,
+        card: NewCard,
+        opts: TokenizeOptions,
+    ) -> Result<CardMetadata> {
+        let result = self.tokenize_inner(ctx, action, tenant, card, opts).await;
         if let Err(e) = &result {
-            self.audit_rejected(ctx, "Tokenize", tenant.as_str(), "", e)
+            self.audit_rejected(ctx, action, tenant.as_str(), "", e)
                 .await;
         }
         result
@@ -510,6 +523,7 @@ impl Vault {
     async fn tokenize_inner(
         &self,
         ctx: &CallContext,
+        action: &str,
         tenant: &Tenant,
         card: NewCard,
         opts: TokenizeOptions,
@@ -599,7 +613,7 @@ impl Vault {
                     &secret,
                 ),
             };
-            let mut body = audit_body(ctx, "Tokenize", tenant.as_str(), token.as_str(), Ok(()));
+            let mut body = audit_body(ctx, action, tenant.as_str(), token.as_str(), Ok(()));
             if card.cvv.is_some() {
                 body.detail = "cvv held".into();
             }
@@ -661,7 +675,10 @@ impl Vault {
         self.check_unsealed()?;
         Ok(join_all(items.into_iter().map(|item| async move {
             match item {
-                Ok(card) => self.tokenize(ctx, tenant, card, opts).await,
+                Ok(card) => {
+                    self.tokenize_as(ctx, "TokenizeBatch", tenant, card, opts)
+                        .await
+                }
                 Err(e) => {
                     self.audit_rejected(ctx, "TokenizeBatch", tenant.as_str(), "", &e)
                         .await;
