@@ -595,3 +595,22 @@ async fn deleted_checkpoints_are_reported() {
     );
     assert_eq!(after.first_bad_seq, 11, "{after:?}");
 }
+
+/// A verify refused while sealed is recorded, like a refused query.
+#[tokio::test]
+async fn a_verify_refused_while_sealed_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = open_vault(dir.path(), 1000).await;
+    v.seal();
+    assert!(matches!(
+        v.verify_audit(&ctx("auditor")).await,
+        Err(Error::Sealed)
+    ));
+    let records = store.audit_records(0, 100).await.unwrap();
+    let refused = records
+        .iter()
+        .filter_map(|(_, r)| r.decode_body())
+        .filter(|b| b.action == "AuditVerify" && b.outcome == "UNAVAILABLE")
+        .count();
+    assert_eq!(refused, 1);
+}

@@ -263,6 +263,15 @@ impl Vault {
     /// signing key's public half comes from the wrapped key, not from the
     /// store, so a forged key in the store cannot vouch for a forged log).
     pub async fn verify_audit(&self, ctx: &CallContext) -> Result<VerifyReport> {
+        // A refusal (sealed) or a failure is recorded too, as for a query.
+        let result = self.verify_inner(ctx).await;
+        if let Err(e) = &result {
+            self.audit_rejected(ctx, "AuditVerify", "", "", e).await;
+        }
+        result
+    }
+
+    async fn verify_inner(&self, ctx: &CallContext) -> Result<VerifyReport> {
         let keyring = self.keyring()?;
         // Read before the store's list: every checkpoint counted in it was
         // stored before it was counted, so the list must hold it.
