@@ -219,3 +219,75 @@ async fn one_jobs_damaged_record_does_not_fail_its_batch() {
     assert_eq!(store.count(Some("globex")).await.unwrap(), 100);
     assert_chain_intact(&*store).await;
 }
+
+/// The fingerprint index never keeps a card unindexed for dedupe: an entry
+/// naming a token whose record is gone (a delete that raced a dedupe, or a
+/// damaged record deleted) is taken over by the next deduplicating
+/// tokenize, and a damaged record's delete removes its entry too.
+#[tokio::test]
+async fn dedupe_takes_over_an_entry_whose_record_is_gone() {
+    let Some((store, url)) = fresh_store().await else {
+        return;
+    };
+    let db = admin(&url).await;
+    let body = audit_body("Tokenize");
+    let token_of = |out: cardvault::store::InsertOutcome| match out {
+        cardvault::store::InsertOutcome::Inserted(_) => None,
+        cardvault::store::InsertOutcome::Deduplicated(r) => Some(r.token),
+        other => panic!("{other:?}"),
+    };
+    // An entry left naming a record that is no longer there.
+    assert_inserted(&*store, &sample("acme", "tok_gone", 5), true).await;
+    db.execute("DELETE FROM records WHERE token = 'tok_gone'", &[])
+        .await
+        .unwrap();
+    let b = store
+        .insert(&sample("acme", "tok_b", 5), true, &body)
+        .await
+        .unwrap();
+    assert_eq!(
+        token_of(b),
+        None,
+        "a new token, indexed in place of the gone one"
+    );
+    let c = store
+        .insert(&sample("acme", "tok_c", 5), true, &body)
+        .await
+        .unwrap();
+    assert_eq!(token_of(c).as_deref(), Some("tok_b"), "the same card again");
+
+    // A damaged record's delete leaves no entry behind.
+    assert_inserted(&*store, &sample("acme", "tok_damaged", 6), true).await;
+    db.execute(
+        "UPDATE records SET data = '\\x00ff'::bytea WHERE token = 'tok_damaged'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(
+        store
+            .delete("acme", "tok_damaged", &audit_body("DeleteToken"))
+            .await
+            .unwrap()
+            .0
+    );
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM fingerprints WHERE token = 'tok_damaged'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    let d = store
+        .insert(&sample("acme", "tok_d", 6), true, &body)
+        .await
+        .unwrap();
+    assert_eq!(token_of(d), None);
+    let e = store
+        .insert(&sample("acme", "tok_e", 6), true, &body)
+        .await
+        .unwrap();
+    assert_eq!(token_of(e).as_deref(), Some("tok_d"));
+}

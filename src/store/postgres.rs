@@ -266,20 +266,51 @@ async fn insert_in(
     if indexed_now == 0 && dedupe {
         // Another transaction (or an earlier job of this batch) indexed
         // this PAN first (we waited for it on the unique index): adopt its
-        // token, drop ours.
-        let row = tx
-            .query_one(&select_index, &[&record.tenant, &record.fingerprint])
+        // token, drop ours. A concurrent delete may remove that token's
+        // record and entry at any point here, and an entry may name a token
+        // whose record is gone: then ours takes the entry's place instead,
+        // so the card never stays unindexed (and a later dedupe never makes
+        // a second token for it). Each pass loses only to another writer.
+        let take_over = tx
+            .prepare_cached(
+                "UPDATE fingerprints SET token = $3
+                 WHERE tenant = $1 AND fingerprint = $2 AND token = $4",
+            )
             .await?;
-        if let Some(bytes) = existing(row.get(0)).await? {
-            let delete = tx
-                .prepare_cached("DELETE FROM records WHERE tenant = $1 AND token = $2")
+        for _ in 0..3 {
+            let indexed = tx
+                .query_opt(&select_index, &[&record.tenant, &record.fingerprint])
                 .await?;
-            tx.execute(&delete, &[&record.tenant, &record.token])
-                .await?;
-            // Our record is gone again, so failing just this job is clean.
-            return Ok(Some(InsertOutcome::Deduplicated(
-                decode(&bytes).map_err(TxError::Job)?,
-            )));
+            let placed = match indexed {
+                Some(row) => {
+                    let theirs: String = row.get(0);
+                    if let Some(bytes) = existing(theirs.clone()).await? {
+                        let delete = tx
+                            .prepare_cached("DELETE FROM records WHERE tenant = $1 AND token = $2")
+                            .await?;
+                        tx.execute(&delete, &[&record.tenant, &record.token])
+                            .await?;
+                        // Our record is gone again, so failing just this
+                        // job is clean.
+                        return Ok(Some(InsertOutcome::Deduplicated(
+                            decode(&bytes).map_err(TxError::Job)?,
+                        )));
+                    }
+                    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                        [&record.tenant, &record.fingerprint, &record.token, &theirs];
+                    tx.execute(&take_over, &args).await?
+                }
+                None => {
+                    tx.execute(
+                        &insert_index,
+                        &[&record.tenant, &record.fingerprint, &record.token],
+                    )
+                    .await?
+                }
+            };
+            if placed == 1 {
+                break;
+            }
         }
     }
     Ok(None)
@@ -296,16 +327,27 @@ async fn delete_in(
         .prepare_cached("DELETE FROM records WHERE tenant = $1 AND token = $2 RETURNING data")
         .await?;
     let old = tx.query_opt(&delete, &[&tenant, &token]).await?;
-    if let Some(row) = &old
-        && let Ok(rec) = StoredRecord::decode(row.get::<_, Vec<u8>>(0).as_slice())
-    {
-        let unindex = tx
-            .prepare_cached(
-                "DELETE FROM fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3",
-            )
-            .await?;
-        tx.execute(&unindex, &[&tenant, &rec.fingerprint, &token])
-            .await?;
+    if let Some(row) = &old {
+        match StoredRecord::decode(row.get::<_, Vec<u8>>(0).as_slice()) {
+            Ok(rec) => {
+                let unindex = tx
+                    .prepare_cached(
+                        "DELETE FROM fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3",
+                    )
+                    .await?;
+                tx.execute(&unindex, &[&tenant, &rec.fingerprint, &token])
+                    .await?;
+            }
+            // Its fingerprint is unreadable: find its entry by token (a
+            // scan of the tenant's entries; only for a damaged record), so
+            // no entry is left naming a token that is gone.
+            Err(_) => {
+                let unindex = tx
+                    .prepare_cached("DELETE FROM fingerprints WHERE tenant = $1 AND token = $2")
+                    .await?;
+                tx.execute(&unindex, &[&tenant, &token]).await?;
+            }
+        }
     }
     Ok(old.is_some())
 }
