@@ -51,6 +51,18 @@ async fn open_vault(dir: &std::path::Path, every: u64) -> (Arc<Vault>, Arc<SledS
     (Arc::new(v), store)
 }
 
+/// Tokenizes the Visa test card for tenant `x`.
+async fn tokenize_test_card(v: &Vault) {
+    v.tokenize(
+        &ctx("m"),
+        &t("x"),
+        card("4111111111111111"),
+        TokenizeOptions::default(),
+    )
+    .await
+    .unwrap();
+}
+
 /// Runs `n` mixed operations (tokenize, detokenize, metadata, delete, failures).
 async fn mixed_ops(v: &Arc<Vault>, n: usize) {
     let purpose = Purpose::parse("load").unwrap();
@@ -525,14 +537,7 @@ async fn a_missing_audit_signing_key_is_refused_once_checkpoints_exist() {
         .expect("no checkpoint yet: a key is made");
     assert!(store.get_key(AUDIT_KEY_NAME).await.unwrap().is_some());
 
-    v.tokenize(
-        &ctx("m"),
-        &t("x"),
-        card("4111111111111111"),
-        TokenizeOptions::default(),
-    )
-    .await
-    .unwrap();
+    tokenize_test_card(&v).await;
     v.checkpoint_now().await.unwrap();
     v.seal();
     store.delete_key(AUDIT_KEY_NAME).await.unwrap();
@@ -553,14 +558,7 @@ async fn a_missing_audit_signing_key_is_refused_once_checkpoints_exist() {
 async fn the_checkpoint_signed_at_a_seal_covers_the_seal_record() {
     let dir = tempfile::tempdir().unwrap();
     let (v, store) = open_vault(dir.path(), 1000).await;
-    v.tokenize(
-        &ctx("m"),
-        &t("x"),
-        card("4111111111111111"),
-        TokenizeOptions::default(),
-    )
-    .await
-    .unwrap();
+    tokenize_test_card(&v).await;
     v.seal_by(&ctx("admin")).await.unwrap();
     let head = store.audit_head().await.unwrap().unwrap().0;
     let last = store.checkpoints().await.unwrap().last().unwrap().seq;
@@ -574,14 +572,7 @@ async fn deleted_checkpoints_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (v, store) = open_vault(dir.path(), 10).await;
     for _ in 0..25 {
-        v.tokenize(
-            &ctx("m"),
-            &t("x"),
-            card("4111111111111111"),
-            TokenizeOptions::default(),
-        )
-        .await
-        .unwrap();
+        tokenize_test_card(&v).await;
     }
     v.checkpoint_now().await.unwrap();
     let before = v.verify_audit(&ctx("auditor")).await.unwrap();
