@@ -1102,3 +1102,64 @@ async fn a_key_with_unreadable_metadata_is_taken_as_used_up() {
         "{meta:?}"
     );
 }
+
+/// Tenants may be called `dek` or `fpk`: their key metadata must not pass
+/// for wrapped keys, or every master key rotation fails trying to unwrap it.
+#[tokio::test]
+async fn a_tenant_named_like_a_key_kind_does_not_stop_master_key_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, _store, _shares) = initialised(dir.path()).await;
+    let dek = tokenize_in(&v, "dek").await;
+    let fpk = tokenize_in(&v, "fpk").await;
+    let (new_shares, _) = v
+        .rotate_master_key(&CallContext::default(), 3, 2)
+        .await
+        .expect("the rotation goes through");
+    let new_shares: Vec<String> = new_shares.iter().map(|s| s.to_string()).collect();
+    v.seal();
+    unseal_with(&v, &new_shares).await;
+    assert_eq!(reads(&v, "dek", &dek).await.unwrap(), "4111111111111111");
+    assert_eq!(reads(&v, "fpk", &fpk).await.unwrap(), "4111111111111111");
+}
+
+/// A retire that comes while a master key rotation is between reading
+/// every key and writing them back re-wrapped waits for it: the destroyed
+/// key is not written back (crypto-shredding silently undone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_retired_during_a_master_key_rotation_stays_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VaultConfig {
+        retire_grace: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let (v, store, _) = initialised_with(dir.path(), cfg).await;
+    let demo = Tenant::parse("demo").unwrap();
+    tokenized(&v, "demo").await;
+    // v2 is replaced by v3 at once: no record uses it, it may be retired.
+    v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    let (mut pause, hook) = Pause::new();
+    store.before_next_put_keys(hook);
+    let rotation = tokio::spawn({
+        let v = v.clone();
+        async move { v.rotate_master_key(&CallContext::default(), 3, 2).await }
+    });
+    pause.reached().await;
+    let mut retire = tokio::spawn({
+        let (v, demo) = (v.clone(), demo.clone());
+        async move { v.retire_key(&ctx(), &demo, 2).await }
+    });
+    // Without the lock the retire finishes here, before the write-back.
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut retire).await;
+    pause.release();
+    rotation.await.unwrap().unwrap();
+    match early {
+        Ok(done) => done.unwrap().unwrap(),
+        Err(_) => retire.await.unwrap().unwrap(),
+    }
+    assert_eq!(
+        store.get_key("tenant/demo/dek/0000000002").await.unwrap(),
+        None,
+        "the retired key was written back"
+    );
+}

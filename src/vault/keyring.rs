@@ -52,9 +52,14 @@ pub fn fpk_name(tenant: &str) -> String {
 }
 
 /// Whether a key-table entry is a key wrapped by the KEK (as opposed to
-/// metadata), i.e. one that master key rotation must re-wrap.
+/// metadata), i.e. one that master key rotation must re-wrap. Matched by
+/// the whole shape of the name, not a part of it: a tenant may be called
+/// `dek` or `fpk`, and its metadata must not pass for a key.
 pub fn is_wrapped_key(name: &str) -> bool {
-    name == AUDIT_KEY_NAME || name.contains("/dek/") || name.ends_with("/fpk")
+    let parts: Vec<&str> = name.split('/').collect();
+    name == AUDIT_KEY_NAME
+        || matches!(parts.as_slice(), ["tenant", _, "fpk"])
+        || matches!(parts.as_slice(), ["tenant", _, "dek", v] if v.parse::<u32>().is_ok())
 }
 
 /// The version number at the end of a data key name.

@@ -644,6 +644,9 @@ impl Vault {
     }
 
     async fn retire_inner(&self, tenant: &Tenant, version: u32) -> Result<()> {
+        // A master key rotation lists every key and writes them all back
+        // re-wrapped: a retire in between would be undone by that write.
+        let _guard = self.key_lock.read().await;
         let keyring = self.keyring()?;
         keyring.invalidate(tenant.as_str());
         let keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
