@@ -1163,3 +1163,35 @@ async fn a_key_retired_during_a_master_key_rotation_stays_destroyed() {
         "the retired key was written back"
     );
 }
+
+/// Init is audited before it writes anything, and once the KEK is
+/// committed its shares are returned even if the outcome cannot be
+/// recorded: without them nobody could ever unseal the vault.
+#[tokio::test]
+async fn an_init_is_audited_first_and_its_shares_always_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Flaky::open(dir.path()));
+    let v = Arc::new(Vault::new(
+        store.clone() as Arc<dyn Store>,
+        VaultConfig::default(),
+    ));
+    let ctx = CallContext::default();
+    store.set_failing(true);
+    let err = v.init(&ctx, 3, 2).await.err().unwrap();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    store.set_failing(false);
+    assert!(!v.is_initialized().await.unwrap(), "nothing was written");
+
+    let s = store.clone();
+    store.after_next_put_keys(move || s.set_failing(true));
+    let shares: Vec<String> = v
+        .init(&ctx, 3, 2)
+        .await
+        .expect("the shares of a committed KEK are returned")
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    store.set_failing(false);
+    unseal_with(&v, &shares).await;
+    tokenize_in(&v, "demo").await;
+}

@@ -176,6 +176,14 @@ impl Vault {
                 "the vault is already initialised".into(),
             ));
         }
+        // Audited before anything is written: an audit log that fails now
+        // refuses the init and changes nothing. Once the KEK is committed
+        // its shares are the only way in, so from then on they are
+        // returned even if the outcome cannot be recorded (as for a master
+        // key rotation).
+        let mut start = audit_body(ctx, "Init", "", "", Ok(()));
+        start.detail = "starting".into();
+        self.record(start).await?;
         let kek = SecretKey::generate();
         let aead = Aead::new(&kek);
         if self
@@ -201,7 +209,14 @@ impl Vault {
         let out = encode_shares(&kek, &cfg)?;
         let mut body = audit_body(ctx, "Init", "", "", Ok(()));
         body.detail = format!("{n} shares, threshold {t}, vault {}", cfg.vault_id);
-        self.record(body).await?;
+        if let Err(e) = self.record(body).await {
+            tracing::error!(
+                error = %e,
+                vault = %cfg.vault_id,
+                "vault initialised, but its outcome was not audited (the start was); \
+                 returning the shares, without which the vault cannot be unsealed"
+            );
+        }
         tracing::warn!(
             shares = n,
             threshold = t,
