@@ -1024,6 +1024,39 @@ async fn rewrapped_records_count_against_the_new_keys_limit() {
     assert!(v2.encryptions >= 48, "{v2:?}");
 }
 
+/// A rewrap stops using a key at its limit like a tokenize does: it
+/// rotates and goes on under the new key, rather than re-encrypting every
+/// stale record under the one key active when it started.
+#[tokio::test]
+async fn a_rewrap_rotates_at_the_encryption_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, store) = unsealed(dir.path(), limited(4)).await;
+    for _ in 0..10 {
+        tokenized(&v, "demo").await;
+    }
+    let demo = Tenant::parse("demo").unwrap();
+    v.rotate_data_key(&ctx(), Some(&demo)).await.unwrap();
+    let first_target = v.status().await.unwrap().tenants[0]
+        .versions
+        .last()
+        .unwrap()
+        .version;
+    let (tx, _rx) = tokio::sync::mpsc::channel(64);
+    assert_eq!(v.rewrap(&ctx(), None, tx).await.unwrap().done, 10);
+    let mut per_version = std::collections::BTreeMap::new();
+    for r in store.scan_records(None, 100).await.unwrap() {
+        *per_version.entry(r.key_version).or_insert(0) += 1;
+    }
+    assert!(
+        per_version.values().all(|n| *n <= 4),
+        "a version holds more than its 4 encryptions: {per_version:?}"
+    );
+    assert!(
+        per_version.keys().all(|v| *v >= first_target),
+        "{per_version:?}"
+    );
+}
+
 /// Two writes of one keyring's use count cannot land out of order: a
 /// write that stalls (here: before the store commits it) holds back the
 /// next one, which then writes the count as it is by then, so the stored

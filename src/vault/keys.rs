@@ -564,8 +564,17 @@ impl Vault {
             // store's group commit makes one flush serve many records.
             let mut updates = Vec::new();
             for rec in page.into_iter().filter(|r| stale(r)) {
-                let target = active[&rec.tenant];
-                let keys = keyring.tenant(&*self.store, &rec.tenant, false).await?;
+                // The keyring as it is now: a master key rotation during the
+                // rewrap replaces it (the old one cannot unwrap keys written
+                // since, and would report them as damaged).
+                let keys = self
+                    .keyring()?
+                    .tenant(&*self.store, &rec.tenant, false)
+                    .await?;
+                // Rewrapping encrypts too: counted, and rotated at the
+                // limit, like a tokenize.
+                let keys = self.counted_keys(&rec.tenant, keys).await?;
+                let target = keys.active;
                 let (Some(old), Some(new)) =
                     (keys.deks.get(&rec.key_version), keys.deks.get(&target))
                 else {
@@ -584,12 +593,6 @@ impl Vault {
                 updated.envelope =
                     envelope::seal(new, target, &updated.tenant, &updated.token, &secret);
                 updated.key_version = target;
-                // Rewrapping encrypts too: it counts against the key's limit
-                // (unless a rotation since the start made `target` an older
-                // version, whose count this keyring no longer holds).
-                if keys.active == target {
-                    self.count_encryptions(&rec.tenant, &keys, 1).await?;
-                }
                 updates.push((rec, updated));
             }
             // Only if unchanged since the scan: a record deleted meanwhile

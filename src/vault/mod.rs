@@ -491,6 +491,33 @@ impl Vault {
         Ok(Some(seq))
     }
 
+    /// Counts one encryption under the tenant's active key and returns the
+    /// keys to make it with. Each encryption counts against the key that
+    /// makes it: after a rotation (this call's or another's) the new key
+    /// is counted too, so no version encrypts past the limit uncounted.
+    pub(crate) async fn counted_keys(
+        &self,
+        tenant: &str,
+        mut keys: Arc<keyring::TenantKeys>,
+    ) -> Result<Arc<keyring::TenantKeys>> {
+        let (mut made, mut seen) = (0, 0);
+        loop {
+            match self.maybe_auto_rotate(tenant, &keys).await? {
+                Rotation::NotDue => return Ok(keys),
+                Rotation::Made => made += 1,
+                Rotation::Overtaken => seen += 1,
+            }
+            if made > MAX_ROTATIONS_MADE_PER_CALL || seen > MAX_ROTATIONS_SEEN_PER_CALL {
+                return Err(Error::Unavailable(
+                    "data key rotation is contended; retry".into(),
+                ));
+            }
+            keys = (self.keyring()?)
+                .tenant(&*self.store, tenant, false)
+                .await?;
+        }
+    }
+
     /// Stores a card and returns its token.
     pub async fn tokenize(
         &self,
@@ -541,7 +568,7 @@ impl Vault {
             ));
         }
         self.check_unsealed()?;
-        let mut keys = {
+        let keys = {
             let _guard = self.key_lock.read().await;
             // The keyring is taken under the lock, not before it: a master
             // key rotation holding the lock replaces the KEK, and a tenant's
@@ -549,25 +576,7 @@ impl Vault {
             let keyring = self.keyring()?;
             keyring.tenant(&*self.store, tenant.as_str(), true).await?
         };
-        // Each encryption counts against the key that makes it: after a
-        // rotation (this request's or another's) the new key is counted
-        // too, so no version encrypts past the limit uncounted.
-        let (mut made, mut seen) = (0, 0);
-        loop {
-            match self.maybe_auto_rotate(tenant.as_str(), &keys).await? {
-                Rotation::NotDue => break,
-                Rotation::Made => made += 1,
-                Rotation::Overtaken => seen += 1,
-            }
-            if made > MAX_ROTATIONS_MADE_PER_CALL || seen > MAX_ROTATIONS_SEEN_PER_CALL {
-                return Err(Error::Unavailable(
-                    "data key rotation is contended; retry".into(),
-                ));
-            }
-            keys = (self.keyring()?)
-                .tenant(&*self.store, tenant.as_str(), false)
-                .await?;
-        }
+        let keys = self.counted_keys(tenant.as_str(), keys).await?;
         let fingerprint = keys.fingerprint.fingerprint(card.pan.expose());
         let dek = keys
             .deks
