@@ -99,7 +99,14 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), String> 
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     if private {
-        opts.mode(0o600);
+        // A new file, so the mode applies (it would not to an existing
+        // one), and not through a symlink someone left in its place.
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot replace {}: {e}", path.display())),
+        }
+        opts.create_new(true).mode(0o600);
     }
     let mut f = opts
         .open(path)
@@ -195,4 +202,30 @@ pub fn dev_policy_toml() -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Private keys are owner-only, also when an incomplete PKI is made
+    /// again over files that were left with looser modes.
+    #[test]
+    fn regenerated_private_keys_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = ensure_dev_pki(dir.path()).unwrap();
+        let key = pki.client_key("merchant");
+        assert_eq!(mode(&key), 0o600);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::remove_file(pki.server_cert()).unwrap();
+        ensure_dev_pki(dir.path()).unwrap();
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&pki.server_key()), 0o600);
+        assert_eq!(mode(&dir.path().join("ca.key")), 0o600);
+    }
 }

@@ -56,10 +56,13 @@ impl KeySource {
 /// none (Shamir mode: start sealed).
 pub fn load_kek(cfg: &Config) -> Result<KeySource, String> {
     let text = match &cfg.keys.kek_file {
-        Some(p) => zeroize::Zeroizing::new(
-            String::from_utf8(read(p, "KEK file")?)
-                .map_err(|_| format!("KEK file {} is not text", p.display()))?,
-        ),
+        Some(p) => {
+            warn_if_shared(p, "keys.kek_file");
+            zeroize::Zeroizing::new(
+                String::from_utf8(read(p, "KEK file")?)
+                    .map_err(|_| format!("KEK file {} is not text", p.display()))?,
+            )
+        }
         None => match std::env::var("CARDVAULT_KEK") {
             Ok(v) => zeroize::Zeroizing::new(v),
             Err(_) => return Ok(KeySource::Shamir),
@@ -68,6 +71,23 @@ pub fn load_kek(cfg: &Config) -> Result<KeySource, String> {
     SecretKey::from_hex(&text)
         .map(KeySource::KekFile)
         .ok_or_else(|| "the KEK must be exactly 64 hex characters (256 bits)".to_string())
+}
+
+/// Logs a warning if the file at `path` (a secret) can be read by its
+/// group or by others: the KEK unlocks every card. (A warning, not a
+/// refusal: secret mounts differ, e.g. Kubernetes' default mode 0644.)
+fn warn_if_shared(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "{what} is readable by its group or others; make it 0400 or 0600"
+            );
+        }
+    }
 }
 
 /// Dev mode only: the KEK kept in `dev-kek.hex` in the data directory,
@@ -112,7 +132,14 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
                 .as_deref()
                 .ok_or("store.url is required for postgres")?;
             let tls = match &cfg.store.tls_ca {
-                None => None,
+                None => {
+                    // Fine on one host or a private socket; elsewhere the
+                    // password and every ciphertext cross the network in clear.
+                    tracing::warn!(
+                        "store.tls_ca is not set: the PostgreSQL connection is not encrypted"
+                    );
+                    None
+                }
                 Some(ca) => Some(crate::tls::client_config(ca)?),
             };
             let store = PostgresStore::connect(url, cfg.store.pool_size, tls)
@@ -169,11 +196,22 @@ fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()>
     })
 }
 
-/// The gRPC server builder of the vault (per-call timeout, HTTP/2 defaults).
-/// Shared with the benchmark's baseline server so both are set up alike;
-/// TLS is applied by [`crate::tls::incoming`].
+/// Most HTTP/2 streams (calls) one connection may have open at once. tonic
+/// otherwise lifts hyper's limit entirely, and every stream is a task and a
+/// buffer: one client with a valid certificate could exhaust memory.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The gRPC server builder of the vault: per-call timeout, a bound on
+/// concurrent calls per connection, and HTTP/2 pings that close
+/// connections whose peer is gone. Shared with the benchmark's baseline
+/// server so both are set up alike; TLS is applied by
+/// [`crate::tls::incoming`].
 pub fn grpc_server() -> Server {
-    Server::builder().timeout(Duration::from_secs(30))
+    Server::builder()
+        .timeout(Duration::from_secs(30))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
 
 /// Hardens the process before any key is read into it: no core dumps, not

@@ -211,3 +211,44 @@ async fn a_sigterm_right_after_the_listening_line_is_a_clean_stop() {
         v.stop().await;
     }
 }
+
+/// A KEK file its group or others can read is reported at start (the KEK
+/// unlocks every card); an owner-only one is not.
+#[tokio::test]
+async fn a_kek_file_readable_by_others_is_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    for (mode, reported) in [(0o644, true), (0o600, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = dir.path().join("kek.hex");
+        std::fs::write(
+            &kek,
+            cardvault::crypto::keys::SecretKey::generate()
+                .to_hex()
+                .as_str(),
+        )
+        .unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(mode)).unwrap();
+        let opts = Opts {
+            env: vec![("CARDVAULT_KEK_FILE".into(), kek.display().to_string())],
+        };
+        let v = VaultProcess::start_serve(&dir.path().join("data"), &opts);
+        // Unsealed at start from the file: it was read.
+        v.client("merchant")
+            .await
+            .tokenize(cardvault::proto::TokenizeRequest {
+                tenant: "demo".into(),
+                pan: "4111111111111111".into(),
+                exp_month: 12,
+                exp_year: common::exp_year(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            v.logs().contains("readable by its group or others"),
+            reported,
+            "mode {mode:o}"
+        );
+        v.stop().await;
+    }
+}
