@@ -211,6 +211,14 @@ struct Shared {
     /// `State::pending.len()`, readable without the lock, so that reads
     /// skip the lock when no change is waiting to be applied.
     pending_len: AtomicUsize,
+    /// Set once reads could miss acknowledged changes: a batch durable in
+    /// the log failed to apply (sled lacks it, and the overlay is not a
+    /// complete record of it: a later queued write may have replaced one
+    /// of its entries), or a journal sync or sled flush failed (the kernel
+    /// may drop pages that failed to write). Reads are then refused too,
+    /// until the store is reopened and the log replayed. (After a failed
+    /// log write nothing acknowledged is missing, and reads go on.)
+    apply_failed: AtomicBool,
     /// Test hook: fail the next log write (see [`SledStore::fail_next_log_write`]).
     fail_next_write: AtomicBool,
     /// Test hook: fail the next apply (see [`SledStore::fail_next_apply`]).
@@ -575,6 +583,10 @@ impl Preparer {
     }
 }
 
+/// Queued entries beyond which a buffered audit append waits for its
+/// group commit like any write (see `append_audit_buffered`).
+const MAX_BUFFERED: usize = 16_384;
+
 /// Answers a synced batch's writers, applies the batch to sled (unless the
 /// sync failed), records it as applied, and answers its barriers.
 ///
@@ -610,6 +622,9 @@ fn finish_batch(shared: &Shared, mut batch: Vec<Entry>, res: std::result::Result
         let mut st = shared.lock();
         if let Err(why) = &applied {
             st.failed.get_or_insert_with(|| why.clone());
+            if res.is_ok() {
+                shared.apply_failed.store(true, Ordering::Release);
+            }
         }
         // Applied changes leave the overlay, and so do changes whose log
         // write failed (never acknowledged). Acknowledged changes that
@@ -677,8 +692,10 @@ fn fill_filter(shared: &Shared) {
 /// kept for the next open to replay.
 fn run_cleaner(shared: Arc<Shared>, db: sled::Db, dir: PathBuf, closed: mpsc::Receiver<u64>) {
     let fail = |why: String| {
-        tracing::error!(error = %why, "refusing writes until restart; keeping the write-ahead log");
+        tracing::error!(error = %why, "refusing writes and reads until restart; keeping the write-ahead log");
         shared.lock().failed.get_or_insert(why);
+        // Pages that failed to sync may be gone from what reads see too.
+        shared.apply_failed.store(true, Ordering::Release);
     };
     while let Ok(n) = closed.recv() {
         let upto = closed.try_iter().fold(n, u64::max);
@@ -755,6 +772,7 @@ impl SledStore {
             pending_len: AtomicUsize::new(0),
             fail_next_write: AtomicBool::new(false),
             fail_next_apply: AtomicBool::new(false),
+            apply_failed: AtomicBool::new(false),
             fail_next_journal_sync: AtomicBool::new(false),
             apply_gate: std::sync::RwLock::new(()),
             segment_bytes,
@@ -984,6 +1002,7 @@ impl SledStore {
     /// value. If its latest change is queued but not yet durable, waits
     /// until it is applied (a barrier) and answers `None`.
     async fn unapplied(&self, tree: u8, key: &[u8]) -> Result<Option<Option<Vec<u8>>>> {
+        self.check_readable()?;
         // A writer's pending entry is counted before it is acknowledged,
         // and the reader of an acknowledged write comes after the ack.
         if self.shared.pending_len.load(Ordering::Acquire) == 0 {
@@ -1003,6 +1022,17 @@ impl SledStore {
         Ok(None)
     }
 
+    /// Refuses reads once an acknowledged batch failed to apply (see
+    /// `Shared::apply_failed`): an answer could miss acknowledged writes.
+    fn check_readable(&self) -> Result<()> {
+        if self.shared.apply_failed.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(
+                "storage: acknowledged writes could not be applied; reopen the store (restart) to replay them from the log".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// If the latest change of `key` is queued but not yet durable, a
     /// barrier to wait on before handing its value out: what the store
     /// returns as existing must survive a crash as surely as what it writes.
@@ -1017,6 +1047,7 @@ impl SledStore {
     /// Waits until everything queued so far (including buffered audit
     /// records) is applied, so scans of sled and the journal see it.
     async fn barrier(&self) -> Result<()> {
+        self.check_readable()?;
         let rx = {
             let mut st = self.shared.lock();
             if self.shared.applied.load(Ordering::Acquire) + 1 >= st.next_lsn {
@@ -1306,11 +1337,17 @@ impl Store for SledStore {
     async fn append_audit_buffered(&self, audit: &AuditBody) -> Result<AuditLink> {
         // Queued in chain order and written with the next group commit
         // (within about one disk sync); a crash loses at most the last
-        // such records, never a record in the middle of the chain.
-        let mut st = self.shared.lock();
-        let mut muts = Vec::with_capacity(2);
-        let l = Self::chain(&mut st, audit, &mut muts);
-        self.enqueue(&mut st, muts, false)?;
+        // such records, never a record in the middle of the chain. Past
+        // MAX_BUFFERED queued entries (a stalled disk) the caller waits
+        // like any writer, so the queue cannot grow without bound.
+        let (rx, l) = {
+            let mut st = self.shared.lock();
+            let wait = st.queue.len() >= MAX_BUFFERED;
+            let mut muts = Vec::with_capacity(2);
+            let l = Self::chain(&mut st, audit, &mut muts);
+            (self.enqueue(&mut st, muts, wait)?, l)
+        };
+        Self::durable(rx).await?;
         Ok(l)
     }
 
