@@ -526,20 +526,20 @@ impl Vault {
         card: NewCard,
         opts: TokenizeOptions,
     ) -> Result<CardMetadata> {
-        self.tokenize_as(ctx, "Tokenize", tenant, card, opts).await
+        let result = self
+            .tokenize_inner(ctx, "Tokenize", tenant, card, opts)
+            .await;
+        self.audit_failure(ctx, "Tokenize", tenant, result).await
     }
 
-    /// [`Vault::tokenize`], audited as `action` (a batch's items as
-    /// `TokenizeBatch`, so that a query by action finds all of them).
-    async fn tokenize_as(
+    /// Passes `result` through, recording a failure under `action`.
+    async fn audit_failure<T>(
         &self,
         ctx: &CallContext,
         action: &str,
         tenant: &Tenant,
-        card: NewCard,
-        opts: TokenizeOptions,
-    ) -> Result<CardMetadata> {
-        let result = self.tokenize_inner(ctx, action, tenant, card, opts).await;
+        result: Result<T>,
+    ) -> Result<T> {
         if let Err(e) = &result {
             self.audit_rejected(ctx, action, tenant.as_str(), "", e)
                 .await;
@@ -684,8 +684,13 @@ impl Vault {
         self.check_unsealed()?;
         Ok(join_all(items.into_iter().map(|item| async move {
             match item {
+                // Audited as the batch's action, so that a query by action
+                // finds every item.
                 Ok(card) => {
-                    self.tokenize_as(ctx, "TokenizeBatch", tenant, card, opts)
+                    let result = self
+                        .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts)
+                        .await;
+                    self.audit_failure(ctx, "TokenizeBatch", tenant, result)
                         .await
                 }
                 Err(e) => {
