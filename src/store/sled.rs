@@ -1022,12 +1022,13 @@ impl SledStore {
         Ok(None)
     }
 
-    /// Refuses reads once an acknowledged batch failed to apply (see
-    /// `Shared::apply_failed`): an answer could miss acknowledged writes.
+    /// Refuses reads once an acknowledged batch failed to apply or a sync
+    /// failed (see `Shared::apply_failed`): an answer could miss
+    /// acknowledged writes.
     fn check_readable(&self) -> Result<()> {
         if self.shared.apply_failed.load(Ordering::Acquire) {
             return Err(Error::Unavailable(
-                "storage: acknowledged writes could not be applied; reopen the store (restart) to replay them from the log".into(),
+                "storage: acknowledged writes may be missing from reads after a storage failure; reopen the store (restart) to replay them from the log".into(),
             ));
         }
         Ok(())
