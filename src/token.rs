@@ -77,19 +77,10 @@ impl Token {
     /// real PAN in the record. A token that names a card is that card's
     /// token, not a card number, and is written whole, as is an opaque one.
     pub fn recorded(&self, found: bool) -> std::borrow::Cow<'_, str> {
-        let t = &self.0;
         if found || !self.is_digits() {
-            return std::borrow::Cow::Borrowed(t);
+            return std::borrow::Cow::Borrowed(&self.0);
         }
-        // Digit tokens are 12-19 digits (see `parse`).
-        let head = if t.len() >= 15 { 6 } else { 4 };
-        let hidden = t.len().saturating_sub(head + 4);
-        std::borrow::Cow::Owned(format!(
-            "{}{}{}",
-            &t[..head.min(t.len())],
-            "*".repeat(hidden),
-            &t[t.len().saturating_sub(4)..]
-        ))
+        std::borrow::Cow::Owned(crate::card::mask_digits(&self.0))
     }
 
     /// Whether it is a digit (format-preserving) token, not an opaque one.

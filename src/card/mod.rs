@@ -16,4 +16,4 @@ pub use brand::Brand;
 pub use cvv::Cvv;
 pub use expiry::{Expiry, YearMonth};
 pub use name::CardholderName;
-pub use pan::{Pan, luhn_valid, with_check_digit};
+pub use pan::{Pan, luhn_valid, mask_digits, with_check_digit};

@@ -134,13 +134,7 @@ impl Pan {
     /// than 15 digits show only the first four, so that at least four digits
     /// stay hidden.
     pub fn masked(&self) -> String {
-        let len = self.0.len();
-        let head = self.shown_head();
-        let mut out = String::with_capacity(len);
-        out.push_str(head);
-        out.extend(std::iter::repeat_n('*', len - head.len() - 4));
-        out.push_str(self.last4());
-        out
+        mask_digits(&self.0)
     }
 
     /// The leading digits that may be shown beside the last four: the BIN
@@ -149,14 +143,35 @@ impl Pan {
     /// six and last four of a 12-digit number leave two, which the Luhn
     /// check narrows to about ten candidates).
     pub fn shown_head(&self) -> &str {
-        &self.0[..if self.shows_bin() { 6 } else { 4 }]
+        &self.0[..shown_head_len(self.0.len())]
     }
 
     /// Whether the BIN (first six digits) may be shown beside the last
     /// four: only for numbers of 15 digits or more (see [`Pan::shown_head`]).
     pub fn shows_bin(&self) -> bool {
-        self.0.len() >= 15
+        shown_head_len(self.0.len()) == 6
     }
+}
+
+/// How many leading digits of a `len`-digit card number may be shown (see
+/// [`Pan::shown_head`]).
+fn shown_head_len(len: usize) -> usize {
+    if len >= 15 { 6 } else { 4 }
+}
+
+/// A string of digits masked as a card number is shown ([`Pan::masked`]):
+/// the leading digits [`Pan::shown_head`] allows, `*` for the middle, the
+/// last four. Also for digit strings that may be a card number without
+/// being a valid one (e.g. a mistyped number sent as a token).
+pub fn mask_digits(digits: &str) -> String {
+    let len = digits.len();
+    let head = shown_head_len(len).min(len);
+    let tail = len.saturating_sub(4).max(head);
+    let mut out = String::with_capacity(len);
+    out.push_str(&digits[..head]);
+    out.extend(std::iter::repeat_n('*', tail - head));
+    out.push_str(&digits[tail..]);
+    out
 }
 
 impl fmt::Debug for Pan {
