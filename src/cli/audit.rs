@@ -182,17 +182,19 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
             // the log is scanned to its end or --limit records are printed,
             // then say where to continue: a silent cut would pass for "no
             // more records".
+            let (since, until) = (opt_time(&q.since)?, opt_time(&q.until)?);
+            let page = crate::vault::audit_log::MAX_QUERY_LIMIT as u32;
             let (mut after, mut left) = (q.after_seq, q.limit);
             while left > 0 {
-                let want = left.min(10_000);
+                let want = left.min(page);
                 let r = client
                     .query(proto::AuditQueryRequest {
                         principal: q.principal.clone(),
                         tenant: q.tenant.clone(),
                         action: q.action.clone(),
                         token: q.token.clone(),
-                        since: opt_time(&q.since)?,
-                        until: opt_time(&q.until)?,
+                        since,
+                        until,
                         after_seq: after,
                         limit: want,
                     })

@@ -265,10 +265,7 @@ impl Vault {
     pub async fn verify_audit(&self, ctx: &CallContext) -> Result<VerifyReport> {
         // A refusal (sealed) or a failure is recorded too, as for a query.
         let result = self.verify_inner(ctx).await;
-        if let Err(e) = &result {
-            self.audit_rejected(ctx, "AuditVerify", "", "", e).await;
-        }
-        result
+        self.audit_failure(ctx, "AuditVerify", "", result).await
     }
 
     async fn verify_inner(&self, ctx: &CallContext) -> Result<VerifyReport> {

@@ -529,20 +529,21 @@ impl Vault {
         let result = self
             .tokenize_inner(ctx, "Tokenize", tenant, card, opts)
             .await;
-        self.audit_failure(ctx, "Tokenize", tenant, result).await
+        self.audit_failure(ctx, "Tokenize", tenant.as_str(), result)
+            .await
     }
 
-    /// Passes `result` through, recording a failure under `action`.
-    async fn audit_failure<T>(
+    /// Passes `result` through, recording a failure under `action` (and
+    /// `tenant`, or `""` for a call not scoped to one).
+    pub(crate) async fn audit_failure<T>(
         &self,
         ctx: &CallContext,
         action: &str,
-        tenant: &Tenant,
+        tenant: &str,
         result: Result<T>,
     ) -> Result<T> {
         if let Err(e) = &result {
-            self.audit_rejected(ctx, action, tenant.as_str(), "", e)
-                .await;
+            self.audit_rejected(ctx, action, tenant, "", e).await;
         }
         result
     }
@@ -690,7 +691,7 @@ impl Vault {
                     let result = self
                         .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts)
                         .await;
-                    self.audit_failure(ctx, "TokenizeBatch", tenant, result)
+                    self.audit_failure(ctx, "TokenizeBatch", tenant.as_str(), result)
                         .await
                 }
                 Err(e) => {
