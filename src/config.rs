@@ -38,6 +38,31 @@ pub struct Config {
     pub store: StoreConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The tokenize enumeration guard.
+    pub enumeration_guard: GuardSettings,
+}
+
+/// The enumeration guard (see `docs/security.md`): per tenant, the distinct
+/// cards tokenized per bucket of visible digits (first six or four, last
+/// four, length) are counted in a window; past the threshold the bucket is
+/// locked for the rest of the window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardSettings {
+    /// Window length in seconds, 60 to 604800 (`CARDVAULT_GUARD_WINDOW_SECS`; default 3600).
+    pub window_secs: u64,
+    /// Distinct cards per bucket and window, 1 to 64 (`CARDVAULT_GUARD_THRESHOLD`; default 8).
+    pub threshold: u32,
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        let d = crate::vault::guard::GuardConfig::default();
+        GuardSettings {
+            window_secs: d.window.as_secs(),
+            threshold: d.threshold,
+        }
+    }
 }
 
 /// Prometheus metrics endpoint.
@@ -227,6 +252,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
+            enumeration_guard: GuardSettings::default(),
         }
     }
 }
@@ -303,6 +329,12 @@ impl Config {
         if let Some(v) = env_parse("CARDVAULT_RETIRE_GRACE_SECS", get)? {
             self.keys.retire_grace_secs = v;
         }
+        if let Some(v) = env_parse("CARDVAULT_GUARD_WINDOW_SECS", get)? {
+            self.enumeration_guard.window_secs = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_GUARD_THRESHOLD", get)? {
+            self.enumeration_guard.threshold = v;
+        }
         if let Some(v) = env_parse("CARDVAULT_MLOCK", get)? {
             self.keys.mlock = v;
         }
@@ -375,6 +407,15 @@ impl Config {
         if self.cvv.max_entries == 0 {
             return Err("cvv.max_entries must be at least 1".into());
         }
+        // A window shorter than a minute or a threshold past 64 gives an
+        // attacker guesses faster than the documented cost; a week-long
+        // lock is the most an honest customer should ever wait out.
+        if !(60..=7 * 86_400).contains(&self.enumeration_guard.window_secs) {
+            return Err("enumeration_guard.window_secs must be 60 to 604800".into());
+        }
+        if !(1..=64).contains(&self.enumeration_guard.threshold) {
+            return Err("enumeration_guard.threshold must be 1 to 64".into());
+        }
         // Upper bounds: past them a duration overflows a timer (a panic in
         // a background task, e.g. no more periodic checkpoints) or the
         // value is a typo rather than a policy.
@@ -422,6 +463,10 @@ impl Config {
             seal_mode: "kek-file".into(),
             rewrap_pause: Duration::from_millis(self.keys.rewrap_pause_ms),
             retire_grace: Duration::from_secs(self.keys.retire_grace_secs),
+            guard: crate::vault::guard::GuardConfig {
+                window: Duration::from_secs(self.enumeration_guard.window_secs),
+                threshold: self.enumeration_guard.threshold,
+            },
         })
     }
 }

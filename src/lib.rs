@@ -69,6 +69,7 @@ pub mod pki;
 pub mod server;
 
 pub mod store;
+pub mod time;
 pub mod tls;
 pub mod token;
 pub mod vault;

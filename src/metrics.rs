@@ -163,6 +163,27 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "cardvault_tokenize_rate_limited_total",
+            "Cards refused by a principal's tokenize or collision budget.",
+            "counter",
+            auth.tokenize_limited_total(),
+        );
+        gauge(
+            &mut out,
+            "cardvault_enumeration_locks_total",
+            "Buckets the enumeration guard locked (too many distinct cards with the same visible digits).",
+            "counter",
+            vault.enumeration_locks(),
+        );
+        gauge(
+            &mut out,
+            "cardvault_enumeration_refusals_total",
+            "Tokenizes refused because their bucket was locked.",
+            "counter",
+            vault.enumeration_refusals(),
+        );
+        gauge(
+            &mut out,
             "cardvault_audit_write_failures_total",
             "Audit appends that failed (the operation failed with them).",
             "counter",

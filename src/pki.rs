@@ -186,7 +186,10 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, String> {
 pub fn dev_policy_toml() -> String {
     let mut out = String::from(
         "# cardvault dev policy (generated). Edit and send SIGHUP to reload.\n\
-         [defaults]\ndetokenize_per_second = 100000\ndetokenize_burst = 100000\n",
+         [defaults]\ndetokenize_per_second = 100000\ndetokenize_burst = 100000\n\
+         tokenize_per_second = 100000\ntokenize_burst = 100000\n\
+         # tokenize_collision_per_second and _burst keep the production\n\
+         # defaults: they bound guessing at stored cards (docs/security.md).\n",
     );
     for c in DEV_CLIENTS {
         let tenants = if c.tenant.is_empty() {

@@ -18,7 +18,9 @@ use cardvault::store::Store;
 use cardvault::store::sled::{RawAudit, SledStore};
 use cardvault::token::{Purpose, Tenant, Token};
 use cardvault::vault::keyring::AUDIT_KEY_NAME;
-use cardvault::vault::{CallContext, CvvOutcome, NewCard, TokenizeOptions, Vault, VaultConfig};
+use cardvault::vault::{
+    CallContext, CvvOutcome, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig,
+};
 use common::flaky::Flaky;
 use common::{Opts, VaultProcess, exp_year};
 use prost::Message;
@@ -58,6 +60,7 @@ async fn tokenize_test_card(v: &Vault) {
         &t("x"),
         card("4111111111111111"),
         TokenizeOptions::default(),
+        &Unmetered,
     )
     .await
     .unwrap();
@@ -81,6 +84,7 @@ async fn mixed_ops(v: &Arc<Vault>, n: usize) {
                         &t("load"),
                         card("4111111111111111"),
                         TokenizeOptions::default(),
+                        &Unmetered,
                     )
                     .await
                     .unwrap();
@@ -141,6 +145,7 @@ async fn tampered(tamper: impl FnOnce(&RawAudit)) -> cardvault::audit::VerifyRep
             &t("x"),
             card("5555555555554444"),
             TokenizeOptions::default(),
+            &Unmetered,
         )
         .await
         .unwrap();
@@ -261,7 +266,13 @@ async fn reads_fail_closed_when_the_audit_log_cannot_be_written() {
     let mut c = card("4111111111111111");
     c.cvv = Some(Cvv::parse("123", Brand::Visa).unwrap());
     let token = v
-        .tokenize(&ctx("m"), &t("demo"), c, TokenizeOptions::default())
+        .tokenize(
+            &ctx("m"),
+            &t("demo"),
+            c,
+            TokenizeOptions::default(),
+            &Unmetered,
+        )
         .await
         .unwrap()
         .token;
@@ -312,6 +323,7 @@ async fn verify_on_a_busy_log_reports_it_intact() {
             &t("demo"),
             card("4111111111111111"),
             TokenizeOptions::default(),
+            &Unmetered,
         )
         .await
         .unwrap();

@@ -17,7 +17,7 @@ use cardvault::proto::{
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
 use cardvault::token::{Purpose, Tenant, Token};
-use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig};
+use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig};
 use common::flaky::{Flaky, Pause};
 use common::{Opts, VaultProcess, exp_year};
 use tonic::Code;
@@ -377,7 +377,7 @@ async fn rewrap_10k_records_under_live_traffic() {
             .map(|i| Ok(new_card(pans[(chunk + i) % 4])))
             .collect();
         for r in v
-            .tokenize_batch(&ctx(), &demo, items, TokenizeOptions::default())
+            .tokenize_batch(&ctx(), &demo, items, TokenizeOptions::default(), &Unmetered)
             .await
             .unwrap()
         {
@@ -411,6 +411,7 @@ async fn rewrap_10k_records_under_live_traffic() {
                         &demo,
                         new_card("4111111111111111"),
                         TokenizeOptions::default(),
+                        &Unmetered,
                     )
                     .await
                     .unwrap();
@@ -692,6 +693,7 @@ async fn tokenized(v: &Vault, tenant: &str) -> cardvault::vault::CardMetadata {
         &Tenant::parse(tenant).unwrap(),
         new_card("4111111111111111"),
         TokenizeOptions::default(),
+        &Unmetered,
     )
     .await
     .unwrap()
@@ -873,7 +875,7 @@ async fn requests_in_flight_at_the_limit_rotate_once() {
     let items = (0..500).map(|_| Ok(new_card("4111111111111111"))).collect();
     let demo = Tenant::parse("demo").unwrap();
     let results = v
-        .tokenize_batch(&ctx(), &demo, items, TokenizeOptions::default())
+        .tokenize_batch(&ctx(), &demo, items, TokenizeOptions::default(), &Unmetered)
         .await
         .unwrap();
     let mut per_version = std::collections::BTreeMap::<u32, u32>::new();

@@ -170,3 +170,43 @@ async fn worker(
     }
     n
 }
+
+/// The enumeration guard counts the cards tokenized through every replica
+/// in one place: a bucket filled half through A and half through B locks
+/// for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enumeration_guard_counts_across_replicas() {
+    let Some(cluster) = common::pg::cluster() else {
+        return;
+    };
+    let url = cluster.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kek = cardvault::crypto::keys::SecretKey::generate()
+        .to_hex()
+        .to_string();
+    let opts = Opts {
+        env: vec![
+            ("CARDVAULT_STORE_BACKEND".into(), "postgres".into()),
+            ("CARDVAULT_STORE_URL".into(), url),
+            ("CARDVAULT_KEK".into(), kek),
+        ],
+    };
+    let a = VaultProcess::start_serve(&dir.path().join("a"), &opts);
+    let b = VaultProcess::start_serve(&dir.path().join("b"), &opts);
+    let (mut ma, mut mb) = (a.client("merchant").await, b.client("merchant").await);
+    // Nine Luhn-valid cards with the same first six, last four and length.
+    let cards: Vec<String> = (0..100_000)
+        .map(|m| format!("411111{m:06}1111"))
+        .filter(|p| cardvault::card::luhn_valid(p))
+        .take(9)
+        .collect();
+    for (i, pan) in cards[..8].iter().enumerate() {
+        let client = if i % 2 == 0 { &mut ma } else { &mut mb };
+        client.tokenize(card(pan)).await.unwrap();
+    }
+    // The ninth locks the bucket, and then it is locked on both replicas.
+    let s = mb.tokenize(card(&cards[8])).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    let sa = ma.tokenize(card(&cards[0])).await.unwrap_err();
+    assert_eq!(sa.message(), s.message());
+}

@@ -6,7 +6,7 @@ use cardvault::crypto::keys::SecretKey;
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
 use cardvault::token::{Purpose, Tenant, Token};
-use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig};
+use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig};
 use cardvault::{Error, card::Cvv};
 
 fn new_card(pan: &str) -> NewCard {
@@ -35,7 +35,8 @@ async fn sealed_vault_refuses_every_data_operation() {
             &ctx,
             &t("a"),
             new_card("4111111111111111"),
-            TokenizeOptions::default()
+            TokenizeOptions::default(),
+            &Unmetered
         )
         .await
         .err(),
@@ -58,7 +59,8 @@ async fn sealed_vault_refuses_every_data_operation() {
             &ctx,
             &t("a"),
             vec![Ok(new_card("4111111111111111"))],
-            TokenizeOptions::default()
+            TokenizeOptions::default(),
+            &Unmetered
         )
         .await
         .err(),
@@ -85,7 +87,7 @@ async fn a_different_kek_is_refused_and_seal_wipes_cvvs() {
     let ctx = CallContext::default();
     let mut card = new_card("4111111111111111");
     card.cvv = Some(Cvv::parse("123", cardvault::card::Brand::Visa).unwrap());
-    v.tokenize(&ctx, &t("a"), card, TokenizeOptions::default())
+    v.tokenize(&ctx, &t("a"), card, TokenizeOptions::default(), &Unmetered)
         .await
         .unwrap();
     assert_eq!(v.cvv_holder().len(), 1);
@@ -117,6 +119,7 @@ async fn a_record_copied_into_another_tenant_does_not_decrypt() {
             &t("alpha"),
             new_card("4111111111111111"),
             TokenizeOptions::default(),
+            &Unmetered,
         )
         .await
         .unwrap();
@@ -126,6 +129,7 @@ async fn a_record_copied_into_another_tenant_does_not_decrypt() {
         &t("beta"),
         new_card("5555555555554444"),
         TokenizeOptions::default(),
+        &Unmetered,
     )
     .await
     .unwrap();
@@ -173,6 +177,7 @@ async fn concurrent_first_use_of_a_tenant_agrees_on_one_key() {
                 &t("fresh"),
                 new_card("4111111111111111"),
                 TokenizeOptions::default(),
+                &Unmetered,
             )
             .await
             .unwrap()

@@ -82,6 +82,8 @@ pub enum Action {
     RetireKey,
     /// `KeyService.RotateMasterKey`
     RotateMasterKey,
+    /// `KeyService.ClearEnumerationGuard`
+    ClearEnumerationGuard,
 }
 
 impl Action {
@@ -100,7 +102,8 @@ impl Action {
             | Action::RotateDataKey
             | Action::Rewrap
             | Action::RetireKey
-            | Action::RotateMasterKey => &[Role::Admin],
+            | Action::RotateMasterKey
+            | Action::ClearEnumerationGuard => &[Role::Admin],
         }
     }
 
@@ -124,6 +127,7 @@ impl Action {
             Action::Rewrap => "Rewrap",
             Action::RetireKey => "RetireKey",
             Action::RotateMasterKey => "RotateMasterKey",
+            Action::ClearEnumerationGuard => "ClearEnumerationGuard",
         }
     }
 }
@@ -168,8 +172,14 @@ pub struct Authorizer {
     path: Option<PathBuf>,
     /// Detokenize budgets.
     limiter: RateLimiter,
-    /// Calls refused by a budget, for metrics.
+    /// Tokenize budgets (every card).
+    tokenize_limiter: RateLimiter,
+    /// Collision budgets (cards new to an occupied bucket).
+    collision_limiter: RateLimiter,
+    /// Calls refused by a detokenize budget, for metrics.
     rate_limited: AtomicU64,
+    /// Cards refused by a tokenize or collision budget, for metrics.
+    tokenize_limited: AtomicU64,
 }
 
 impl Authorizer {
@@ -179,7 +189,10 @@ impl Authorizer {
             policy: RwLock::new(Arc::new(policy)),
             path: None,
             limiter: RateLimiter::default(),
+            tokenize_limiter: RateLimiter::default(),
+            collision_limiter: RateLimiter::default(),
             rate_limited: AtomicU64::new(0),
+            tokenize_limited: AtomicU64::new(0),
         }
     }
 
@@ -295,6 +308,44 @@ impl Authorizer {
                     (wait * 1000.0).ceil()
                 ))
             })
+    }
+
+    /// Charges `cards` tokenized cards to the principal's tokenize budget
+    /// (every card, before any is looked at).
+    pub fn charge_tokenize(&self, principal: &str, grant: &Grant, cards: u32) -> Result<()> {
+        self.tokenize_limiter
+            .take(principal, grant.tokenize, cards)
+            .map_err(|wait| {
+                self.tokenize_limited
+                    .fetch_add(u64::from(cards), Ordering::Relaxed);
+                Error::ResourceExhausted(format!(
+                    "tokenize budget exceeded ({} cards/s, burst {}); retry in {:.0} ms",
+                    grant.tokenize.per_second,
+                    grant.tokenize.burst,
+                    (wait * 1000.0).ceil()
+                ))
+            })
+    }
+
+    /// Admits one card to the principal's collision budget: refused once
+    /// it is spent, whatever the card; charged if `collision`.
+    pub fn admit_collision(&self, principal: &str, grant: &Grant, collision: bool) -> Result<()> {
+        self.collision_limiter
+            .admit(principal, grant.collision, collision)
+            .map_err(|wait| {
+                self.tokenize_limited.fetch_add(1, Ordering::Relaxed);
+                Error::ResourceExhausted(format!(
+                    "tokenize collision budget exceeded ({} new cards/s in buckets that hold another card, burst {}); retry in {:.0} ms",
+                    grant.collision.per_second,
+                    grant.collision.burst,
+                    (wait * 1000.0).ceil()
+                ))
+            })
+    }
+
+    /// How many cards tokenize budgets have refused since start.
+    pub fn tokenize_limited_total(&self) -> u64 {
+        self.tokenize_limited.load(Ordering::Relaxed)
     }
 
     /// A metrics label for a principal's roles (`merchant`, `admin+auditor`,

@@ -1,10 +1,16 @@
 //! The policy file: which principal holds which roles, for which tenants,
-//! with which detokenize budget.
+//! with which detokenize and tokenize budgets.
 //!
 //! ```toml
 //! [defaults]
 //! detokenize_per_second = 100   # refill rate of each principal's bucket
 //! detokenize_burst = 1000       # bucket size
+//! tokenize_per_second = 1000    # every tokenized card
+//! tokenize_burst = 20000
+//! # cards new to a bucket (first digits, last four, length) that already
+//! # holds another card: what a guess at a stored card is
+//! tokenize_collision_per_second = 0.05
+//! tokenize_collision_burst = 1000
 //!
 //! [[principal]]
 //! name = "spiffe://payments.example/acme/checkout"   # SAN URI, or CN
@@ -46,6 +52,11 @@ pub struct Grant {
     pub tenants: Option<BTreeSet<String>>,
     /// Detokenize budget.
     pub rate: RateLimit,
+    /// Tokenize budget: every card tokenized.
+    pub tokenize: RateLimit,
+    /// Collision budget: cards new to a bucket that already holds another
+    /// card (see `vault::guard`).
+    pub collision: RateLimit,
 }
 
 impl Grant {
@@ -86,11 +97,30 @@ fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
+/// Default tokenize budget per principal: 1,000 cards a second, 20,000 at
+/// once (a bulk import of 20 full batches back to back).
+pub const DEFAULT_TOKENIZE: RateLimit = RateLimit {
+    per_second: 1000.0,
+    burst: 20_000.0,
+};
+
+/// Default collision budget per principal: 0.05 a second (4,320 a day),
+/// 1,000 at once. See `docs/security.md` for the cost this puts on
+/// recovering a card and what legitimate traffic spends of it.
+pub const DEFAULT_COLLISION: RateLimit = RateLimit {
+    per_second: 0.05,
+    burst: 1000.0,
+};
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Defaults {
     detokenize_per_second: f64,
     detokenize_burst: f64,
+    tokenize_per_second: f64,
+    tokenize_burst: f64,
+    tokenize_collision_per_second: f64,
+    tokenize_collision_burst: f64,
 }
 
 impl Default for Defaults {
@@ -98,6 +128,10 @@ impl Default for Defaults {
         Defaults {
             detokenize_per_second: 100.0,
             detokenize_burst: 1000.0,
+            tokenize_per_second: DEFAULT_TOKENIZE.per_second,
+            tokenize_burst: DEFAULT_TOKENIZE.burst,
+            tokenize_collision_per_second: DEFAULT_COLLISION.per_second,
+            tokenize_collision_burst: DEFAULT_COLLISION.burst,
         }
     }
 }
@@ -111,6 +145,32 @@ struct Entry {
     tenants: Vec<String>,
     detokenize_per_second: Option<f64>,
     detokenize_burst: Option<f64>,
+    tokenize_per_second: Option<f64>,
+    tokenize_burst: Option<f64>,
+    tokenize_collision_per_second: Option<f64>,
+    tokenize_collision_burst: Option<f64>,
+}
+
+/// A budget from a principal's own values or the defaults, checked: TOML
+/// has `inf` and `nan`, and either would switch the limit off (an infinite
+/// bucket, or a NaN refill that fills it each call).
+fn budget(
+    at: &str,
+    name: &str,
+    per_second: (Option<f64>, f64),
+    burst: (Option<f64>, f64),
+) -> Result<RateLimit, String> {
+    let rate = RateLimit {
+        per_second: per_second.0.unwrap_or(per_second.1),
+        burst: burst.0.unwrap_or(burst.1),
+    };
+    let finite = rate.per_second.is_finite() && rate.burst.is_finite();
+    if !(finite && rate.per_second > 0.0 && rate.burst >= 1.0) {
+        return Err(format!(
+            "{at}: {name}_per_second must be a finite number > 0 and {name}_burst a finite number >= 1"
+        ));
+    }
+    Ok(rate)
 }
 
 impl Policy {
@@ -134,24 +194,34 @@ impl Policy {
                 }
                 Some(e.tenants.into_iter().collect())
             };
-            let rate = RateLimit {
-                per_second: e
-                    .detokenize_per_second
-                    .unwrap_or(file.defaults.detokenize_per_second),
-                burst: e.detokenize_burst.unwrap_or(file.defaults.detokenize_burst),
-            };
-            // TOML has `inf` and `nan`: either would switch the limit off
-            // (an infinite bucket, or a NaN refill that fills it each call).
-            let finite = rate.per_second.is_finite() && rate.burst.is_finite();
-            if !(finite && rate.per_second > 0.0 && rate.burst >= 1.0) {
-                return Err(format!(
-                    "{at}: detokenize_per_second must be a finite number > 0 and detokenize_burst a finite number >= 1"
-                ));
-            }
+            let d = &file.defaults;
+            let rate = budget(
+                &at,
+                "detokenize",
+                (e.detokenize_per_second, d.detokenize_per_second),
+                (e.detokenize_burst, d.detokenize_burst),
+            )?;
+            let tokenize = budget(
+                &at,
+                "tokenize",
+                (e.tokenize_per_second, d.tokenize_per_second),
+                (e.tokenize_burst, d.tokenize_burst),
+            )?;
+            let collision = budget(
+                &at,
+                "tokenize_collision",
+                (
+                    e.tokenize_collision_per_second,
+                    d.tokenize_collision_per_second,
+                ),
+                (e.tokenize_collision_burst, d.tokenize_collision_burst),
+            )?;
             let grant = Grant {
                 roles: e.roles.into_iter().collect(),
                 tenants,
                 rate,
+                tokenize,
+                collision,
             };
             if principals.insert(e.name.clone(), grant).is_some() {
                 return Err(format!("{at}: listed twice"));
@@ -206,6 +276,42 @@ mod tests {
         assert!(pr.covers("anything"));
         assert_eq!(pr.roles.len(), 2);
         assert_eq!(pr.rate.burst, 5.0);
+        assert_eq!(
+            (m.tokenize, m.collision),
+            (DEFAULT_TOKENIZE, DEFAULT_COLLISION)
+        );
+    }
+
+    #[test]
+    fn tokenize_budgets_take_defaults_and_overrides() {
+        let p = Policy::from_toml(
+            r#"
+            [defaults]
+            tokenize_collision_per_second = 0.5
+            [[principal]]
+            name = "m"
+            roles = ["merchant"]
+            tenants = ["acme"]
+            tokenize_burst = 7
+            tokenize_collision_burst = 3
+            "#,
+        )
+        .unwrap();
+        let m = &p.principals["m"];
+        assert_eq!(
+            m.tokenize,
+            RateLimit {
+                per_second: DEFAULT_TOKENIZE.per_second,
+                burst: 7.0
+            }
+        );
+        assert_eq!(
+            m.collision,
+            RateLimit {
+                per_second: 0.5,
+                burst: 3.0
+            }
+        );
     }
 
     #[test]
@@ -239,6 +345,10 @@ mod tests {
             "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = inf",
             "[[principal]]\nname = \"x\"\nroles = [\"processor\"]\ndetokenize_per_second = nan",
             "[defaults]\ndetokenize_burst = inf\n[[principal]]\nname = \"x\"\nroles = [\"processor\"]",
+            "[[principal]]\nname = \"x\"\nroles = [\"merchant\"]\ntokenize_burst = 0",
+            "[[principal]]\nname = \"x\"\nroles = [\"merchant\"]\ntokenize_per_second = nan",
+            "[defaults]\ntokenize_collision_per_second = inf\n[[principal]]\nname = \"x\"\nroles = [\"merchant\"]",
+            "[[principal]]\nname = \"x\"\nroles = [\"merchant\"]\ntokenize_collision_per_second = -1",
             "revoked_certificates = [\"AB:CD\"]",
             "revoked_certificates = [\"not hex\"]",
         ] {

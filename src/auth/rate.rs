@@ -1,5 +1,7 @@
-//! Per-principal token buckets for detokenize: a leaked processor
-//! credential can drain cards only as fast as its budget allows.
+//! Per-principal token buckets: a leaked processor credential can drain
+//! cards only as fast as its detokenize budget allows, and a leaked
+//! merchant credential can guess at stored cards only as fast as its
+//! tokenize budgets allow.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,6 +29,32 @@ impl RateLimiter {
         self.take_at(principal, limit, cards, Instant::now())
     }
 
+    /// Refuses while less than one unit is left, whatever `charge` says,
+    /// and otherwise takes one if `charge`: the refusal does not depend on
+    /// what is being charged for. `Err(wait_secs)` when refused.
+    pub fn admit(&self, principal: &str, limit: RateLimit, charge: bool) -> Result<(), f64> {
+        self.admit_at(principal, limit, charge, Instant::now())
+    }
+
+    fn admit_at(
+        &self,
+        principal: &str,
+        limit: RateLimit,
+        charge: bool,
+        now: Instant,
+    ) -> Result<(), f64> {
+        self.with_bucket(principal, limit, now, |b| {
+            if b.tokens < 1.0 {
+                Err((1.0 - b.tokens) / limit.per_second)
+            } else {
+                if charge {
+                    b.tokens -= 1.0;
+                }
+                Ok(())
+            }
+        })
+    }
+
     fn take_at(
         &self,
         principal: &str,
@@ -34,6 +62,25 @@ impl RateLimiter {
         cards: u32,
         now: Instant,
     ) -> Result<(), f64> {
+        self.with_bucket(principal, limit, now, |b| {
+            let want = cards as f64;
+            if b.tokens >= want {
+                b.tokens -= want;
+                Ok(())
+            } else {
+                Err((want - b.tokens) / limit.per_second)
+            }
+        })
+    }
+
+    /// Runs `f` on the principal's bucket, refilled up to `now`.
+    fn with_bucket<T>(
+        &self,
+        principal: &str,
+        limit: RateLimit,
+        now: Instant,
+        f: impl FnOnce(&mut Bucket) -> T,
+    ) -> T {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let b = map.entry(principal.to_owned()).or_insert(Bucket {
             tokens: limit.burst,
@@ -48,13 +95,7 @@ impl RateLimiter {
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * limit.per_second).min(limit.burst);
         b.last = now;
-        let want = cards as f64;
-        if b.tokens >= want {
-            b.tokens -= want;
-            Ok(())
-        } else {
-            Err((want - b.tokens) / limit.per_second)
-        }
+        f(b)
     }
 }
 
@@ -62,6 +103,28 @@ impl RateLimiter {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn admission_refuses_alike_once_spent_and_charges_only_when_told() {
+        let r = RateLimiter::default();
+        let lim = RateLimit {
+            per_second: 1.0,
+            burst: 2.0,
+        };
+        let t0 = Instant::now();
+        // Uncharged admissions cost nothing.
+        for _ in 0..10 {
+            r.admit_at("p", lim, false, t0).unwrap();
+        }
+        r.admit_at("p", lim, true, t0).unwrap();
+        r.admit_at("p", lim, true, t0).unwrap();
+        // Spent: refused whether or not it would be charged.
+        assert!(r.admit_at("p", lim, true, t0).is_err());
+        assert!(r.admit_at("p", lim, false, t0).is_err());
+        // One second refills one.
+        r.admit_at("p", lim, true, t0 + Duration::from_secs(1))
+            .unwrap();
+    }
 
     #[test]
     fn bucket_trips_and_refills() {

@@ -59,9 +59,8 @@ use crate::proto::{self, token_service_client::TokenServiceClient};
 
 /// Test card numbers sent by tokenize (Luhn-valid test PANs; never printed).
 const TEST_PANS: [&str; 2] = ["4111111111111111", "5555555555554444"];
-/// Issuer prefix of the card numbers `--new-cards` makes: a range widely
-/// used for test cards.
-const NEW_CARD_PREFIX: &str = "400000";
+/// First digit of the card numbers `--new-cards` makes (Visa).
+const NEW_CARD_PREFIX: &str = "4";
 /// Cardholder name sent with every tokenize, for a realistic request size.
 const TEST_NAME: &str = "BENCH TEST CARDHOLDER";
 /// Purpose sent with every detokenize.
@@ -287,10 +286,14 @@ impl Load {
     }
 }
 
-/// The `n`th card number of `--new-cards`: [`NEW_CARD_PREFIX`], nine
-/// digits of `n` and the Luhn check digit (16 digits, a Visa length).
+/// The `n`th card number of `--new-cards`: a 16-digit Visa number whose
+/// visible digits (first six, last four) differ for every `n` below 10^8,
+/// so that, like real traffic, the cards spread over the enumeration
+/// guard's buckets instead of piling into a few.
 fn new_card(n: u64) -> String {
-    crate::card::with_check_digit(&format!("{NEW_CARD_PREFIX}{:09}", n % 1_000_000_000))
+    let n = n % 1_000_000_000;
+    let (low, mid, high) = (n % 100_000, n / 100_000 % 1000, n / 100_000_000);
+    crate::card::with_check_digit(&format!("{NEW_CARD_PREFIX}{low:05}{high:06}{mid:03}"))
 }
 
 /// Results of one measured run.

@@ -67,6 +67,19 @@ pub enum KeysCmd {
         #[arg(long, default_value_t = 0)]
         threshold: u32,
     },
+    /// Unlock the tokenize enumeration guard: one bucket (as a refusal or
+    /// the EnumerationLock audit record names it) or every bucket of a tenant.
+    ClearGuard {
+        /// Tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The bucket: 32 letters a-p.
+        #[arg(long, conflicts_with = "all_buckets")]
+        bucket: Option<String>,
+        /// Every bucket of the tenant (also forgets which cards each held).
+        #[arg(long)]
+        all_buckets: bool,
+    },
 }
 
 async fn client(opts: &ClientOpts) -> Result<KeyServiceClient<tonic::transport::Channel>, String> {
@@ -267,6 +280,30 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCmd) -> Result<(), String> {
                 r.key_generation
             );
             print_shares(&r.shares, r.threshold);
+        }
+        KeysCmd::ClearGuard {
+            tenant,
+            bucket,
+            all_buckets,
+        } => {
+            if bucket.is_none() && !all_buckets {
+                return Err(
+                    "give --bucket B (from the refusal or the audit record) or --all-buckets"
+                        .into(),
+                );
+            }
+            let r = c
+                .clear_enumeration_guard(proto::ClearEnumerationGuardRequest {
+                    tenant: tenant.clone(),
+                    bucket: bucket.unwrap_or_default(),
+                })
+                .await
+                .map_err(|e| status_text(&e))?
+                .into_inner();
+            println!(
+                "tenant {tenant}: enumeration guard cleared for {} bucket(s)",
+                r.cleared
+            );
         }
     }
     Ok(())

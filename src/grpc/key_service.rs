@@ -11,6 +11,7 @@ use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
 use crate::proto::{self, key_service_server::KeyService};
 use crate::token::Tenant;
+use crate::vault::guard::BucketId;
 use crate::vault::{CallContext, Vault};
 
 /// The service, holding the shared vault and the authorizer.
@@ -176,6 +177,39 @@ impl KeyService for KeyServiceImpl {
                     new_version,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn clear_enumeration_guard(
+        &self,
+        request: Request<proto::ClearEnumerationGuardRequest>,
+    ) -> Result<Response<proto::ClearEnumerationGuardResponse>, Status> {
+        let req = request.get_ref();
+        let ctx = self
+            .authorize(&request, Action::ClearEnumerationGuard, Some(&req.tenant))
+            .await?;
+        let parsed = Tenant::parse(&req.tenant).and_then(|t| {
+            let bucket = match req.bucket.as_str() {
+                "" => None,
+                b => Some(BucketId::parse(b)?),
+            };
+            Ok((t, bucket))
+        });
+        let (tenant, bucket) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                self.vault
+                    .audit_rejected(&ctx, Action::ClearEnumerationGuard.as_str(), "", "", &e)
+                    .await;
+                return Err(e.into());
+            }
+        };
+        let cleared = self
+            .vault
+            .clear_enumeration_guard(&ctx, &tenant, bucket)
+            .await?;
+        Ok(Response::new(proto::ClearEnumerationGuardResponse {
+            cleared,
         }))
     }
 

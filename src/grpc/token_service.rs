@@ -9,13 +9,15 @@ use zeroize::Zeroize;
 
 use super::identity::context_of;
 use super::{item_error, timestamp};
+use crate::auth::policy::Grant;
 use crate::auth::{Action, Authorized, Authorizer, Caller};
 use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
 use crate::error::Result;
 use crate::proto::{self, token_service_server::TokenService};
 use crate::token::{Purpose, Tenant, Token, TokenFormat};
 use crate::vault::{
-    CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeOptions, Vault, check_batch_size,
+    CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeBudget, TokenizeOptions, Vault,
+    check_batch_size,
 };
 
 /// The service, holding the shared vault and the authorizer.
@@ -91,7 +93,8 @@ impl TokenServiceImpl {
         parsed
     }
 
-    /// Charges a detokenize budget; a refusal is logged and audited.
+    /// Charges the detokenize budget (a detokenize action) or the tokenize
+    /// budget (a tokenize action); a refusal is logged and audited.
     async fn charge(
         &self,
         ctx: &CallContext,
@@ -100,14 +103,39 @@ impl TokenServiceImpl {
         cards: usize,
     ) -> Result<()> {
         let cards = u32::try_from(cards).unwrap_or(u32::MAX);
-        let res = self
-            .auth
-            .charge_detokenize(&ctx.principal, &authz.grant, cards);
+        let res = match action {
+            Action::Tokenize | Action::TokenizeBatch => {
+                self.auth
+                    .charge_tokenize(&ctx.principal, &authz.grant, cards)
+            }
+            _ => self
+                .auth
+                .charge_detokenize(&ctx.principal, &authz.grant, cards),
+        };
         if let Err(e) = &res {
             tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, error = %e, "rate limited");
             self.vault
                 .audit_rejected(ctx, action.as_str(), authz.tenant.as_str(), "", e)
                 .await;
+        }
+        res
+    }
+}
+
+/// The caller's collision budget, as the vault core asks it once per card.
+struct CallerBudget<'a> {
+    auth: &'a Authorizer,
+    principal: &'a str,
+    grant: &'a Grant,
+}
+
+impl TokenizeBudget for CallerBudget<'_> {
+    fn admit(&self, collision: bool) -> Result<()> {
+        let res = self
+            .auth
+            .admit_collision(self.principal, self.grant, collision);
+        if let Err(e) = &res {
+            tracing::warn!(principal = %self.principal, error = %e, "rate limited");
         }
         res
     }
@@ -225,16 +253,26 @@ impl TokenService for TokenServiceImpl {
             Ok((card, format_of(req.format)?))
         });
         wipe(&mut req.pan, &mut req.cardholder_name, &mut req.cvv);
-        let tenant = authz?.tenant;
+        let authz = authz?;
         let parsed = parsed.expect("parsed when authorised");
         let (card, format) = self
-            .validated(&ctx, Action::Tokenize, &tenant, parsed)
+            .validated(&ctx, Action::Tokenize, &authz.tenant, parsed)
             .await?;
+        // After validation: bad input is never charged.
+        self.charge(&ctx, Action::Tokenize, &authz, 1).await?;
         let opts = TokenizeOptions {
             format,
             dedupe: req.dedupe,
         };
-        let meta = self.vault.tokenize(&ctx, &tenant, card, opts).await?;
+        let budget = CallerBudget {
+            auth: &self.auth,
+            principal: &ctx.principal,
+            grant: &authz.grant,
+        };
+        let meta = self
+            .vault
+            .tokenize(&ctx, &authz.tenant, card, opts, &budget)
+            .await?;
         Ok(Response::new(tokenize_response(meta)))
     }
 
@@ -261,7 +299,8 @@ impl TokenService for TokenServiceImpl {
                 wipe(&mut item.pan, &mut item.cardholder_name, &mut item.cvv);
             }
         }
-        let tenant = authz?.tenant;
+        let authz = authz?;
+        let tenant = &authz.tenant;
         let today = YearMonth::now_utc();
         let mut references = Vec::with_capacity(req.items.len());
         let mut cards = Vec::with_capacity(req.items.len());
@@ -280,15 +319,23 @@ impl TokenService for TokenServiceImpl {
             cards.push(parsed);
         }
         let format = self
-            .validated(&ctx, action, &tenant, format_of(req.format))
+            .validated(&ctx, action, tenant, format_of(req.format))
             .await?;
+        // Per valid item, so a batch is no way around the budget.
+        let valid = cards.iter().filter(|c| c.is_ok()).count();
+        self.charge(&ctx, action, &authz, valid).await?;
         let opts = TokenizeOptions {
             format,
             dedupe: req.dedupe,
         };
+        let budget = CallerBudget {
+            auth: &self.auth,
+            principal: &ctx.principal,
+            grant: &authz.grant,
+        };
         let results = self
             .vault
-            .tokenize_batch(&ctx, &tenant, cards, opts)
+            .tokenize_batch(&ctx, tenant, cards, opts, &budget)
             .await?;
         let results = references
             .into_iter()

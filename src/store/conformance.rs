@@ -460,6 +460,106 @@ pub async fn key_batches_and_record_scans(store: &dyn Store) {
     );
 }
 
+/// Enumeration-guard state: a compare-and-swap per (tenant, bucket),
+/// tenants apart, cleared by bucket or by tenant.
+pub async fn guard_state(store: &dyn Store) {
+    let (b1, b2) = (b"bucket-1".as_slice(), b"bucket-2".as_slice());
+    assert_eq!(store.guard_get("acme", b1).await.unwrap(), None);
+    // Created only if absent.
+    assert!(
+        store
+            .guard_swap("acme", b1, None, b"v1", false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .guard_swap("acme", b1, None, b"vX", true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.guard_get("acme", b1).await.unwrap().as_deref(),
+        Some(&b"v1"[..])
+    );
+    // Replaced only if unchanged.
+    assert!(
+        !store
+            .guard_swap("acme", b1, Some(b"v0"), b"vX", false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .guard_swap("acme", b1, Some(b"v1"), b"v2", true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.guard_get("acme", b1).await.unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
+    // Another tenant's bucket of the same name is its own.
+    assert_eq!(store.guard_get("other", b1).await.unwrap(), None);
+    assert!(
+        store
+            .guard_swap("other", b1, None, b"o1", false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .guard_swap("acme", b2, None, b"w1", false)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.guard_clear("acme", Some(b1)).await.unwrap(), 1);
+    assert_eq!(store.guard_get("acme", b1).await.unwrap(), None);
+    assert_eq!(store.guard_clear("acme", Some(b1)).await.unwrap(), 0);
+    assert!(
+        store
+            .guard_swap("acme", b1, None, b"v3", false)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.guard_clear("acme", None).await.unwrap(), 2);
+    assert_eq!(store.guard_get("acme", b2).await.unwrap(), None);
+    assert_eq!(
+        store.guard_get("other", b1).await.unwrap().as_deref(),
+        Some(&b"o1"[..])
+    );
+}
+
+/// Concurrent swaps of one bucket: each value read is replaced by exactly
+/// one writer, so no increment is lost (every replica counts each card).
+pub async fn concurrent_guard_swaps(store: Arc<dyn Store>) {
+    let tasks = (0..4).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut done = 0;
+            while done < 25 {
+                let old = store.guard_get("acme", b"hot").await.unwrap();
+                let n = old
+                    .as_deref()
+                    .map_or(0, |v| u32::from_be_bytes(v.try_into().unwrap()));
+                let new = (n + 1).to_be_bytes();
+                if store
+                    .guard_swap("acme", b"hot", old.as_deref(), &new, false)
+                    .await
+                    .unwrap()
+                {
+                    done += 1;
+                }
+            }
+        })
+    });
+    for t in tasks.collect::<Vec<_>>() {
+        t.await.unwrap();
+    }
+    let v = store.guard_get("acme", b"hot").await.unwrap().unwrap();
+    assert_eq!(u32::from_be_bytes(v.try_into().unwrap()), 100);
+}
+
 /// Generates one `#[tokio::test]` per conformance check.
 ///
 /// `$factory` is an async function returning `Option<(Arc<dyn Store>, G)>`,
@@ -560,6 +660,22 @@ macro_rules! store_conformance_tests {
                     return;
                 };
                 c::concurrent_audit_appends_form_one_chain(s).await;
+            }
+            #[tokio::test]
+            async fn guard_state() {
+                let Some((s, _g)) = ($factory)().await else {
+                    eprintln!("SKIPPED: store backend not available (see above)");
+                    return;
+                };
+                c::guard_state(&*s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_guard_swaps() {
+                let Some((s, _g)) = ($factory)().await else {
+                    eprintln!("SKIPPED: store backend not available (see above)");
+                    return;
+                };
+                c::concurrent_guard_swaps(s).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_writers() {

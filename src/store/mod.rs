@@ -172,6 +172,28 @@ pub trait Store: Send + Sync + 'static {
     /// storage-key order, each with the seq its storage key says.
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>>;
 
+    /// Reads the enumeration-guard state of one bucket of a tenant (see
+    /// `vault::guard`); `None` if the bucket has none.
+    async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Writes a bucket's guard state if it is still `expected` (`None`:
+    /// absent), a compare-and-swap, so that concurrent tokenizes on every
+    /// replica count each card once. Returns `false`, writing nothing, if
+    /// the state changed meanwhile. With `durable` false the write need not
+    /// be durable on return; it becomes durable with the next durable write.
+    async fn guard_swap(
+        &self,
+        tenant: &str,
+        bucket: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        durable: bool,
+    ) -> Result<bool>;
+
+    /// Removes the guard state of one bucket of a tenant, or with `None`
+    /// of all its buckets. Returns how many buckets had state.
+    async fn guard_clear(&self, tenant: &str, bucket: Option<&[u8]>) -> Result<u64>;
+
     /// Stores a signed checkpoint.
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()>;
 

@@ -73,6 +73,15 @@ const MIGRATIONS: &[&str] = &[
         checkpoint BYTEA NOT NULL
     );
     "#,
+    // 2: enumeration-guard state, shared by every replica.
+    r#"
+    CREATE TABLE enumeration_guard (
+        tenant TEXT COLLATE "C" NOT NULL,
+        bucket BYTEA NOT NULL,
+        state BYTEA NOT NULL,
+        PRIMARY KEY (tenant, bucket)
+    );
+    "#,
 ];
 
 /// How many times a transaction is retried on a serialisation failure.
@@ -779,6 +788,71 @@ impl Store for PostgresStore {
                 .await?;
             Ok(Some(row.get(0)))
         })
+    }
+
+    async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {
+        let client = self.pool.get().await.map_err(unavailable)?;
+        let row = client
+            .query_opt(
+                "SELECT state FROM enumeration_guard WHERE tenant = $1 AND bucket = $2",
+                &[&tenant, &bucket],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn guard_swap(
+        &self,
+        tenant: &str,
+        bucket: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        _durable: bool,
+    ) -> Result<bool> {
+        // One statement, so no transaction: the row lock of the UPDATE (or
+        // the primary key of the INSERT) makes it a compare-and-swap
+        // across replicas.
+        let client = self.pool.get().await.map_err(unavailable)?;
+        let n = match expected {
+            None => client
+                .execute(
+                    "INSERT INTO enumeration_guard (tenant, bucket, state) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&tenant, &bucket, &value],
+                )
+                .await
+                .map_err(pg)?,
+            Some(old) => client
+                .execute(
+                    "UPDATE enumeration_guard SET state = $3
+                     WHERE tenant = $1 AND bucket = $2 AND state = $4",
+                    &[&tenant, &bucket, &value, &old],
+                )
+                .await
+                .map_err(pg)?,
+        };
+        Ok(n == 1)
+    }
+
+    async fn guard_clear(&self, tenant: &str, bucket: Option<&[u8]>) -> Result<u64> {
+        let client = self.pool.get().await.map_err(unavailable)?;
+        match bucket {
+            Some(b) => client
+                .execute(
+                    "DELETE FROM enumeration_guard WHERE tenant = $1 AND bucket = $2",
+                    &[&tenant, &b],
+                )
+                .await
+                .map_err(pg),
+            None => client
+                .execute(
+                    "DELETE FROM enumeration_guard WHERE tenant = $1",
+                    &[&tenant],
+                )
+                .await
+                .map_err(pg),
+        }
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {

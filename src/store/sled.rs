@@ -76,6 +76,7 @@ const FINGERPRINTS: u8 = 1;
 const KEYS: u8 = 2;
 const AUDIT: u8 = 3;
 const CHECKPOINTS: u8 = 4;
+const GUARD: u8 = 5;
 
 type Reply = oneshot::Sender<std::result::Result<(), String>>;
 type ReplyRx = oneshot::Receiver<std::result::Result<(), String>>;
@@ -95,6 +96,8 @@ struct Trees {
     journal: journal::Journal,
     /// Signed checkpoints by big-endian seq.
     checkpoints: sled::Tree,
+    /// Enumeration-guard state by `tenant \0 bucket`.
+    guard: sled::Tree,
 }
 
 impl Trees {
@@ -104,6 +107,7 @@ impl Trees {
             FINGERPRINTS => Some(&self.fingerprints),
             KEYS => Some(&self.keys),
             CHECKPOINTS => Some(&self.checkpoints),
+            GUARD => Some(&self.guard),
             _ => None,
         }
     }
@@ -311,6 +315,15 @@ fn record_key(tenant: &str, token: &str) -> Vec<u8> {
     k.extend_from_slice(tenant.as_bytes());
     k.push(0);
     k.extend_from_slice(token.as_bytes());
+    k
+}
+
+/// `tenant \0 bucket`, as record and fingerprint keys are built.
+fn guard_key(tenant: &str, bucket: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 1 + bucket.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(bucket);
     k
 }
 
@@ -742,6 +755,7 @@ impl SledStore {
             keys: tree("keys")?,
             journal: journal::Journal::open(&db, path)?,
             checkpoints: tree("audit_checkpoints")?,
+            guard: tree("enumeration_guard")?,
         };
         let next_segment = recover(&db, &trees, path)?;
         let head = trees.journal.head()?.unwrap_or((0, GENESIS.to_vec()));
@@ -912,8 +926,8 @@ impl SledStore {
         key: &[u8],
     ) -> Result<Option<Vec<u8>>> {
         debug_assert!(
-            matches!(tree, RECORDS | FINGERPRINTS | KEYS),
-            "queued changes are only tracked for records, fingerprints and keys"
+            matches!(tree, RECORDS | FINGERPRINTS | KEYS | GUARD),
+            "queued changes are only tracked for records, fingerprints, keys and guard state"
         );
         if let Some((_, v)) = st.pending.get(&(tree, key.to_vec())) {
             return Ok(v.clone());
@@ -947,13 +961,14 @@ impl SledStore {
         }
         let lsn = st.next_lsn;
         st.next_lsn += 1;
-        // Writers only ever check records, fingerprints and keys; audit
-        // records and checkpoints (most of the bytes) need no overlay.
+        // Writers only ever check records, fingerprints, keys and guard
+        // state; audit records and checkpoints (most of the bytes) need no
+        // overlay.
         for m in muts
             .iter()
-            .filter(|m| matches!(m.tree, RECORDS | FINGERPRINTS | KEYS))
+            .filter(|m| matches!(m.tree, RECORDS | FINGERPRINTS | KEYS | GUARD))
         {
-            if m.value.is_some() && m.tree != KEYS {
+            if m.value.is_some() && matches!(m.tree, RECORDS | FINGERPRINTS) {
                 self.shared.filter.add(m.tree, &m.key);
             }
             st.pending
@@ -1360,6 +1375,65 @@ impl Store for SledStore {
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         self.barrier().await?;
         self.shared.trees.journal.records(after_seq, limit)
+    }
+
+    async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {
+        let key = guard_key(tenant, bucket);
+        if let Some(v) = self.unapplied(GUARD, &key).await? {
+            return Ok(v);
+        }
+        self.shared.trees.read(GUARD, &key)
+    }
+
+    async fn guard_swap(
+        &self,
+        tenant: &str,
+        bucket: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        durable: bool,
+    ) -> Result<bool> {
+        let key = guard_key(tenant, bucket);
+        let rx = {
+            let mut st = self.shared.lock();
+            if self.lookup(&st, GUARD, &key)?.as_deref() != expected {
+                return Ok(false);
+            }
+            // Not waited for unless asked: the tokenize that follows waits
+            // for its own write, which the log makes durable after this.
+            self.enqueue(&mut st, vec![put(GUARD, key, value)], durable)?
+        };
+        Self::durable(rx).await?;
+        Ok(true)
+    }
+
+    async fn guard_clear(&self, tenant: &str, bucket: Option<&[u8]>) -> Result<u64> {
+        let keys: Vec<Vec<u8>> = match bucket {
+            Some(b) => vec![guard_key(tenant, b)],
+            None => {
+                self.barrier().await?;
+                self.shared
+                    .trees
+                    .guard
+                    .scan_prefix(guard_key(tenant, b""))
+                    .keys()
+                    .map(|k| k.map(|k| k.to_vec()).map_err(unavailable))
+                    .collect::<Result<_>>()?
+            }
+        };
+        let (rx, n) = {
+            let mut st = self.shared.lock();
+            let mut muts = Vec::new();
+            for k in keys {
+                if self.lookup(&st, GUARD, &k)?.is_some() {
+                    muts.push(remove(GUARD, k));
+                }
+            }
+            let n = muts.len() as u64;
+            (self.enqueue(&mut st, muts, true)?, n)
+        };
+        Self::durable(rx).await?;
+        Ok(n)
     }
 
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {

@@ -7,6 +7,7 @@
 //! returned.
 
 pub mod audit_log;
+pub mod guard;
 pub mod keyring;
 pub mod keys;
 
@@ -72,6 +73,8 @@ pub struct VaultConfig {
     /// retired: requests that loaded the keys before the rotation (and
     /// replicas whose key cache is a little older) may still write with it.
     pub retire_grace: Duration,
+    /// The enumeration guard's window and threshold.
+    pub guard: guard::GuardConfig,
 }
 
 impl Default for VaultConfig {
@@ -86,6 +89,7 @@ impl Default for VaultConfig {
             seal_mode: "kek-file".into(),
             rewrap_pause: Duration::ZERO,
             retire_grace: DEFAULT_RETIRE_GRACE,
+            guard: guard::GuardConfig::default(),
         }
     }
 }
@@ -127,6 +131,27 @@ impl NewCard {
             name: None,
             cvv: None,
         }
+    }
+}
+
+/// A caller's tokenize budget, asked once per card after the enumeration
+/// guard has classified it (see [`guard`]). The gRPC layer implements it
+/// from the caller's policy grant; the core knows no principals' limits.
+pub trait TokenizeBudget: Send + Sync {
+    /// `Err` once the budget is spent, whatever the card, so a refusal
+    /// tells no card from another; otherwise charges one card to the
+    /// collision budget if `collision` (a card new to a bucket that holds
+    /// another one: what a guess at a stored card is).
+    fn admit(&self, collision: bool) -> Result<()>;
+}
+
+/// No budget: for callers inside the process (tests, tools), never for a
+/// network caller.
+pub struct Unmetered;
+
+impl TokenizeBudget for Unmetered {
+    fn admit(&self, _collision: bool) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -218,6 +243,10 @@ pub struct Vault {
     seal_mode: String,
     /// Audit appends that failed (metric).
     audit_failures: AtomicU64,
+    /// Buckets the enumeration guard locked (metric).
+    guard_locks: AtomicU64,
+    /// Tokenizes refused by a locked bucket (metric).
+    guard_refusals: AtomicU64,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -311,6 +340,8 @@ impl Vault {
             key_lock: tokio::sync::RwLock::new(()),
             rewrap_running: std::sync::atomic::AtomicBool::new(false),
             audit_failures: AtomicU64::new(0),
+            guard_locks: AtomicU64::new(0),
+            guard_refusals: AtomicU64::new(0),
         }
     }
 
@@ -518,16 +549,18 @@ impl Vault {
         }
     }
 
-    /// Stores a card and returns its token.
+    /// Stores a card and returns its token. The card passes the
+    /// enumeration guard first, and `budget` is asked for it.
     pub async fn tokenize(
         &self,
         ctx: &CallContext,
         tenant: &Tenant,
         card: NewCard,
         opts: TokenizeOptions,
+        budget: &dyn TokenizeBudget,
     ) -> Result<CardMetadata> {
         let result = self
-            .tokenize_inner(ctx, "Tokenize", tenant, card, opts)
+            .tokenize_inner(ctx, "Tokenize", tenant, card, opts, budget)
             .await;
         self.audit_failure(ctx, "Tokenize", tenant.as_str(), result)
             .await
@@ -555,6 +588,7 @@ impl Vault {
         tenant: &Tenant,
         card: NewCard,
         opts: TokenizeOptions,
+        budget: &dyn TokenizeBudget,
     ) -> Result<CardMetadata> {
         if matches!(
             opts.format,
@@ -577,8 +611,19 @@ impl Vault {
             let keyring = self.keyring()?;
             keyring.tenant(&*self.store, tenant.as_str(), true).await?
         };
-        let keys = self.counted_keys(tenant.as_str(), keys).await?;
         let fingerprint = keys.fingerprint.fingerprint(card.pan.expose());
+        // Before anything is encrypted, counted or looked up by
+        // fingerprint: a refused card must leave no trace an answer shows.
+        self.check_enumeration(
+            ctx,
+            tenant,
+            &keys.fingerprint,
+            &card.pan,
+            &fingerprint,
+            budget,
+        )
+        .await?;
+        let keys = self.counted_keys(tenant.as_str(), keys).await?;
         let dek = keys
             .deks
             .get(&keys.active)
@@ -680,6 +725,7 @@ impl Vault {
         tenant: &Tenant,
         items: Vec<Result<NewCard>>,
         opts: TokenizeOptions,
+        budget: &dyn TokenizeBudget,
     ) -> Result<Vec<Result<CardMetadata>>> {
         check_batch_size(items.len())?;
         self.check_unsealed()?;
@@ -689,7 +735,7 @@ impl Vault {
                 // finds every item.
                 Ok(card) => {
                     let result = self
-                        .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts)
+                        .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts, budget)
                         .await;
                     self.audit_failure(ctx, "TokenizeBatch", tenant.as_str(), result)
                         .await
@@ -974,13 +1020,25 @@ mod tests {
         };
         let opts = TokenizeOptions::default();
         let first = v
-            .tokenize(&ctx, &tenant, card("4111111111111111", "111"), opts)
+            .tokenize(
+                &ctx,
+                &tenant,
+                card("4111111111111111", "111"),
+                opts,
+                &Unmetered,
+            )
             .await
             .unwrap();
         // The next tokenize's first candidate is the first card's token.
         crate::token::FORCED_TOKENS.with(|f| f.borrow_mut().push(first.token.clone()));
         let second = v
-            .tokenize(&ctx, &tenant, card("5555555555554444", "222"), opts)
+            .tokenize(
+                &ctx,
+                &tenant,
+                card("5555555555554444", "222"),
+                opts,
+                &Unmetered,
+            )
             .await
             .unwrap();
         assert_ne!(second.token, first.token);
@@ -1024,7 +1082,7 @@ mod tests {
             dedupe: false,
         };
         let err = v
-            .tokenize(&ctx, &tenant, card(&short), keep_bin)
+            .tokenize(&ctx, &tenant, card(&short), keep_bin, &Unmetered)
             .await
             .unwrap_err();
         assert_eq!(
@@ -1038,7 +1096,10 @@ mod tests {
             format: TokenFormat::FormatPreserving { keep_bin: false },
             dedupe: false,
         };
-        let m = v.tokenize(&ctx, &tenant, card(&short), fp).await.unwrap();
+        let m = v
+            .tokenize(&ctx, &tenant, card(&short), fp, &Unmetered)
+            .await
+            .unwrap();
         assert_eq!(
             (m.bin.as_str(), m.last4.as_str()),
             (&short[..4], &short[8..])
@@ -1046,7 +1107,7 @@ mod tests {
         // 15 digits and more: the BIN is shown and may be kept.
         let amex = "378282246310005";
         let m = v
-            .tokenize(&ctx, &tenant, card(amex), keep_bin)
+            .tokenize(&ctx, &tenant, card(amex), keep_bin, &Unmetered)
             .await
             .unwrap();
         assert_eq!(m.bin, "378282");

@@ -139,6 +139,24 @@ impl Store for Flaky {
     async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         self.inner.audit_records(after, limit).await
     }
+    async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.guard_get(tenant, bucket).await
+    }
+    async fn guard_swap(
+        &self,
+        tenant: &str,
+        bucket: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        durable: bool,
+    ) -> Result<bool> {
+        self.inner
+            .guard_swap(tenant, bucket, expected, value, durable)
+            .await
+    }
+    async fn guard_clear(&self, tenant: &str, bucket: Option<&[u8]>) -> Result<u64> {
+        self.inner.guard_clear(tenant, bucket).await
+    }
     async fn put_checkpoint(&self, c: &Checkpoint) -> Result<()> {
         self.inner.put_checkpoint(c).await
     }
