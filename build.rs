@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Key shares.
         "cardvault.v1.InitResponse",
         "cardvault.v1.UnsealRequest",
-        "cardvault.v1.RotateMasterKeyResponse",
+        "cardvault.v1.SubmitRekeyShareRequest",
     ];
     config.skip_debug(secret_messages);
     tonic_prost_build::configure()

@@ -194,6 +194,9 @@ pub struct KeysConfig {
     /// Lock the process memory (`mlockall`) so keys never reach swap
     /// (`CARDVAULT_MLOCK`); needs CAP_IPC_LOCK or a high RLIMIT_MEMLOCK.
     pub mlock: bool,
+    /// Seconds a rekey may take from its start to its last share, 60 to
+    /// 86400 (`CARDVAULT_REKEY_TIMEOUT_SECS`; default 900).
+    pub rekey_timeout_secs: u64,
 }
 
 impl Default for KeysConfig {
@@ -205,6 +208,7 @@ impl Default for KeysConfig {
             rewrap_pause_ms: 0,
             retire_grace_secs: crate::vault::DEFAULT_RETIRE_GRACE.as_secs(),
             mlock: false,
+            rekey_timeout_secs: crate::vault::custody::DEFAULT_REKEY_TIMEOUT.as_secs(),
         }
     }
 }
@@ -335,6 +339,9 @@ impl Config {
         if let Some(v) = env_parse("CARDVAULT_GUARD_THRESHOLD", get)? {
             self.enumeration_guard.threshold = v;
         }
+        if let Some(v) = env_parse("CARDVAULT_REKEY_TIMEOUT_SECS", get)? {
+            self.keys.rekey_timeout_secs = v;
+        }
         if let Some(v) = env_parse("CARDVAULT_MLOCK", get)? {
             self.keys.mlock = v;
         }
@@ -413,6 +420,9 @@ impl Config {
         if !(60..=7 * 86_400).contains(&self.enumeration_guard.window_secs) {
             return Err("enumeration_guard.window_secs must be 60 to 604800".into());
         }
+        if !(60..=86_400).contains(&self.keys.rekey_timeout_secs) {
+            return Err("keys.rekey_timeout_secs must be 60 to 86400".into());
+        }
         if !(1..=64).contains(&self.enumeration_guard.threshold) {
             return Err("enumeration_guard.threshold must be 1 to 64".into());
         }
@@ -467,6 +477,7 @@ impl Config {
                 window: Duration::from_secs(self.enumeration_guard.window_secs),
                 threshold: self.enumeration_guard.threshold,
             },
+            rekey_timeout: Duration::from_secs(self.keys.rekey_timeout_secs),
         })
     }
 }

@@ -71,10 +71,21 @@ enum Command {
         #[arg(long, default_value = "cardvault.v1.TokenService")]
         service: String,
     },
-    /// Create the master key and split it into key shares (role: admin).
+    /// Create the master key and split it into key shares, one per named
+    /// custodian, each encrypted to the custodian's age key (role: admin).
     Init(cli::keys::InitCmd),
-    /// Enter one key share (role: admin).
+    /// Enter your key share (role: custodian).
     Unseal(cli::keys::UnsealCmd),
+    /// Master key rotation with a quorum of custodians: start (admin),
+    /// submit (custodian), cancel.
+    #[command(subcommand)]
+    Rekey(cli::keys::RekeyCmd),
+    /// Write the current encrypted key shares out again (role: admin).
+    Shares {
+        /// Directory to write them to.
+        #[arg(long, default_value = "./cardvault-shares")]
+        out_dir: PathBuf,
+    },
     /// Wipe all keys from memory (role: admin).
     Seal,
     /// Rotate, rewrap and retire keys (role: admin).
@@ -217,6 +228,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Health { service } => cli::health(&cli.client, service).await,
         Command::Init(cmd) => cli::keys::init(&cli.client, cmd).await,
         Command::Unseal(cmd) => cli::keys::unseal(&cli.client, cmd).await,
+        Command::Rekey(cmd) => cli::keys::rekey(&cli.client, cmd).await,
+        Command::Shares { out_dir } => cli::keys::shares(&cli.client, &out_dir).await,
         Command::Seal => cli::keys::seal(&cli.client).await,
         Command::Keys(cmd) => cli::keys::keys(&cli.client, cmd).await,
         Command::Bench(cmd) => cli::bench::run(&cli.client, cmd).await,

@@ -277,8 +277,40 @@ async fn batch_results(v: &VaultProcess, pans: &[String], dedupe: bool) -> Vec<R
 }
 
 #[tokio::test]
-async fn legitimate_loads_are_not_refused() {
+async fn legitimate_loads_pass_the_dev_policy() {
     let (_d, v) = start();
+    legitimate_loads(&v).await;
+}
+
+/// The `[defaults]` of the documented production policy, applied to the
+/// dev principals.
+#[tokio::test]
+async fn legitimate_loads_pass_the_production_example_policy() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/policy.example.toml"
+    ))
+    .unwrap();
+    let defaults: Vec<&str> = example
+        .split("[defaults]\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| l.contains('=') && !l.starts_with('#'))
+        .collect();
+    assert!(
+        defaults
+            .iter()
+            .any(|l| l.starts_with("tokenize_collision_burst"))
+    );
+    let (_d, v) = start_with_defaults(&defaults.join("\n"), Vec::new());
+    legitimate_loads(&v).await;
+}
+
+/// 20,000 distinct cards, one card 50 times with dedupe, then two batches
+/// of 1,000 back to back: no refusal.
+async fn legitimate_loads(v: &VaultProcess) {
     let mut rng = Rng::from_time();
     let mut pans: Vec<String> = Vec::new();
     while pans.len() < 20_000 {
@@ -288,7 +320,7 @@ async fn legitimate_loads_are_not_refused() {
         }
     }
     // 20,000 distinct cards from one merchant.
-    let errors = batch_errors(&v, &pans, false).await;
+    let errors = batch_errors(v, &pans, false).await;
     assert!(
         errors.is_empty(),
         "{} refused: {:?}",
@@ -309,7 +341,7 @@ async fn legitimate_loads_are_not_refused() {
     // Two batches of 1,000 distinct new cards, back to back.
     let fresh: Vec<String> = (0..2000).map(|_| rng.card()).collect();
     let start = std::time::Instant::now();
-    let errors = batch_errors(&v, &fresh, true).await;
+    let errors = batch_errors(v, &fresh, true).await;
     eprintln!("two batches of 1,000 took {:?}", start.elapsed());
     assert!(
         errors.is_empty(),

@@ -1,5 +1,6 @@
-//! Key custody and rotation: sealed start, Shamir unseal, rotation, online
-//! rewrap (including a SIGKILL mid-way), retirement, master key rotation.
+//! Key rotation: data key rotation, online rewrap (including a SIGKILL
+//! mid-way), retirement, and rekeys against a faulty or concurrent world.
+//! The ceremonies themselves (init, unseal, rekey) are in `custody.rs`.
 
 mod common;
 
@@ -7,31 +8,22 @@ use std::sync::Arc;
 
 use cardvault::Error;
 use cardvault::crypto::keys::SecretKey;
-use cardvault::crypto::shamir::{Share, decode_share, encode_share};
 use cardvault::proto::key_service_client::KeyServiceClient;
 use cardvault::proto::{
-    DetokenizeRequest, InitRequest, RetireKeyRequest, RewrapRequest, RotateDataKeyRequest,
-    RotateMasterKeyRequest, SealRequest, StatusRequest, TokenizeBatchItem, TokenizeBatchRequest,
-    TokenizeRequest, UnsealRequest,
+    DetokenizeRequest, RetireKeyRequest, RewrapRequest, RotateDataKeyRequest, StatusRequest,
+    TokenizeBatchItem, TokenizeBatchRequest,
 };
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
 use cardvault::token::{Purpose, Tenant, Token};
-use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig};
+use cardvault::vault::keys::SealConfig;
+use cardvault::vault::{
+    CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig, custody,
+};
 use common::flaky::{Flaky, Pause};
 use common::{Opts, VaultProcess, exp_year};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn card(pan: &str) -> TokenizeRequest {
-    TokenizeRequest {
-        tenant: "demo".into(),
-        pan: pan.into(),
-        exp_month: 3,
-        exp_year: exp_year(),
-        ..Default::default()
-    }
-}
 
 fn detok(token: &str) -> DetokenizeRequest {
     DetokenizeRequest {
@@ -44,286 +36,6 @@ fn detok(token: &str) -> DetokenizeRequest {
 
 async fn admin(v: &VaultProcess) -> KeyServiceClient<Channel> {
     KeyServiceClient::new(v.channel("admin").await)
-}
-
-async fn unseal(
-    k: &mut KeyServiceClient<Channel>,
-    share: &str,
-) -> Result<(bool, u32), tonic::Status> {
-    k.unseal(UnsealRequest {
-        share: share.into(),
-        reset: false,
-    })
-    .await
-    .map(|r| (r.get_ref().sealed, r.get_ref().progress))
-}
-
-#[tokio::test]
-async fn init_then_sealed_restart_and_unseal_with_threshold_shares() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let v = VaultProcess::start_serve(&data, &Opts::default());
-    // Uninitialised and sealed: data calls are UNAVAILABLE.
-    let err = v
-        .client("merchant")
-        .await
-        .tokenize(card("4111111111111111"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("sealed"));
-    // Whatever the input: a malformed request is not validated first.
-    let mut bad = v.client("processor").await;
-    for req in [detok("not a token"), detok("4111111111111111")] {
-        let err = bad.detokenize(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    }
-    let err = v.query_before_1970().await;
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let mut k = admin(&v).await;
-    let st = k.status(StatusRequest {}).await.unwrap().into_inner();
-    assert!(st.sealed && !st.initialized && st.seal_mode == "shamir");
-    // Only admins initialise.
-    let e = KeyServiceClient::new(v.channel("processor").await)
-        .init(InitRequest {
-            shares: 5,
-            threshold: 3,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
-    let shares = k
-        .init(InitRequest {
-            shares: 5,
-            threshold: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .shares;
-    assert_eq!(shares.len(), 5);
-    assert_eq!(
-        k.init(InitRequest {
-            shares: 5,
-            threshold: 3
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        Code::FailedPrecondition
-    );
-    // Still sealed after init.
-    assert_eq!(
-        v.client("merchant")
-            .await
-            .tokenize(card("4111111111111111"))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unavailable
-    );
-    assert_eq!(unseal(&mut k, &shares[0]).await.unwrap(), (true, 1));
-    let dup = unseal(&mut k, &shares[0]).await.unwrap_err();
-    assert_eq!(dup.code(), Code::InvalidArgument);
-    assert!(
-        dup.message().contains("already entered"),
-        "{}",
-        dup.message()
-    );
-    let typo = unseal(&mut k, &shares[1].replace('-', "_"))
-        .await
-        .unwrap_err();
-    assert_eq!(typo.code(), Code::InvalidArgument);
-    assert_eq!(unseal(&mut k, &shares[1]).await.unwrap(), (true, 2));
-    assert!(
-        !unseal(&mut k, &shares[2]).await.unwrap().0,
-        "third share unseals"
-    );
-    // The malformed share was refused on the record, without its digits.
-    let events = v.audit_events("Unseal").await;
-    let digits = shares[1].split('-').nth(4).unwrap();
-    assert!(
-        events
-            .iter()
-            .any(|e| e.outcome != "OK" && e.error.contains("not a cardvault share")),
-        "{events:?}"
-    );
-    assert!(!format!("{events:?}").contains(digits));
-    let t = v
-        .client("merchant")
-        .await
-        .tokenize(card("4111111111111111"))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    drop(k);
-    v.stop().await;
-
-    // Restart: sealed again.
-    let v = VaultProcess::start_serve(&data, &Opts::default());
-    let mut p = v.client("processor").await;
-    assert_eq!(
-        p.detokenize(detok(&t)).await.unwrap_err().code(),
-        Code::Unavailable
-    );
-    let mut k = admin(&v).await;
-    // Threshold - 1 shares leave it sealed.
-    assert_eq!(unseal(&mut k, &shares[3]).await.unwrap(), (true, 1));
-    assert_eq!(unseal(&mut k, &shares[4]).await.unwrap(), (true, 2));
-    assert_eq!(
-        p.detokenize(detok(&t)).await.unwrap_err().code(),
-        Code::Unavailable
-    );
-    k.unseal(UnsealRequest {
-        share: String::new(),
-        reset: true,
-    })
-    .await
-    .unwrap();
-    // A well-formed share with wrong contents: refused once combined, progress reset.
-    let real = decode_share(&shares[0]).unwrap();
-    let forged = encode_share(
-        &real.vault_id,
-        real.generation,
-        &Share {
-            x: 9,
-            y: zeroize::Zeroizing::new(vec![0x42; 32]),
-        },
-    );
-    unseal(&mut k, &shares[3]).await.unwrap();
-    unseal(&mut k, &shares[4]).await.unwrap();
-    let wrong = unseal(&mut k, &forged).await.unwrap_err();
-    assert_eq!(wrong.code(), Code::InvalidArgument);
-    assert!(
-        wrong.message().contains("do not reconstruct"),
-        "{}",
-        wrong.message()
-    );
-    assert_eq!(
-        k.status(StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .unseal_progress,
-        0
-    );
-    // A share of another vault is refused at once.
-    let other = encode_share("00000000000000ff", 1, &real.share);
-    assert!(
-        unseal(&mut k, &other)
-            .await
-            .unwrap_err()
-            .message()
-            .contains("another vault")
-    );
-    // Any three good shares work.
-    for s in [&shares[4], &shares[0], &shares[2]] {
-        unseal(&mut k, s).await.unwrap();
-    }
-    assert_eq!(
-        p.detokenize(detok(&t)).await.unwrap().into_inner().pan,
-        "4111111111111111"
-    );
-
-    // Seal on request: data calls stop, keys are gone.
-    k.seal(SealRequest {}).await.unwrap();
-    assert_eq!(
-        p.detokenize(detok(&t)).await.unwrap_err().code(),
-        Code::Unavailable
-    );
-    assert!(
-        k.status(StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .sealed
-    );
-}
-
-#[tokio::test]
-async fn master_key_rotation_keeps_tokens_and_replaces_shares() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let v = VaultProcess::start_serve(&data, &Opts::default());
-    let mut k = admin(&v).await;
-    let old = k
-        .init(InitRequest {
-            shares: 3,
-            threshold: 2,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .shares;
-    unseal(&mut k, &old[0]).await.unwrap();
-    unseal(&mut k, &old[1]).await.unwrap();
-    let mut m = v.client("merchant").await;
-    let mut tokens = Vec::new();
-    for pan in ["4111111111111111", "378282246310005"] {
-        tokens.push((pan, m.tokenize(card(pan)).await.unwrap().into_inner().token));
-    }
-    let r = k
-        .rotate_master_key(RotateMasterKeyRequest {
-            shares: 4,
-            threshold: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((r.shares.len(), r.threshold, r.key_generation), (4, 3, 2));
-    let mut p = v.client("processor").await;
-    for (pan, t) in &tokens {
-        assert_eq!(p.detokenize(detok(t)).await.unwrap().into_inner().pan, *pan);
-    }
-    // New tenants after the rotation get keys under the new KEK.
-    let mut om = v.client("other-merchant").await;
-    let o = om
-        .tokenize(TokenizeRequest {
-            tenant: "other".into(),
-            ..card("5555555555554444")
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    drop((m, p, om, k));
-    v.stop().await;
-
-    let v = VaultProcess::start_serve(&data, &Opts::default());
-    let mut k = admin(&v).await;
-    let stale = unseal(&mut k, &old[0]).await.unwrap_err();
-    assert!(
-        stale.message().contains("generation"),
-        "{}",
-        stale.message()
-    );
-    for s in &r.shares[1..] {
-        unseal(&mut k, s).await.unwrap();
-    }
-    let mut p = v.client("processor").await;
-    for (pan, t) in &tokens {
-        assert_eq!(p.detokenize(detok(t)).await.unwrap().into_inner().pan, *pan);
-    }
-    let oc = v
-        .client("other-processor")
-        .await
-        .detokenize(DetokenizeRequest {
-            tenant: "other".into(),
-            ..detok(&o)
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(oc.pan, "5555555555554444");
-    // The audit log stayed verifiable across the rotation.
-    let report =
-        cardvault::proto::audit_service_client::AuditServiceClient::new(v.channel("auditor").await)
-            .verify(cardvault::proto::VerifyAuditRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-    assert!(report.ok, "{report:?}");
 }
 
 /// An unsealed vault (random KEK) on a sled store in `dir`.
@@ -651,9 +363,53 @@ async fn rewrap_survives_sigkill_and_resumes() {
 
 // ---- master key rotation against a faulty or concurrent world ----
 
-/// A vault on a [`Flaky`] store, initialised with 3 shares (threshold 2)
-/// and unsealed; returns the shares.
-async fn initialised(dir: &std::path::Path) -> (Arc<Vault>, Arc<Flaky>, Vec<String>) {
+/// Three custodians for vault-level tests: principal and age key.
+fn keyholders() -> Vec<(String, age::x25519::Identity)> {
+    (1..=3)
+        .map(|i| {
+            (
+                format!("spiffe://test/custodian-{i}"),
+                age::x25519::Identity::generate(),
+            )
+        })
+        .collect()
+}
+
+fn custodians(holders: &[(String, age::x25519::Identity)]) -> Vec<custody::Custodian> {
+    holders
+        .iter()
+        .map(|(p, id)| custody::Custodian {
+            principal: p.clone(),
+            age_recipient: id.to_public().to_string(),
+        })
+        .collect()
+}
+
+/// Each custodian's share text, decrypted with their own key.
+fn open_shares(
+    cfg: &SealConfig,
+    holders: &[(String, age::x25519::Identity)],
+) -> Vec<(String, String)> {
+    cfg.custodians
+        .iter()
+        .map(|c| {
+            let (_, id) = holders.iter().find(|(p, _)| *p == c.principal).unwrap();
+            let text = age::decrypt(id, c.age_share.as_bytes()).unwrap();
+            (c.principal.clone(), String::from_utf8(text).unwrap())
+        })
+        .collect()
+}
+
+fn as_custodian(principal: &str) -> CallContext {
+    CallContext {
+        principal: principal.into(),
+        ..Default::default()
+    }
+}
+
+/// A vault on a [`Flaky`] store, initialised for 3 custodians (threshold
+/// 2) and unsealed; returns the custodians' shares.
+async fn initialised(dir: &std::path::Path) -> (Arc<Vault>, Arc<Flaky>, Vec<(String, String)>) {
     initialised_with(dir, VaultConfig::default()).await
 }
 
@@ -661,29 +417,52 @@ async fn initialised(dir: &std::path::Path) -> (Arc<Vault>, Arc<Flaky>, Vec<Stri
 async fn initialised_with(
     dir: &std::path::Path,
     cfg: VaultConfig,
-) -> (Arc<Vault>, Arc<Flaky>, Vec<String>) {
+) -> (Arc<Vault>, Arc<Flaky>, Vec<(String, String)>) {
     let store = Arc::new(Flaky::open(dir));
     let v = Arc::new(Vault::new(store.clone() as Arc<dyn Store>, cfg));
-    let ctx = CallContext::default();
-    let shares: Vec<String> = v
-        .init(&ctx, 3, 2)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let holders = keyholders();
+    let cfg = v.init(&ctx(), 2, &custodians(&holders)).await.unwrap();
+    let shares = open_shares(&cfg, &holders);
+    HOLDERS.with(|h| *h.borrow_mut() = holders);
     unseal_with(&v, &shares).await;
     (v, store, shares)
 }
 
-/// Enters the first two shares; the vault must then be unsealed.
-async fn unseal_with(v: &Vault, shares: &[String]) {
-    let ctx = CallContext::default();
+thread_local! {
+    /// The custodians of the vault [`initialised`] made on this thread, for
+    /// [`rekey`] to open the new shares with.
+    static HOLDERS: std::cell::RefCell<Vec<(String, age::x25519::Identity)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The first two custodians enter their shares; the vault must then be
+/// unsealed.
+async fn unseal_with(v: &Vault, shares: &[(String, String)]) {
     v.reset_unseal();
-    for s in &shares[..2] {
-        v.submit_share(&ctx, s).await.unwrap();
+    for (p, s) in &shares[..2] {
+        v.submit_share(&as_custodian(p), s).await.unwrap();
     }
     assert!(!v.is_sealed(), "these shares unseal the vault");
+}
+
+/// A whole rekey to the same custodians: started, and the first two
+/// custodians submit `shares`. Returns the new shares.
+async fn rekey(v: &Vault, shares: &[(String, String)]) -> Result<Vec<(String, String)>, Error> {
+    let holders = HOLDERS.with(|h| {
+        h.borrow()
+            .iter()
+            .map(|(p, id)| (p.clone(), id.clone()))
+            .collect::<Vec<_>>()
+    });
+    let nonce = v.start_rekey(&ctx(), 2, &custodians(&holders)).await?.nonce;
+    let mut last = None;
+    for (p, s) in &shares[..2] {
+        last = Some(v.submit_rekey_share(&as_custodian(p), &nonce, s).await?);
+    }
+    let cfg = last
+        .and_then(|l| l.completed)
+        .expect("the second share completes it");
+    Ok(open_shares(&cfg, &holders))
 }
 
 /// Tokenizes the Visa test card for `tenant` (opaque token, no dedupe).
@@ -716,18 +495,18 @@ async fn reads(v: &Vault, tenant: &str, token: &Token) -> Result<String, Error> 
     Ok(card.pan.expose().to_owned())
 }
 
-/// Once the new KEK is committed its shares are the only way in, so they
-/// are returned even if the audit log fails right after the commit; an
-/// audit log that fails before the rotation refuses it, changing nothing.
+/// A rekey that cannot be audited does not start; once the new KEK is
+/// committed, a completion whose audit record then fails is still
+/// reported as done (its shares are in the seal configuration), and the
+/// new shares unseal.
 #[tokio::test]
-async fn a_master_key_rotation_is_audited_before_it_commits_and_its_shares_always_returned() {
+async fn a_rekey_is_audited_before_it_starts_and_a_committed_one_is_reported_done() {
     let dir = tempfile::tempdir().unwrap();
     let (v, store, old) = initialised(dir.path()).await;
-    let ctx = CallContext::default();
     let token = tokenize_in(&v, "demo").await;
 
     store.set_failing(true);
-    let err = v.rotate_master_key(&ctx, 3, 2).await.err().unwrap();
+    let err = rekey(&v, &old).await.err().unwrap();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     store.set_failing(false);
     v.seal();
@@ -735,13 +514,11 @@ async fn a_master_key_rotation_is_audited_before_it_commits_and_its_shares_alway
 
     let s = store.clone();
     store.after_next_put_keys(move || s.set_failing(true));
-    let (new, _) = v
-        .rotate_master_key(&ctx, 3, 2)
+    let new = rekey(&v, &old)
         .await
-        .expect("the shares of a committed KEK are returned");
+        .expect("a committed rekey is reported done");
     store.set_failing(false);
     v.seal();
-    let new: Vec<String> = new.iter().map(|s| s.to_string()).collect();
     unseal_with(&v, &new).await;
     assert_eq!(reads(&v, "demo", &token).await.unwrap(), "4111111111111111");
 }
@@ -755,17 +532,12 @@ async fn a_seal_during_a_master_key_rotation_stays() {
     let token = tokenize_in(&v, "demo").await;
     let sealer = v.clone();
     store.after_next_put_keys(move || sealer.seal());
-    let (new, _) = v
-        .rotate_master_key(&CallContext::default(), 3, 2)
-        .await
-        .unwrap();
+    let new = rekey(&v, &old).await.unwrap();
     assert!(v.is_sealed(), "the seal during the rotation was undone");
-    let ctx = CallContext::default();
-    for s in &old[..2] {
-        let _ = v.submit_share(&ctx, s).await;
+    for (p, s) in &old[..2] {
+        let _ = v.submit_share(&as_custodian(p), s).await;
     }
     assert!(v.is_sealed(), "old shares must not unseal");
-    let new: Vec<String> = new.iter().map(|s| s.to_string()).collect();
     unseal_with(&v, &new).await;
     assert_eq!(reads(&v, "demo", &token).await.unwrap(), "4111111111111111");
 }
@@ -776,13 +548,17 @@ async fn a_seal_during_a_master_key_rotation_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenants_first_keys_made_during_a_master_key_rotation_use_the_new_kek() {
     let dir = tempfile::tempdir().unwrap();
-    let (v, store, _) = initialised(dir.path()).await;
+    let (v, store, shares) = initialised(dir.path()).await;
+    let holders = HOLDERS.with(|h| h.borrow().clone());
     // The rotation stops right after its commit, holding the key lock.
     let (mut pause, hook) = Pause::new();
     store.after_next_put_keys(hook);
     let rotation = tokio::spawn({
         let v = v.clone();
-        async move { v.rotate_master_key(&CallContext::default(), 3, 2).await }
+        async move {
+            HOLDERS.with(|h| *h.borrow_mut() = holders);
+            rekey(&v, &shares).await
+        }
     });
     pause.reached().await;
     let first = tokio::spawn({
@@ -792,10 +568,9 @@ async fn a_tenants_first_keys_made_during_a_master_key_rotation_use_the_new_kek(
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!first.is_finished(), "waits for the rotation's key lock");
     pause.release();
-    let (new, _) = rotation.await.unwrap().unwrap();
+    let new = rotation.await.unwrap().unwrap();
     let token = first.await.unwrap();
     v.seal();
-    let new: Vec<String> = new.iter().map(|s| s.to_string()).collect();
     unseal_with(&v, &new).await;
     assert_eq!(
         reads(&v, "fresh", &token).await.unwrap(),
@@ -823,9 +598,7 @@ async fn a_read_overtaken_by_a_master_key_rotation_succeeds() {
         async move { reads(&v, "demo", &token).await }
     });
     pause.reached().await;
-    v.rotate_master_key(&CallContext::default(), 3, 2)
-        .await
-        .unwrap();
+    rekey(&v, &shares).await.unwrap();
     pause.release();
     assert_eq!(read.await.unwrap().unwrap(), "4111111111111111");
 }
@@ -1143,14 +916,10 @@ async fn a_key_with_unreadable_metadata_is_taken_as_used_up() {
 #[tokio::test]
 async fn a_tenant_named_like_a_key_kind_does_not_stop_master_key_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let (v, _store, _shares) = initialised(dir.path()).await;
+    let (v, _store, shares) = initialised(dir.path()).await;
     let dek = tokenize_in(&v, "dek").await;
     let fpk = tokenize_in(&v, "fpk").await;
-    let (new_shares, _) = v
-        .rotate_master_key(&CallContext::default(), 3, 2)
-        .await
-        .expect("the rotation goes through");
-    let new_shares: Vec<String> = new_shares.iter().map(|s| s.to_string()).collect();
+    let new_shares = rekey(&v, &shares).await.expect("the rotation goes through");
     v.seal();
     unseal_with(&v, &new_shares).await;
     assert_eq!(reads(&v, "dek", &dek).await.unwrap(), "4111111111111111");
@@ -1167,7 +936,8 @@ async fn a_key_retired_during_a_master_key_rotation_stays_destroyed() {
         retire_grace: std::time::Duration::ZERO,
         ..Default::default()
     };
-    let (v, store, _) = initialised_with(dir.path(), cfg).await;
+    let (v, store, shares) = initialised_with(dir.path(), cfg).await;
+    let holders = HOLDERS.with(|h| h.borrow().clone());
     let demo = Tenant::parse("demo").unwrap();
     tokenized(&v, "demo").await;
     // v2 is replaced by v3 at once: no record uses it, it may be retired.
@@ -1177,7 +947,10 @@ async fn a_key_retired_during_a_master_key_rotation_stays_destroyed() {
     store.before_next_put_keys(hook);
     let rotation = tokio::spawn({
         let v = v.clone();
-        async move { v.rotate_master_key(&CallContext::default(), 3, 2).await }
+        async move {
+            HOLDERS.with(|h| *h.borrow_mut() = holders);
+            rekey(&v, &shares).await
+        }
     });
     pause.reached().await;
     let mut retire = tokio::spawn({
@@ -1199,34 +972,75 @@ async fn a_key_retired_during_a_master_key_rotation_stays_destroyed() {
     );
 }
 
-/// Init is audited before it writes anything, and once the KEK is
-/// committed its shares are returned even if the outcome cannot be
-/// recorded: without them nobody could ever unseal the vault.
+/// Init is audited before it writes anything; once the KEK is committed
+/// the encrypted shares are in the seal configuration, so an outcome that
+/// cannot be recorded loses nothing.
 #[tokio::test]
-async fn an_init_is_audited_first_and_its_shares_always_returned() {
+async fn an_init_is_audited_first_and_its_shares_always_kept() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Flaky::open(dir.path()));
     let v = Arc::new(Vault::new(
         store.clone() as Arc<dyn Store>,
         VaultConfig::default(),
     ));
-    let ctx = CallContext::default();
+    let holders = keyholders();
     store.set_failing(true);
-    let err = v.init(&ctx, 3, 2).await.err().unwrap();
+    let err = v
+        .init(&ctx(), 2, &custodians(&holders))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     store.set_failing(false);
     assert!(!v.is_initialized().await.unwrap(), "nothing was written");
 
     let s = store.clone();
     store.after_next_put_keys(move || s.set_failing(true));
-    let shares: Vec<String> = v
-        .init(&ctx, 3, 2)
+    let cfg = v
+        .init(&ctx(), 2, &custodians(&holders))
         .await
-        .expect("the shares of a committed KEK are returned")
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        .expect("a committed KEK's shares are returned");
     store.set_failing(false);
-    unseal_with(&v, &shares).await;
+    // The same shares, from the seal configuration.
+    let kept = v.status().await.unwrap().seal_config.unwrap();
+    assert_eq!(kept, cfg);
+    unseal_with(&v, &open_shares(&kept, &holders)).await;
     tokenize_in(&v, "demo").await;
+}
+
+/// A rekey whose last share comes after its time limit changes nothing:
+/// the share is refused, and the current shares still unseal.
+#[tokio::test]
+async fn a_rekey_that_times_out_leaves_the_old_shares_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VaultConfig {
+        rekey_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (v, _store, old) = initialised_with(dir.path(), cfg).await;
+    let holders = HOLDERS.with(|h| h.borrow().clone());
+    let token = tokenize_in(&v, "demo").await;
+    let nonce = v
+        .start_rekey(&ctx(), 2, &custodians(&holders))
+        .await
+        .unwrap()
+        .nonce;
+    let (p, s) = &old[0];
+    v.submit_rekey_share(&as_custodian(p), &nonce, s)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (p, s) = &old[1];
+    let err = v
+        .submit_rekey_share(&as_custodian(p), &nonce, s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("timed out")),
+        "{err:?}"
+    );
+    assert!(v.status().await.unwrap().rekey.is_none());
+    v.seal();
+    unseal_with(&v, &old).await;
+    assert_eq!(reads(&v, "demo", &token).await.unwrap(), "4111111111111111");
 }

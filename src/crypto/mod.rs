@@ -2,6 +2,7 @@
 //! keyed fingerprints. Pure functions over bytes: nothing here does I/O, so
 //! the vault decides where keys come from and where ciphertext goes.
 
+pub mod custody;
 pub mod envelope;
 pub mod fingerprint;
 pub mod keys;

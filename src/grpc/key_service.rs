@@ -11,7 +11,9 @@ use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
 use crate::proto::{self, key_service_server::KeyService};
 use crate::token::Tenant;
+use crate::vault::custody::{Custodian, RekeyView, UnsealProgress};
 use crate::vault::guard::BucketId;
+use crate::vault::keys::SealConfig;
 use crate::vault::{CallContext, Vault};
 
 /// The service, holding the shared vault and the authorizer.
@@ -44,10 +46,41 @@ fn ts(ms: i64) -> Option<prost_types::Timestamp> {
     (ms > 0).then(|| timestamp(ms))
 }
 
-fn shares_out(shares: Vec<zeroize::Zeroizing<String>>) -> Vec<String> {
-    // The protobuf message needs plain Strings; these copies leave with the
-    // response (its Debug is redacted) and the Zeroizing originals are wiped.
-    shares.iter().map(|s| s.as_str().to_owned()).collect()
+/// The custodians of a request, as the vault core takes them.
+fn custodians_in(list: Vec<proto::Custodian>) -> Vec<Custodian> {
+    list.into_iter()
+        .map(|c| Custodian {
+            principal: c.principal,
+            age_recipient: c.age_recipient,
+        })
+        .collect()
+}
+
+/// The custodians' shares, each encrypted to its custodian: no plaintext
+/// share is ever in a response.
+fn shares_out(cfg: &SealConfig) -> Vec<proto::CustodianShare> {
+    cfg.custodians
+        .iter()
+        .map(|c| proto::CustodianShare {
+            principal: c.principal.clone(),
+            age_recipient: c.age_recipient.clone(),
+            age_share: c.age_share.clone(),
+        })
+        .collect()
+}
+
+fn rekey_out(v: RekeyView) -> proto::RekeyStatus {
+    proto::RekeyStatus {
+        nonce: v.nonce,
+        expires_at: ts(v.expires_ms),
+        entered_by: v.entered_by,
+        required: v.required,
+        new_threshold: v.new_threshold,
+        new_custodians: v.new_custodians,
+        completed: v.completed.is_some(),
+        key_generation: v.completed.as_ref().map_or(0, |c| c.generation),
+        shares: v.completed.as_ref().map(shares_out).unwrap_or_default(),
+    }
 }
 
 type RewrapStream = ReceiverStream<Result<proto::RewrapProgress, Status>>;
@@ -91,12 +124,15 @@ impl KeyService for KeyServiceImpl {
             seal_mode: s.seal_mode,
             threshold: cfg.threshold,
             shares: cfg.shares,
-            unseal_progress: s.unseal_progress,
+            unseal_progress: s.unseal_entered_by.len() as u32,
             key_generation: cfg.generation,
             tenants,
             store: s.store,
             cvvs_held: s.cvvs_held,
             last_master_rotation: ts(cfg.last_master_rotation_ms),
+            unseal_entered_by: s.unseal_entered_by,
+            custodians: shares_out(&cfg),
+            rekey: s.rekey.map(rekey_out),
         }))
     }
 
@@ -106,10 +142,14 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<proto::InitResponse>, Status> {
         let ctx = self.authorize(&request, Action::KeyInit, None).await?;
         let req = request.into_inner();
-        let shares = self.vault.init(&ctx, req.shares, req.threshold).await?;
+        let cfg = self
+            .vault
+            .init(&ctx, req.threshold, &custodians_in(req.custodians))
+            .await?;
         Ok(Response::new(proto::InitResponse {
-            shares: shares_out(shares),
-            threshold: req.threshold,
+            shares: shares_out(&cfg),
+            threshold: cfg.threshold,
+            key_generation: cfg.generation,
         }))
     }
 
@@ -125,9 +165,9 @@ impl KeyService for KeyServiceImpl {
         let result = if req.share.is_empty() {
             if req.reset {
                 let s = self.vault.status().await?;
-                Ok(crate::vault::keys::UnsealProgress {
+                Ok(UnsealProgress {
                     sealed: s.sealed,
-                    entered: 0,
+                    entered_by: Vec::new(),
                     threshold: s.seal_config.map_or(0, |c| c.threshold),
                 })
             } else {
@@ -140,8 +180,9 @@ impl KeyService for KeyServiceImpl {
         let p = result?;
         Ok(Response::new(proto::UnsealResponse {
             sealed: p.sealed,
-            progress: p.entered,
+            progress: p.entered_by.len() as u32,
             threshold: p.threshold,
+            entered_by: p.entered_by,
         }))
     }
 
@@ -266,23 +307,43 @@ impl KeyService for KeyServiceImpl {
         Ok(Response::new(proto::RetireKeyResponse {}))
     }
 
-    async fn rotate_master_key(
+    async fn start_rekey(
         &self,
-        request: Request<proto::RotateMasterKeyRequest>,
-    ) -> Result<Response<proto::RotateMasterKeyResponse>, Status> {
-        let ctx = self
-            .authorize(&request, Action::RotateMasterKey, None)
-            .await?;
+        request: Request<proto::StartRekeyRequest>,
+    ) -> Result<Response<proto::RekeyStatus>, Status> {
+        let ctx = self.authorize(&request, Action::StartRekey, None).await?;
         let req = request.into_inner();
-        let (shares, cfg) = self
+        let view = self
             .vault
-            .rotate_master_key(&ctx, req.shares, req.threshold)
+            .start_rekey(&ctx, req.threshold, &custodians_in(req.custodians))
             .await?;
-        Ok(Response::new(proto::RotateMasterKeyResponse {
-            shares: shares_out(shares),
-            threshold: cfg.threshold,
-            key_generation: cfg.generation,
-        }))
+        Ok(Response::new(rekey_out(view)))
+    }
+
+    async fn submit_rekey_share(
+        &self,
+        request: Request<proto::SubmitRekeyShareRequest>,
+    ) -> Result<Response<proto::RekeyStatus>, Status> {
+        let ctx = self
+            .authorize(&request, Action::SubmitRekeyShare, None)
+            .await?;
+        let mut req = request.into_inner();
+        let result = self
+            .vault
+            .submit_rekey_share(&ctx, &req.nonce, &req.share)
+            .await;
+        zeroize::Zeroize::zeroize(&mut req.share);
+        Ok(Response::new(rekey_out(result?)))
+    }
+
+    async fn cancel_rekey(
+        &self,
+        request: Request<proto::CancelRekeyRequest>,
+    ) -> Result<Response<proto::RekeyStatus>, Status> {
+        let ctx = self.authorize(&request, Action::CancelRekey, None).await?;
+        let req = request.into_inner();
+        self.vault.cancel_rekey(&ctx, &req.nonce).await?;
+        Ok(Response::new(proto::RekeyStatus::default()))
     }
 }
 

@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::proto::{
     DetokenizeBatchResponse, DetokenizeBatchResult, DetokenizeResponse, InitResponse,
-    RotateMasterKeyResponse, TokenizeBatchItem, TokenizeBatchRequest, TokenizeRequest,
+    SubmitRekeyShareRequest, TokenizeBatchItem, TokenizeBatchRequest, TokenizeRequest,
     UnsealRequest, detokenize_batch_result,
 };
 
@@ -109,19 +109,21 @@ impl fmt::Debug for DetokenizeBatchResponse {
 
 impl fmt::Debug for InitResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The shares are encrypted to their custodians; their count is
+        // enough for a log line.
         f.debug_struct("InitResponse")
-            .field("shares", &format_args!("<{} redacted>", self.shares.len()))
+            .field("shares", &format_args!("<{} encrypted>", self.shares.len()))
             .field("threshold", &self.threshold)
+            .field("key_generation", &self.key_generation)
             .finish()
     }
 }
 
-impl fmt::Debug for RotateMasterKeyResponse {
+impl fmt::Debug for SubmitRekeyShareRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RotateMasterKeyResponse")
-            .field("shares", &format_args!("<{} redacted>", self.shares.len()))
-            .field("threshold", &self.threshold)
-            .field("key_generation", &self.key_generation)
+        f.debug_struct("SubmitRekeyShareRequest")
+            .field("nonce", &self.nonce)
+            .field("share", &secret(&self.share))
             .finish()
     }
 }

@@ -202,7 +202,7 @@ struct State {
 /// State shared by the store handle and its threads.
 struct Shared {
     trees: Trees,
-    /// Record and fingerprint keys ever written, so tokenize's checks skip
+    /// Record, fingerprint and guard keys ever written, so tokenize's checks skip
     /// sled for keys certainly absent (see [`filter`]).
     filter: filter::KeyFilter,
     /// Every entry up to this lsn is durable and applied to sled. Written
@@ -253,7 +253,7 @@ impl Shared {
     /// the state lock do): its writer added it to the filter before queuing
     /// it. Keys present at open are in the filter once it is ready.
     fn read_filtered(&self, tree: u8, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if matches!(tree, RECORDS | FINGERPRINTS) && !self.filter.may_contain(tree, key) {
+        if matches!(tree, RECORDS | FINGERPRINTS | GUARD) && !self.filter.may_contain(tree, key) {
             return Ok(None);
         }
         self.trees.read(tree, key)
@@ -670,6 +670,7 @@ fn fill_filter(shared: &Shared) {
     for (no, tree) in [
         (RECORDS, &shared.trees.records),
         (FINGERPRINTS, &shared.trees.fingerprints),
+        (GUARD, &shared.trees.guard),
     ] {
         for key in tree.iter().keys() {
             match key {
@@ -968,7 +969,7 @@ impl SledStore {
             .iter()
             .filter(|m| matches!(m.tree, RECORDS | FINGERPRINTS | KEYS | GUARD))
         {
-            if m.value.is_some() && matches!(m.tree, RECORDS | FINGERPRINTS) {
+            if m.value.is_some() && matches!(m.tree, RECORDS | FINGERPRINTS | GUARD) {
                 self.shared.filter.add(m.tree, &m.key);
             }
             st.pending
@@ -1378,11 +1379,20 @@ impl Store for SledStore {
     }
 
     async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check_readable()?;
         let key = guard_key(tenant, bucket);
-        if let Some(v) = self.unapplied(GUARD, &key).await? {
-            return Ok(v);
+        // A queued value is returned even before it is durable (no barrier,
+        // unlike `unapplied`): guard state only bounds guesses, a crash that
+        // loses a count gives at most that guess again, and the tokenize
+        // of a card seen a moment ago should not wait for a sync.
+        if self.shared.pending_len.load(Ordering::Acquire) != 0
+            && let Some((_, v)) = self.shared.lock().pending.get(&(GUARD, key.clone()))
+        {
+            return Ok(v.clone());
         }
-        self.shared.trees.read(GUARD, &key)
+        // Values leave the overlay only after sled holds them. A new
+        // bucket (most tokenizes of a new card) is answered by the filter.
+        self.shared.read_filtered(GUARD, &key)
     }
 
     async fn guard_swap(

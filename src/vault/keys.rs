@@ -4,22 +4,16 @@
 //! a PAN: rewrap decrypts and re-encrypts inside the vault.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use prost::Message;
 use tokio::sync::mpsc;
-use zeroize::Zeroizing;
 
 use super::keyring::{
-    AUDIT_KEY_NAME, DekMeta, KEK_CHECK_NAME, Keyring, dek_count_prefix, dek_meta_name, dek_name,
-    is_wrapped_key, version_meta, version_of,
+    DekMeta, KEK_CHECK_NAME, dek_count_prefix, dek_meta_name, dek_name, version_meta, version_of,
 };
 use super::{CallContext, Vault, audit_body, now_ms};
 use crate::crypto::envelope;
-use crate::crypto::keys::{Aead, SecretKey, kek_check_value, unwrap_key, wrap_key};
-use crate::crypto::random_array;
-use crate::crypto::shamir::{self, Share};
 use crate::error::{Error, Result};
 use crate::store::StoredRecord;
 use crate::token::Tenant;
@@ -53,20 +47,16 @@ pub struct SealConfig {
     /// Shares issued.
     #[prost(uint32, tag = "4")]
     pub shares: u32,
-    /// Last master key rotation, ms (0 = never).
+    /// Last rekey, ms (0 = never).
     #[prost(int64, tag = "5")]
     pub last_master_rotation_ms: i64,
-}
-
-/// Progress towards unsealing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnsealProgress {
-    /// Whether the vault is (still) sealed.
-    pub sealed: bool,
-    /// Shares entered so far.
-    pub entered: u32,
-    /// Shares needed.
-    pub threshold: u32,
+    /// The custodians, each with their share encrypted to them.
+    #[prost(message, repeated, tag = "6")]
+    pub custodians: Vec<super::custody::IssuedShare>,
+    /// HMAC of the rest under a key derived from the KEK: checked at every
+    /// unseal, so an altered configuration is caught.
+    #[prost(bytes = "vec", tag = "7")]
+    pub mac: Vec<u8>,
 }
 
 /// One data key version in a status report.
@@ -102,8 +92,10 @@ pub struct VaultStatus {
     pub seal_mode: String,
     /// Shamir configuration (absent outside shamir mode).
     pub seal_config: Option<SealConfig>,
-    /// Shares entered towards the next unseal.
-    pub unseal_progress: u32,
+    /// Custodians who entered a share towards the next unseal.
+    pub unseal_entered_by: Vec<String>,
+    /// The rekey in progress, if any.
+    pub rekey: Option<super::custody::RekeyView>,
     /// Per-tenant key versions.
     pub tenants: Vec<TenantStatus>,
     /// Storage backend.
@@ -125,209 +117,10 @@ pub struct RewrapProgress {
     pub finished: bool,
 }
 
-fn check_share_counts(threshold: u32, shares: u32) -> Result<(u8, u8)> {
-    if !(1..=255).contains(&shares) {
-        return Err(Error::invalid("shares", "must be 1 to 255"));
-    }
-    if threshold == 0 || threshold > shares {
-        return Err(Error::invalid(
-            "threshold",
-            "must be 1 to the number of shares",
-        ));
-    }
-    Ok((threshold as u8, shares as u8))
-}
-
-fn encode_shares(kek: &SecretKey, cfg: &SealConfig) -> Result<Vec<Zeroizing<String>>> {
-    let parts = shamir::split(kek.expose(), cfg.threshold as u8, cfg.shares as u8)
-        .map_err(Error::Internal)?;
-    Ok(parts
-        .iter()
-        .map(|s| shamir::encode_share(&cfg.vault_id, cfg.generation, s))
-        .collect())
-}
-
 impl Vault {
-    async fn seal_config(&self) -> Result<Option<SealConfig>> {
-        Ok(self
-            .store
-            .get_key(SEAL_CONFIG_NAME)
-            .await?
-            .and_then(|b| SealConfig::decode(b.as_slice()).ok()))
-    }
-
     /// Whether this store has a key-encrypting key yet.
     pub async fn is_initialized(&self) -> Result<bool> {
         Ok(self.store.get_key(KEK_CHECK_NAME).await?.is_some())
-    }
-
-    /// Creates the KEK, records its check value and seal configuration, and
-    /// returns it split into `shares` Shamir shares (`threshold` needed).
-    /// The vault stays sealed: the custodians unseal it.
-    pub async fn init(
-        &self,
-        ctx: &CallContext,
-        shares: u32,
-        threshold: u32,
-    ) -> Result<Vec<Zeroizing<String>>> {
-        let (t, n) = check_share_counts(threshold, shares)?;
-        if self.is_initialized().await? {
-            return Err(Error::FailedPrecondition(
-                "the vault is already initialised".into(),
-            ));
-        }
-        // Audited before anything is written: an audit log that fails now
-        // refuses the init and changes nothing. Once the KEK is committed
-        // its shares are the only way in, so from then on they are
-        // returned even if the outcome cannot be recorded (as for a master
-        // key rotation).
-        let mut start = audit_body(ctx, "Init", "", "", Ok(()));
-        start.detail = "starting".into();
-        self.record(start).await?;
-        let kek = SecretKey::generate();
-        let aead = Aead::new(&kek);
-        if self
-            .store
-            .put_key_if_absent(KEK_CHECK_NAME, &kek_check_value(&aead))
-            .await?
-            .is_some()
-        {
-            return Err(Error::FailedPrecondition(
-                "the vault is already initialised".into(),
-            ));
-        }
-        let cfg = SealConfig {
-            vault_id: hex::encode(random_array::<8>()),
-            generation: 1,
-            threshold: t as u32,
-            shares: n as u32,
-            last_master_rotation_ms: 0,
-        };
-        self.store
-            .put_keys(&[(SEAL_CONFIG_NAME.to_owned(), cfg.encode_to_vec())])
-            .await?;
-        let out = encode_shares(&kek, &cfg)?;
-        let mut body = audit_body(ctx, "Init", "", "", Ok(()));
-        body.detail = format!("{n} shares, threshold {t}, vault {}", cfg.vault_id);
-        if let Err(e) = self.record(body).await {
-            tracing::error!(
-                error = %e,
-                vault = %cfg.vault_id,
-                "vault initialised, but its outcome was not audited (the start was); \
-                 returning the shares, without which the vault cannot be unsealed"
-            );
-        }
-        tracing::warn!(
-            shares = n,
-            threshold = t,
-            "vault initialised; hand each share to a different custodian"
-        );
-        Ok(out)
-    }
-
-    /// Enters one key share. When `threshold` distinct shares are in, the
-    /// KEK is rebuilt and checked; a wrong combination resets the progress.
-    pub async fn submit_share(&self, ctx: &CallContext, text: &str) -> Result<UnsealProgress> {
-        let cfg = self.seal_config().await?.ok_or_else(|| {
-            Error::FailedPrecondition("this vault was not initialised with key shares".into())
-        })?;
-        // A malformed share is audited like any other refusal (the reasons
-        // name what is wrong, never the share's digits).
-        let result = match shamir::decode_share(text) {
-            Ok(parsed) => self.add_share(&cfg, parsed).await,
-            Err(e) => Err(Error::invalid("share", e)),
-        };
-        let mut body = audit_body(ctx, "Unseal", "", "", result.as_ref().map(|_| ()));
-        if let Ok(p) = &result {
-            body.detail = format!(
-                "{} of {} shares; sealed={}",
-                p.entered, p.threshold, p.sealed
-            );
-        }
-        self.record(body).await?;
-        result
-    }
-
-    async fn add_share(
-        &self,
-        cfg: &SealConfig,
-        parsed: shamir::ShareText,
-    ) -> Result<UnsealProgress> {
-        if !self.is_sealed() {
-            return Err(Error::FailedPrecondition(
-                "the vault is already unsealed".into(),
-            ));
-        }
-        if parsed.vault_id != cfg.vault_id {
-            return Err(Error::invalid("share", "belongs to another vault"));
-        }
-        if parsed.generation != cfg.generation {
-            return Err(Error::invalid(
-                "share",
-                format!(
-                    "is from key generation {}; the current generation is {} (the master key was rotated)",
-                    parsed.generation, cfg.generation
-                ),
-            ));
-        }
-        let ready: Option<Vec<Share>> = {
-            let mut pending = self
-                .pending_shares
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if pending.iter().any(|s| s.x == parsed.share.x) {
-                return Err(Error::invalid(
-                    "share",
-                    format!("share {} was already entered", parsed.share.x),
-                ));
-            }
-            pending.push(parsed.share);
-            if pending.len() as u32 >= cfg.threshold {
-                Some(std::mem::take(&mut *pending))
-            } else {
-                return Ok(UnsealProgress {
-                    sealed: true,
-                    entered: pending.len() as u32,
-                    threshold: cfg.threshold,
-                });
-            }
-        };
-        let shares = ready.expect("threshold reached");
-        let secret = shamir::combine(&shares).map_err(|e| Error::invalid("share", e))?;
-        let kek = SecretKey::from_bytes(&secret)
-            .ok_or_else(|| Error::invalid("share", "shares do not hold a 256-bit key"))?;
-        match self.unseal(kek).await {
-            Ok(()) => {
-                tracing::warn!("vault unsealed with key shares");
-                Ok(UnsealProgress {
-                    sealed: false,
-                    entered: cfg.threshold,
-                    threshold: cfg.threshold,
-                })
-            }
-            Err(Error::InvalidArgument { .. }) => Err(Error::invalid(
-                "share",
-                "the shares entered do not reconstruct this vault's key (at least one is wrong); \\
-                 unseal progress was reset, start again",
-            )),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Forgets the shares entered so far.
-    pub fn reset_unseal(&self) {
-        self.pending_shares
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
-
-    /// Shares entered so far.
-    pub fn unseal_progress(&self) -> u32 {
-        self.pending_shares
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len() as u32
     }
 
     /// Seals on request of an operator (audited).
@@ -725,111 +518,6 @@ impl Vault {
         Ok(())
     }
 
-    /// Replaces the KEK: every wrapped key (data, fingerprint, audit) is
-    /// re-wrapped, the new check value and seal configuration are written
-    /// in one atomic batch, and new shares are returned (old ones stop
-    /// working). Blocks new tenant keys while it runs.
-    ///
-    /// Audited before it takes effect: once the new KEK is committed, its
-    /// shares are the only way to unseal, so they must reach the caller
-    /// even if the audit log fails afterwards. The record that may refuse
-    /// the call is therefore the one written first; the outcome record
-    /// follows, and if only that one fails the shares are still returned.
-    pub async fn rotate_master_key(
-        &self,
-        ctx: &CallContext,
-        shares: u32,
-        threshold: u32,
-    ) -> Result<(Vec<Zeroizing<String>>, SealConfig)> {
-        let mut start = audit_body(ctx, "RotateMasterKey", "", "", Ok(()));
-        start.detail = "starting".into();
-        self.record(start).await?;
-        let result = self.rotate_master_inner(shares, threshold).await;
-        let mut body = audit_body(ctx, "RotateMasterKey", "", "", result.as_ref().map(|_| ()));
-        if let Ok((_, cfg)) = &result {
-            body.detail = format!(
-                "generation {}; {} shares, threshold {}",
-                cfg.generation, cfg.shares, cfg.threshold
-            );
-        }
-        match (self.record(body).await, result) {
-            (Err(e), Err(_)) => Err(e),
-            (Err(e), Ok(done)) => {
-                tracing::error!(
-                    error = %e,
-                    generation = done.1.generation,
-                    "master key rotated, but its outcome was not audited (the start was); \
-                     returning the new shares, without which the vault cannot be unsealed"
-                );
-                Ok(done)
-            }
-            (Ok(_), result) => result,
-        }
-    }
-
-    async fn rotate_master_inner(
-        &self,
-        shares: u32,
-        threshold: u32,
-    ) -> Result<(Vec<Zeroizing<String>>, SealConfig)> {
-        let _guard = self.key_lock.write().await;
-        let keyring = self.keyring()?;
-        let mut cfg = self.seal_config().await?.ok_or_else(|| {
-            Error::FailedPrecondition(
-                "master key rotation needs a vault initialised with key shares (cardvault init)"
-                    .into(),
-            )
-        })?;
-        let (t, n) = check_share_counts(
-            if threshold == 0 {
-                cfg.threshold
-            } else {
-                threshold
-            },
-            if shares == 0 { cfg.shares } else { shares },
-        )?;
-        let new_kek = SecretKey::generate();
-        let new_aead = Aead::new(&new_kek);
-        let mut batch = Vec::new();
-        let mut audit_seed = None;
-        for (name, wrapped) in self.store.list_keys("").await? {
-            if !is_wrapped_key(&name) {
-                continue;
-            }
-            let key = unwrap_key(keyring.kek(), &name, &wrapped)
-                .map_err(|_| Error::DataLoss(format!("wrapped key {name} failed to unwrap")))?;
-            batch.push((name.clone(), wrap_key(&new_aead, &name, &key)));
-            if name == AUDIT_KEY_NAME {
-                audit_seed = Some(key);
-            }
-        }
-        cfg.generation += 1;
-        cfg.threshold = t as u32;
-        cfg.shares = n as u32;
-        cfg.last_master_rotation_ms = now_ms();
-        batch.push((KEK_CHECK_NAME.to_owned(), kek_check_value(&new_aead)));
-        batch.push((SEAL_CONFIG_NAME.to_owned(), cfg.encode_to_vec()));
-        self.store.put_keys(&batch).await?;
-        let seed = audit_seed.ok_or_else(|| Error::Internal("audit signing key missing".into()))?;
-        let audit_key = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.expose())
-            .map_err(|_| Error::Internal("bad audit signing key".into()))?;
-        {
-            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-            // Sealed meanwhile (seal does not wait for this lock): it stays
-            // sealed, and is unsealed with the new shares.
-            if keys.is_some() {
-                let limit = self.config.dek_max_encryptions;
-                *keys = Some(Arc::new(Keyring::new(new_aead, audit_key, limit)));
-            }
-        }
-        let out = encode_shares(&new_kek, &cfg)?;
-        tracing::warn!(
-            generation = cfg.generation,
-            "master key rotated; distribute the new shares, destroy the old ones"
-        );
-        Ok((out, cfg))
-    }
-
     /// The vault's key state. Works sealed (nothing here needs a key).
     pub async fn status(&self) -> Result<VaultStatus> {
         let counts = self.version_counts().await?;
@@ -872,7 +560,8 @@ impl Vault {
             initialized: self.is_initialized().await?,
             seal_mode: self.seal_mode.clone(),
             seal_config: self.seal_config().await?,
-            unseal_progress: self.unseal_progress(),
+            unseal_entered_by: self.unseal_entered_by(),
+            rekey: self.rekey_in_progress(),
             tenants,
             store: self.store.backend().to_owned(),
             cvvs_held: self.cvv.len() as u64,

@@ -7,6 +7,7 @@
 //! returned.
 
 pub mod audit_log;
+pub mod custody;
 pub mod guard;
 pub mod keyring;
 pub mod keys;
@@ -75,6 +76,8 @@ pub struct VaultConfig {
     pub retire_grace: Duration,
     /// The enumeration guard's window and threshold.
     pub guard: guard::GuardConfig,
+    /// How long a rekey may take from its start to its last share.
+    pub rekey_timeout: Duration,
 }
 
 impl Default for VaultConfig {
@@ -90,6 +93,7 @@ impl Default for VaultConfig {
             rewrap_pause: Duration::ZERO,
             retire_grace: DEFAULT_RETIRE_GRACE,
             guard: guard::GuardConfig::default(),
+            rekey_timeout: custody::DEFAULT_REKEY_TIMEOUT,
         }
     }
 }
@@ -231,8 +235,10 @@ pub struct Vault {
     config: VaultConfig,
     /// Highest audit seq covered by a signed checkpoint (cache).
     last_checkpoint: AtomicU64,
-    /// Key shares entered towards the next unseal (wiped when used).
-    pending_shares: std::sync::Mutex<Vec<crate::crypto::shamir::Share>>,
+    /// Custodians' shares entered towards the next unseal (wiped when used).
+    pending_shares: std::sync::Mutex<Vec<(String, crate::crypto::shamir::ShareText)>>,
+    /// The rekey in progress, if any.
+    rekey: std::sync::Mutex<Option<custody::RekeyState>>,
     /// Held shared while tenant keys are created or rotated, exclusively
     /// while the master key is replaced, so no key is wrapped under a KEK
     /// that is being retired.
@@ -337,6 +343,7 @@ impl Vault {
             config,
             last_checkpoint: AtomicU64::new(0),
             pending_shares: std::sync::Mutex::new(Vec::new()),
+            rekey: std::sync::Mutex::new(None),
             key_lock: tokio::sync::RwLock::new(()),
             rewrap_running: std::sync::atomic::AtomicBool::new(false),
             audit_failures: AtomicU64::new(0),
@@ -427,11 +434,13 @@ impl Vault {
         Ok(())
     }
 
-    /// Drops every key, pending key share and CVV from memory. Data calls
-    /// then fail `Sealed`.
+    /// Drops every key, pending key share, rekey and CVV from memory. Data
+    /// calls then fail `Sealed`.
     pub fn seal(&self) {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).take();
         self.reset_unseal();
+        // A rekey needs the unsealed vault; its shares go with the keys.
+        self.rekey.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.cvv.clear();
     }
 

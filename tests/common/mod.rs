@@ -3,6 +3,7 @@
 //! the certificates it generates.
 #![allow(dead_code)]
 
+pub mod custody;
 pub mod flaky;
 pub mod pg;
 
