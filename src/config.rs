@@ -157,6 +157,10 @@ pub struct CvvConfig {
     pub ttl_secs: u64,
     /// Most CVVs held at once (`CARDVAULT_CVV_MAX_ENTRIES`).
     pub max_entries: usize,
+    /// Most CVVs held at once for one tenant (`CARDVAULT_CVV_MAX_PER_TENANT`;
+    /// default 50,000; more than `max_entries` means no separate limit), so one tenant's traffic
+    /// cannot fill the holder for the others.
+    pub max_per_tenant: usize,
 }
 
 impl Default for CvvConfig {
@@ -164,6 +168,7 @@ impl Default for CvvConfig {
         CvvConfig {
             ttl_secs: 300,
             max_entries: 100_000,
+            max_per_tenant: 50_000,
         }
     }
 }
@@ -321,6 +326,9 @@ impl Config {
         if let Some(v) = env_parse("CARDVAULT_CVV_MAX_ENTRIES", get)? {
             self.cvv.max_entries = v;
         }
+        if let Some(v) = env_parse("CARDVAULT_CVV_MAX_PER_TENANT", get)? {
+            self.cvv.max_per_tenant = v;
+        }
         if let Some(v) = env_parse("CARDVAULT_DEK_MAX_ENCRYPTIONS", get)? {
             self.keys.dek_max_encryptions = v;
         }
@@ -414,6 +422,9 @@ impl Config {
         if self.cvv.max_entries == 0 {
             return Err("cvv.max_entries must be at least 1".into());
         }
+        if self.cvv.max_per_tenant == 0 {
+            return Err("cvv.max_per_tenant must be at least 1".into());
+        }
         // A window shorter than a minute or a threshold past 64 gives an
         // attacker guesses faster than the documented cost; a week-long
         // lock is the most an honest customer should ever wait out.
@@ -466,6 +477,8 @@ impl Config {
         Ok(VaultConfig {
             cvv_ttl: Duration::from_secs(self.cvv.ttl_secs),
             cvv_max_entries: self.cvv.max_entries,
+            // Past the holder's own size it is no limit.
+            cvv_max_per_tenant: self.cvv.max_per_tenant.min(self.cvv.max_entries),
             checkpoint_every: self.audit.checkpoint_every,
             audit_sink,
             dek_max_encryptions: self.keys.dek_max_encryptions,

@@ -922,3 +922,39 @@ async fn empty_tenant_means_the_callers_tenant() {
         .into_inner();
     assert_eq!(c.pan, "4111111111111111");
 }
+
+/// One tenant tokenizing with CVVs as fast as it can fills its own share
+/// of the CVV holder, not the holder: another tenant's CVV still fits.
+#[tokio::test]
+async fn one_tenant_cannot_fill_the_cvv_holder_for_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        env: vec![
+            ("CARDVAULT_CVV_MAX_ENTRIES".into(), "4".into()),
+            ("CARDVAULT_CVV_MAX_PER_TENANT".into(), "2".into()),
+        ],
+    };
+    let v = VaultProcess::start(&dir.path().join("data"), &opts);
+    let with_cvv = |pan: &str, tenant: &str| TokenizeRequest {
+        tenant: tenant.into(),
+        cvv: Some("123".into()),
+        ..card(pan)
+    };
+    let mut busy = v.client("merchant").await;
+    let mut refused = 0;
+    for pan in BRANDS.iter().map(|b| b.0).filter(|p| p.len() == 16).take(4) {
+        if let Err(s) = busy.tokenize(with_cvv(pan, "demo")).await {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2, "the busy tenant keeps to its share");
+    let other = v
+        .client("other-merchant")
+        .await
+        .tokenize(with_cvv("4111111111111111", "other"))
+        .await
+        .expect("another tenant's CVV still fits")
+        .into_inner();
+    assert!(other.cvv_held);
+}

@@ -544,6 +544,25 @@ mod tests {
         }
     }
 
+    /// The arithmetic on key bytes has no branch and no table lookup: the
+    /// source of `mask`, `mul` and `inv` holds no `if`, `match`, `while`,
+    /// early `return`, indexing or table. A structural check, so that an
+    /// edit cannot quietly bring back a secret-indexed table or a
+    /// data-dependent branch (loops have fixed counts).
+    #[test]
+    fn gf_arithmetic_is_branch_free_and_table_free() {
+        let src = include_str!("shamir.rs");
+        for f in ["fn mask(", "fn mul(", "fn inv("] {
+            let start = src.find(f).unwrap();
+            let end = start + src[start..].find("\n}\n").unwrap();
+            let body = &src[start..end];
+            for banned in ["if ", "match ", "while ", "[", "static", "return"] {
+                assert!(!body.contains(banned), "{f} contains {banned:?}");
+            }
+        }
+        assert!(!src.contains(concat!("static ", "EXP")));
+    }
+
     #[test]
     fn gf_inverse_property() {
         for a in 1..=255u8 {

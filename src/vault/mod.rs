@@ -57,6 +57,8 @@ pub struct VaultConfig {
     pub cvv_ttl: Duration,
     /// Most CVVs held at once.
     pub cvv_max_entries: usize,
+    /// Most CVVs held at once for one tenant.
+    pub cvv_max_per_tenant: usize,
     /// Sign an audit checkpoint every this many records.
     pub checkpoint_every: u64,
     /// Optional copy of every audit record as a JSON line (SIEM feed).
@@ -85,6 +87,7 @@ impl Default for VaultConfig {
         VaultConfig {
             cvv_ttl: Duration::from_secs(300),
             cvv_max_entries: 100_000,
+            cvv_max_per_tenant: 50_000,
             checkpoint_every: 1000,
             audit_sink: None,
             dek_max_encryptions: 1 << 30,
@@ -338,7 +341,11 @@ impl Vault {
         Vault {
             store,
             keys: RwLock::new(None),
-            cvv: CvvHolder::new(config.cvv_ttl, config.cvv_max_entries),
+            cvv: CvvHolder::new(
+                config.cvv_ttl,
+                config.cvv_max_entries,
+                config.cvv_max_per_tenant,
+            ),
             seal_mode: config.seal_mode.clone(),
             config,
             last_checkpoint: AtomicU64::new(0),
@@ -653,7 +660,7 @@ impl Vault {
         // is filled only once the token is known to be this card's (a
         // candidate token may belong to another card, whose CVV must stay).
         let mut cvv_slot = match &card.cvv {
-            Some(_) => Some(self.cvv.reserve()?),
+            Some(_) => Some(self.cvv.reserve(tenant.as_str())?),
             None => None,
         };
         for _ in 0..TOKEN_ATTEMPTS {
@@ -685,7 +692,7 @@ impl Vault {
             let (rec, existing) = match outcome {
                 Ok(InsertOutcome::Inserted(link)) => {
                     if let (Some(slot), Some(cvv)) = (cvv_slot.take(), &card.cvv) {
-                        slot.fill(tenant.as_str(), token.as_str(), cvv.clone());
+                        slot.fill(token.as_str(), cvv.clone());
                     }
                     self.after_append(&link, &body).await;
                     (record, false)
@@ -701,7 +708,7 @@ impl Vault {
                     self.record(body).await.map_err(|e| audit_unavailable(&e))?;
                     // The same card again: its fresh CVV replaces the old one.
                     if let (Some(slot), Some(cvv)) = (cvv_slot.take(), &card.cvv) {
-                        slot.fill(tenant.as_str(), &existing.token, cvv.clone());
+                        slot.fill(&existing.token, cvv.clone());
                     }
                     (existing, true)
                 }
