@@ -210,3 +210,45 @@ async fn the_enumeration_guard_counts_across_replicas() {
     let sa = ma.tokenize(card(&cards[0])).await.unwrap_err();
     assert_eq!(sa.message(), s.message());
 }
+
+/// At `debug` (as these tests run the vault), PostgreSQL statement
+/// parameters (record envelopes, wrapped keys) must not reach the log:
+/// tokio-postgres logs them at debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_logging_prints_no_statement_parameters() {
+    let Some(cluster) = common::pg::cluster() else {
+        return;
+    };
+    let url = cluster.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kek = cardvault::crypto::keys::SecretKey::generate()
+        .to_hex()
+        .to_string();
+    let opts = Opts {
+        env: vec![
+            ("CARDVAULT_STORE_BACKEND".into(), "postgres".into()),
+            ("CARDVAULT_STORE_URL".into(), url),
+            ("CARDVAULT_KEK".into(), kek),
+            // Even when asked for by name.
+            ("CARDVAULT_LOG".into(), "debug,tokio_postgres=debug".into()),
+        ],
+    };
+    let v = VaultProcess::start_serve(&dir.path().join("a"), &opts);
+    let t = v
+        .client("merchant")
+        .await
+        .tokenize(card("4111111111111111"))
+        .await
+        .unwrap()
+        .into_inner();
+    v.client("processor")
+        .await
+        .detokenize(detok(&t.token, false))
+        .await
+        .unwrap();
+    let logs = v.logs();
+    assert!(logs.contains("DEBUG"), "the vault logs at debug");
+    for leak in ["with parameters", "executing statement"] {
+        assert!(!logs.contains(leak), "{leak:?} in the log");
+    }
+}
