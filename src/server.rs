@@ -373,21 +373,26 @@ pub async fn serve(
             metrics: metrics.clone(),
             auth: auth.clone(),
         })
+        // Inside the metrics layer, so its refusals are counted too.
+        .layer(crate::grpc::gate::GateLayer {
+            vault: vault.clone(),
+            auth: auth.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(TokenServiceServer::new(TokenServiceImpl::new(
-            vault.clone(),
-            auth.clone(),
-        )))
-        .add_service(AuditServiceServer::new(AuditServiceImpl::new(
-            vault.clone(),
-            auth.clone(),
-        )))
-        .add_service(KeyServiceServer::new(KeyServiceImpl::new(
-            vault.clone(),
-            auth,
-        )))
+        .add_service(
+            TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))
+                .max_decoding_message_size(crate::grpc::gate::TOKEN_MESSAGE_LIMIT),
+        )
+        .add_service(
+            AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth.clone()))
+                .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
+        )
+        .add_service(
+            KeyServiceServer::new(KeyServiceImpl::new(vault.clone(), auth))
+                .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
+        )
         .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, metrics.clone()), signal);
     let result = tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}")),

@@ -11,6 +11,7 @@ use cardvault::proto::{
     detokenize_batch_result, tokenize_batch_result,
 };
 use common::{Opts, VaultProcess, exp_year, foreign_client_cert};
+use tonic::Code;
 use tonic::transport::Channel;
 
 const RPCS: [&str; 6] = [
@@ -638,4 +639,65 @@ async fn audit_service_authorisation() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Bytes that are not a valid message for the method: field 2 (`pan`, a
+/// string) holding invalid UTF-8, plus optional padding in field 15.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(bytes = "vec", tag = "2")]
+    pan: Vec<u8>,
+    #[prost(bytes = "vec", tag = "15")]
+    padding: Vec<u8>,
+}
+
+/// Sends `body` to `TokenService/Tokenize` as raw protobuf.
+async fn raw_tokenize(channel: tonic::transport::Channel, body: Garbage) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/cardvault.v1.TokenService/Tokenize");
+    let codec = tonic_prost::ProstCodec::<Garbage, Garbage>::default();
+    grpc.unary(tonic::Request::new(body), path, codec)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+}
+
+/// A caller the policy does not know is refused before its request body is
+/// decoded; a known caller's undecodable or oversized body is refused as
+/// bad input, on the record, without echoing it.
+#[tokio::test]
+async fn bodies_are_decoded_only_for_known_callers_and_bad_ones_refused_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let garbage = || Garbage {
+        pan: vec![0xff, 0xfe, 0x34, 0x31],
+        padding: Vec::new(),
+    };
+    let stranger = v
+        .channel_with(Some(v.issue_client_cert("spiffe://cardvault.dev/stranger")))
+        .await
+        .unwrap();
+    let s = raw_tokenize(stranger, garbage()).await;
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let s = raw_tokenize(v.channel("merchant").await, garbage()).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with("request: "), "{s:?}");
+    let big = Garbage {
+        pan: Vec::new(),
+        padding: vec![b'7'; 5 << 20],
+    };
+    let s = raw_tokenize(v.channel("merchant").await, big).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(!s.message().contains("777"), "{s:?}");
+    let refused: Vec<_> = v
+        .audit_events("Tokenize")
+        .await
+        .into_iter()
+        .filter(|e| e.outcome != "OK")
+        .collect();
+    let outcomes: Vec<&str> = refused.iter().map(|e| e.outcome.as_str()).collect();
+    assert!(outcomes.contains(&"UNAUTHENTICATED"), "{outcomes:?}");
+    assert!(outcomes.contains(&"INVALID_ARGUMENT"), "{outcomes:?}");
+    assert!(outcomes.contains(&"RESOURCE_EXHAUSTED"), "{outcomes:?}");
 }

@@ -247,11 +247,17 @@ impl Authorizer {
         Ok(grant)
     }
 
-    fn grant_for(&self, caller: &Caller, action: Action) -> Result<Grant> {
+    /// Checks who the caller is, before anything about its request: a
+    /// certificate that names a principal the policy knows, and is not
+    /// revoked. `UNAUTHENTICATED` otherwise.
+    pub fn check_identity(&self, caller: &Caller) -> Result<()> {
+        self.known(caller, &self.current()).map(drop)
+    }
+
+    fn known<'p>(&self, caller: &Caller, policy: &'p Policy) -> Result<&'p Grant> {
         let name = caller.principal.as_deref().ok_or_else(|| {
             Error::Unauthenticated("the client certificate names no principal".into())
         })?;
-        let policy = self.current();
         // Checked on every call, not only at the handshake: a reload cuts
         // off a revoked certificate's open connections too.
         if caller
@@ -262,9 +268,14 @@ impl Authorizer {
                 "the client certificate is revoked".into(),
             ));
         }
-        let grant = policy.principals.get(name).ok_or_else(|| {
+        policy.principals.get(name).ok_or_else(|| {
             Error::Unauthenticated("the client certificate names no known principal".into())
-        })?;
+        })
+    }
+
+    fn grant_for(&self, caller: &Caller, action: Action) -> Result<Grant> {
+        let policy = self.current();
+        let grant = self.known(caller, &policy)?;
         if !action.roles().iter().any(|r| grant.roles.contains(r)) {
             let need: Vec<&str> = action.roles().iter().map(|r| r.as_str()).collect();
             return Err(Error::PermissionDenied(format!(

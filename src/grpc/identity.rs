@@ -58,8 +58,13 @@ fn request_id<T>(req: &Request<T>) -> String {
     {
         return v.to_owned();
     }
-    // A per-process random prefix and a counter: unique, and no
-    // `getrandom` system call per request (it showed in profiles).
+    new_request_id()
+}
+
+/// A fresh request id: a per-process random prefix and a counter.
+pub fn new_request_id() -> String {
+    // Unique, and no `getrandom` system call per request (it showed in
+    // profiles).
     static PREFIX: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| hex::encode(crate::crypto::random_array::<4>()));
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

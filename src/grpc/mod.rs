@@ -3,6 +3,7 @@
 //! crypto live below, in [`crate::vault`].
 
 pub mod audit_service;
+pub mod gate;
 pub mod identity;
 pub mod key_service;
 mod redact;
