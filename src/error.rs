@@ -81,5 +81,21 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// An error with its causes, for a person: libraries often put the useful
+/// part in a source (tonic's "transport error", tokio-postgres's "db error").
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// Result alias for the vault core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

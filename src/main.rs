@@ -37,7 +37,7 @@ enum Command {
     /// KEK stored in the data directory (INSECURE), sled storage.
     Dev {
         /// Data directory (certificates, dev KEK, database).
-        #[arg(long, default_value = "./cardvault-dev")]
+        #[arg(long, default_value = cli::DEFAULT_DEV_DIR)]
         data_dir: PathBuf,
         /// Listen address (port 0 picks a free port).
         #[arg(long, default_value = "127.0.0.1:7443")]
@@ -102,8 +102,13 @@ fn init_logging(cfg: &Config) {
         // tokio-postgres logs every statement's parameters at debug: record
         // envelopes and wrapped keys. Capped whatever the filter says.
         .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+    // Colours only for a person at a terminal, and never with NO_COLOR
+    // (no-color.org): escape codes in a log file or journal are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
@@ -120,7 +125,7 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
     if port != 7443 {
         flags.push_str(&format!(" --addr https://localhost:{port}"));
     }
-    if data_dir != std::path::Path::new("./cardvault-dev") {
+    if data_dir != std::path::Path::new(cli::DEFAULT_DEV_DIR) {
         flags.push_str(&format!(" --dev-dir {}", data_dir.display()));
     }
     // The binary as it can be run from here: a newcomer who started the
@@ -154,7 +159,7 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
     }
     println!(
         "\nTry it from another terminal in this directory (the token is in the first command's output):\n\
-         \x20 {exe}{flags} tokenize --pan 4111111111111111 --exp 12/{exp_year} --cvv 123\n\
+         \x20 {exe}{flags} tokenize --pan-stdin --exp 12/{exp_year}   (then type a test card number, e.g. Visa's)\n\
          \x20 {exe}{flags} metadata <token>\n\
          \x20 {exe}{flags} detokenize <token> --purpose authorization --include-cvv\n\
          \x20 {exe}{flags} audit query --action Detokenize\n\
@@ -162,7 +167,7 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
          (`cargo run --release --` works in place of {exe} too)\n\n\
          With grpcurl:\n\
          \x20 grpcurl -cacert {c}/ca.pem -cert {c}/merchant.pem -key {c}/merchant.key \\\n\
-         \x20   -d '{{\"tenant\":\"demo\",\"pan\":\"4111111111111111\",\"exp_month\":12,\"exp_year\":{exp_year},\"cvv\":\"123\"}}' \\\n\
+         \x20   -d '{{\"tenant\":\"demo\",\"pan\":\"<test card number>\",\"exp_month\":12,\"exp_year\":{exp_year},\"cvv\":\"123\"}}' \\\n\
          \x20   localhost:{port} cardvault.v1.TokenService/Tokenize\n\
          \x20 grpcurl -cacert {c}/ca.pem -cert {c}/processor.pem -key {c}/processor.key \\\n\
          \x20   -d '{{\"tenant\":\"demo\",\"token\":\"<token>\",\"purpose\":\"authorization\",\"include_cvv\":true}}' \\\n\
@@ -178,6 +183,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             listen,
             config,
         } => {
+            // --dev-dir is the client commands' name for this directory; on
+            // `dev` it used to be accepted and ignored.
+            if cli.client.dev_dir != std::path::Path::new(cli::DEFAULT_DEV_DIR) {
+                return Err(format!(
+                    "`cardvault dev` names its directory with --data-dir (--dev-dir is for the client commands): cardvault dev --data-dir {}",
+                    cli.client.dev_dir.display()
+                ));
+            }
             let mut cfg = Config::load(config.as_deref())?;
             cfg.data_dir = data_dir.clone();
             cfg.listen = listen;

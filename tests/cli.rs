@@ -204,3 +204,64 @@ async fn secrets_from_stdin_and_audit_query_paging() {
     assert!(next["seq"].as_u64().unwrap() > seq, "{out}");
     assert!(!err.contains("limit of"), "{err}");
 }
+
+/// What a newcomer types wrong gets an answer that says what to type, not
+/// "transport error"; the dev server refuses the client's name for its
+/// directory instead of ignoring it; logs to a file carry no colour codes.
+#[tokio::test]
+async fn mistakes_get_answers_that_say_what_to_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let port = v.addr.rsplit(':').next().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+            .args(args)
+            .arg("--dev-dir")
+            .arg(&v.data_dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["status", "--addr", &format!("127.0.0.1:{port}")]);
+    assert!(
+        !ok && err.contains(&format!("https://127.0.0.1:{port}")),
+        "{err}"
+    );
+    let (ok, err) = run(&["status", "--addr", &format!("http://127.0.0.1:{port}")]);
+    assert!(!ok && err.contains("only TLS"), "{err}");
+    let (ok, err) = run(&["status", "--addr", "https://127.0.0.1:1"]);
+    assert!(!ok && err.to_lowercase().contains("refused"), "{err}");
+    let (ok, out) = run(&["status", "--addr", &format!("https://localhost:{port}")]);
+    assert!(ok, "{out}");
+    // Times print as RFC 3339 (the first query finds its own record only
+    // on the second run: a query is recorded after it scans).
+    let query = || {
+        Command::new(env!("CARGO_BIN_EXE_cardvault"))
+            .args(["audit", "query", "--json", "--addr"])
+            .arg(format!("https://localhost:{port}"))
+            .arg("--dev-dir")
+            .arg(&v.data_dir)
+            .output()
+            .unwrap()
+    };
+    query();
+    let out = query();
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let time = event["time"].as_str().unwrap();
+    assert!(
+        time.len() == 20 && time.ends_with('Z') && time.contains('T'),
+        "{time}"
+    );
+    let (ok, err) = run(&["dev", "--listen", "127.0.0.1:0"]);
+    assert!(!ok && err.contains("--data-dir"), "{err}");
+    // The vault's stderr here is a file: no ANSI escape codes in it.
+    assert!(!v.logs().contains('\u{1b}'), "colour codes in a log file");
+}

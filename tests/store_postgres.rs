@@ -291,3 +291,24 @@ async fn dedupe_takes_over_an_entry_whose_record_is_gone() {
         .unwrap();
     assert_eq!(token_of(e).as_deref(), Some("tok_d"));
 }
+
+/// A store that cannot be opened says why: the database's own message, or
+/// the connection's cause, not only "db error" or "error connecting to
+/// server".
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_says_why() {
+    let Some(cluster) = common::pg::cluster() else {
+        return;
+    };
+    let missing = match PostgresStore::connect(&cluster.url("no_such_db"), 2, None).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a missing database opened"),
+    };
+    assert!(missing.contains("does not exist"), "{missing}");
+    let refused =
+        match PostgresStore::connect("host=127.0.0.1 port=1 user=x dbname=x", 2, None).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("nothing listens on port 1"),
+        };
+    assert!(refused.to_lowercase().contains("refused"), "{refused}");
+}

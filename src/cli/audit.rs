@@ -126,8 +126,11 @@ fn opt_time(s: &Option<String>) -> Result<Option<prost_types::Timestamp>, String
     s.as_deref().map(parse_time).transpose()
 }
 
-fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
-    t.as_ref().map_or(0, |t| t.seconds)
+/// A time as people and `--since` read it: RFC 3339, UTC (`-` if none).
+pub(crate) fn rfc3339(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref().map_or("-".into(), |t| {
+        crate::time::rfc3339(t.seconds.saturating_mul(1000))
+    })
 }
 
 /// The principal a PEM certificate file names (as the vault would see it).
@@ -146,7 +149,7 @@ fn print_event(e: &proto::AuditEvent, json: bool) {
         println!(
             "{}",
             json!({
-                "seq": e.seq, "time": secs(&e.time), "principal": e.principal, "roles": e.roles,
+                "seq": e.seq, "time": rfc3339(&e.time), "principal": e.principal, "roles": e.roles,
                 "tenant": e.tenant, "action": e.action, "token": e.token, "purpose": e.purpose,
                 "outcome": e.outcome, "error": e.error, "request_id": e.request_id,
                 "peer": e.peer, "detail": e.detail, "hash": e.hash,
@@ -154,9 +157,9 @@ fn print_event(e: &proto::AuditEvent, json: bool) {
         );
     } else {
         println!(
-            "{:>8}  {:>10}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {}",
+            "{:>8}  {:<20}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {}",
             e.seq,
-            secs(&e.time),
+            rfc3339(&e.time),
             e.action,
             e.tenant,
             e.token,
@@ -174,7 +177,7 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
         AuditCmd::Query(q) => {
             if !q.json {
                 println!(
-                    "{:>8}  {:>10}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  purpose",
+                    "{:>8}  {:<20}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  purpose",
                     "seq", "time", "action", "tenant", "token", "outcome", "principal"
                 );
             }
@@ -242,7 +245,7 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
                             "tenant": t.tenant,
                             "tokens": t.tokens.iter().map(|k| json!({
                                 "token": k.token, "reads": k.reads,
-                                "first_read": secs(&k.first_read), "last_read": secs(&k.last_read),
+                                "first_read": rfc3339(&k.first_read), "last_read": rfc3339(&k.last_read),
                             })).collect::<Vec<_>>(),
                         })
                     })
@@ -264,8 +267,8 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
                             "  {}  reads={}  first={}  last={}",
                             k.token,
                             k.reads,
-                            secs(&k.first_read),
-                            secs(&k.last_read)
+                            rfc3339(&k.first_read),
+                            rfc3339(&k.last_read)
                         );
                     }
                 }

@@ -1,7 +1,7 @@
 //! `cardvault status | init | unseal | seal | rekey | shares | keys ...`:
 //! admin commands, and the custodians' own (`unseal`, `rekey submit`).
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -306,7 +306,7 @@ pub async fn shares(opts: &ClientOpts, out_dir: &Path) -> Result<(), String> {
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref().map_or("-".into(), |t| t.seconds.to_string())
+    super::audit::rfc3339(t)
 }
 
 /// `cardvault status`.
@@ -466,8 +466,14 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCmd) -> Result<(), String> {
                     (p.done + p.skipped) as f64 / p.total as f64
                 };
                 let filled = ((frac * width as f64) as usize).min(width);
+                // Redrawn in place on a terminal; a line per update in a log.
+                let end = if std::io::stderr().is_terminal() {
+                    "\r"
+                } else {
+                    "\n"
+                };
                 eprint!(
-                    "\\r[{}{}] {}/{} ({:.0}%)",
+                    "{end}[{}{}] {}/{} ({:.0}%)",
                     "#".repeat(filled),
                     ".".repeat(width - filled),
                     p.done + p.skipped,

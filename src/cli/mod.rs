@@ -13,6 +13,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::proto::token_service_client::TokenServiceClient;
 
+/// Where `cardvault dev` keeps its files, and the client commands look.
+pub const DEFAULT_DEV_DIR: &str = "./cardvault-dev";
+
 /// How a CLI command reaches the vault.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
@@ -34,7 +37,7 @@ pub struct ClientOpts {
     #[arg(long, env = "CARDVAULT_KEY", global = true)]
     pub key: Option<PathBuf>,
     /// Dev-mode data directory; certificates default to `<dev-dir>/certs`.
-    #[arg(long, default_value = "./cardvault-dev", global = true)]
+    #[arg(long, default_value = DEFAULT_DEV_DIR, global = true)]
     pub dev_dir: PathBuf,
     /// TLS server name to verify (default: the host of --addr).
     #[arg(long, env = "CARDVAULT_SERVER_NAME", global = true)]
@@ -49,6 +52,23 @@ impl ClientOpts {
     /// Connects with mTLS. `default_identity` is the dev certificate used
     /// when neither `--cert` nor `--as` is given.
     pub async fn connect(&self, default_identity: &str) -> Result<Channel, String> {
+        // The vault speaks only TLS: say so before tonic says "transport error".
+        match self.addr.split_once("://") {
+            Some(("https", _)) => {}
+            Some(("http", rest)) => {
+                return Err(format!(
+                    "--addr {}: the vault speaks only TLS; use https://{rest}",
+                    self.addr
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "--addr {}: give a URL, e.g. https://{}",
+                    self.addr,
+                    self.addr.rsplit("://").next().unwrap_or_default()
+                ));
+            }
+        }
         let certs = self.dev_dir.join("certs");
         let name = self.identity.as_deref().unwrap_or(default_identity);
         let ca = self.ca.clone().unwrap_or_else(|| certs.join("ca.pem"));
@@ -81,7 +101,13 @@ impl ClientOpts {
             .map_err(|e| format!("TLS: {e}"))?
             .connect()
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.addr))
+            .map_err(|e| {
+                format!(
+                    "cannot connect to {}: {}",
+                    self.addr,
+                    crate::error::with_causes(&e)
+                )
+            })
     }
 
     /// A `TokenService` client.

@@ -152,8 +152,16 @@ fn pg(e: tokio_postgres::Error) -> Error {
     // problem; values never include a PAN (the database never sees one).
     match e.as_db_error() {
         Some(db) => unavailable(format!("{} ({})", db.message(), db.code().code())),
-        None => unavailable(e),
+        // "error connecting to server" alone hides the cause (refused,
+        // timed out, authentication failed): give the whole chain.
+        None => unavailable(crate::error::with_causes(&e)),
     }
+}
+
+/// A pool error with its causes (a connection that could not be made says
+/// why only in its source).
+fn pool(e: deadpool_postgres::PoolError) -> Error {
+    unavailable(crate::error::with_causes(&e))
 }
 
 /// Contention errors a transaction should simply be run again for.
@@ -417,7 +425,7 @@ macro_rules! transaction {
     ($self:ident, |$tx:ident| $body:block) => {{
         let mut attempt = 0;
         loop {
-            let mut client = $self.pool.get().await.map_err(unavailable)?;
+            let mut client = $self.pool.get().await.map_err(pool)?;
             let $tx = client.transaction().await.map_err(pg)?;
             let result: std::result::Result<_, TxError> = async { $body }.await;
             let result = match result {
@@ -632,7 +640,7 @@ impl PostgresStore {
     /// replicas at once: the version row is claimed in the same transaction
     /// as the DDL, so a concurrent starter waits, then sees it applied.
     async fn migrate(&self) -> Result<()> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS cardvault_migrations (
@@ -701,7 +709,7 @@ impl Store for PostgresStore {
     }
 
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let select = client
             .prepare_cached("SELECT data FROM records WHERE tenant = $1 AND token = $2")
             .await
@@ -714,7 +722,7 @@ impl Store for PostgresStore {
     }
 
     async fn update(&self, current: &StoredRecord, record: &StoredRecord) -> Result<bool> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let n = client
             .execute(
                 "UPDATE records SET key_version = $3, data = $4 \
@@ -750,7 +758,7 @@ impl Store for PostgresStore {
     }
 
     async fn count(&self, tenant: Option<&str>) -> Result<u64> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let row = match tenant {
             Some(t) => {
                 client
@@ -764,7 +772,7 @@ impl Store for PostgresStore {
     }
 
     async fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let row = client
             .query_opt("SELECT value FROM vault_keys WHERE name = $1", &[&name])
             .await
@@ -791,7 +799,7 @@ impl Store for PostgresStore {
     }
 
     async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let row = client
             .query_opt(
                 "SELECT state FROM enumeration_guard WHERE tenant = $1 AND bucket = $2",
@@ -813,7 +821,7 @@ impl Store for PostgresStore {
         // One statement, so no transaction: the row lock of the UPDATE (or
         // the primary key of the INSERT) makes it a compare-and-swap
         // across replicas.
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let n = match expected {
             None => client
                 .execute(
@@ -836,7 +844,7 @@ impl Store for PostgresStore {
     }
 
     async fn guard_clear(&self, tenant: &str, bucket: Option<&[u8]>) -> Result<u64> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         match bucket {
             Some(b) => client
                 .execute(
@@ -856,7 +864,7 @@ impl Store for PostgresStore {
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         // substr rather than LIKE: a prefix may contain '%' or '_'.
         let rows = client
             .query(
@@ -883,7 +891,7 @@ impl Store for PostgresStore {
     }
 
     async fn delete_key(&self, name: &str) -> Result<()> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         client
             .execute("DELETE FROM vault_keys WHERE name = $1", &[&name])
             .await
@@ -896,7 +904,7 @@ impl Store for PostgresStore {
         after: Option<(&str, &str)>,
         limit: usize,
     ) -> Result<Vec<StoredRecord>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let limit = limit as i64;
         let rows = match after {
             Some((tenant, token)) => {
@@ -931,7 +939,7 @@ impl Store for PostgresStore {
     }
 
     async fn audit_head(&self) -> Result<Option<(u64, Vec<u8>)>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let row = client
             .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
             .await
@@ -941,7 +949,7 @@ impl Store for PostgresStore {
     }
 
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let rows = client
             .query(
                 "SELECT seq, record FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -963,7 +971,7 @@ impl Store for PostgresStore {
     }
 
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         client
             .execute(
                 "INSERT INTO audit_checkpoints (seq, checkpoint) VALUES ($1, $2)
@@ -976,7 +984,7 @@ impl Store for PostgresStore {
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool)?;
         let rows = client
             .query("SELECT checkpoint FROM audit_checkpoints ORDER BY seq", &[])
             .await
