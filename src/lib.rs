@@ -46,7 +46,8 @@
 //! status codes) -> [`auth`] (who may do what, for which tenant) ->
 //! [`vault::Vault`] (the domain core, no I/O types) -> [`crypto`], [`store`],
 //! [`cvv`], [`audit`]. Nothing below `grpc` knows about tonic.
-//! See `README.md` for the threat model and operations.
+//! See `docs/security.md` for the threat model and `docs/operations.md`
+//! for operations.
 
 #![forbid(unsafe_code)]
 // Process hardening (src/hardening.rs) uses rustix's safe syscall wrappers,

@@ -1,6 +1,6 @@
 //! Role separation and tenant isolation over real gRPC + mTLS.
 //!
-//! The matrix below is the contract; README.md shows the same table.
+//! The matrix below is the contract; docs/api.md shows the same table.
 
 mod common;
 

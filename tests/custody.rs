@@ -91,7 +91,7 @@ fn detok(token: &str) -> DetokenizeRequest {
     }
 }
 
-/// The README's ceremony, as its commands run: three custodians with age
+/// The documented ceremony (docs/key-custody.md, deploy/README.md), as its commands run: three custodians with age
 /// key files, threshold 2, through the CLI; one custodian tries to enter
 /// two shares.
 #[tokio::test]

@@ -96,7 +96,7 @@ pub enum Action {
 
 impl Action {
     /// The roles allowed to perform the action. The single source of truth
-    /// for the authorisation matrix in the README.
+    /// for the authorisation matrix in `docs/api.md`.
     pub fn roles(self) -> &'static [Role] {
         match self {
             Action::Tokenize | Action::TokenizeBatch | Action::DeleteToken => &[Role::Merchant],

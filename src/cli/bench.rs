@@ -30,7 +30,7 @@
 //! ratio to the no-op baseline is the most any server that makes each
 //! request durable reaches on this machine.
 //!
-//! With `--check-targets`, the report ends with issue 6's targets checked
+//! With `--check-targets`, the report ends with the throughput targets checked
 //! against the median rounds (module `targets`), and the bench exits
 //! non-zero if one is missed.
 //!
@@ -177,7 +177,7 @@ pub struct BenchCmd {
     /// then also reports the vault's CPU time per request (from `/proc`).
     #[arg(long)]
     pub vault_pid: Option<u32>,
-    /// Check the targets of issue 6 against the median rounds: tokenize
+    /// Check the throughput targets against the median rounds: tokenize
     /// at least 50% of the baseline, detokenize at least 80%, p99 at most
     /// 5 ms for both, no errors; exit non-zero if one is missed. Needs
     /// --baseline and --op tokenize, detokenize or all.
@@ -430,7 +430,7 @@ pub struct Report {
     pub cores: usize,
     /// Results per operation.
     pub results: Vec<OpResult>,
-    /// With --check-targets: issue 6's targets, checked.
+    /// With --check-targets: the throughput targets, checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<targets::Targets>,
 }

@@ -254,7 +254,11 @@ impl Vault {
             // worse, and such a writer could delete it anyway.
             let state = raw.as_deref().and_then(|r| GuardState::decode(r).ok());
             match decide(state, &tag, now_ms(), cfg) {
-                Verdict::Seen => return self.admit(budget, false, admitted),
+                // A card already seen in the window is still subject to the
+                // budget's refusal (never its charge): a refusal must not
+                // depend on the card.
+                Verdict::Seen if admitted => return Ok(()),
+                Verdict::Seen => return budget.admit(false),
                 Verdict::New { collision, next } => {
                     if !admitted {
                         budget.admit(collision)?;
@@ -290,16 +294,6 @@ impl Vault {
         Err(Error::Unavailable(
             "the enumeration guard is contended for this card's bucket; retry".into(),
         ))
-    }
-
-    /// A card already seen in the window is still subject to the budget's
-    /// refusal (never to its charge): the refusal must not depend on the card.
-    fn admit(&self, budget: &dyn TokenizeBudget, collision: bool, admitted: bool) -> Result<()> {
-        if admitted {
-            Ok(())
-        } else {
-            budget.admit(collision)
-        }
     }
 
     /// A bucket just locked: a security event in the log (no digits, the

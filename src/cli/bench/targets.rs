@@ -1,4 +1,4 @@
-//! The throughput targets of issue 6, checked against a bench report
+//! The throughput targets, checked against a bench report
 //! (`bench --check-targets`).
 //!
 //! The targets hold on a 2-core machine with the client on it, 64
