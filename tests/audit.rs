@@ -617,3 +617,70 @@ async fn a_verify_refused_while_sealed_is_recorded() {
         .count();
     assert_eq!(refused, 1);
 }
+
+/// "Every read of this token" is one query: the action `Reads` matches
+/// single and batch reads, and a read refused for its purpose is recorded
+/// against the token it was for.
+#[tokio::test]
+async fn every_read_of_a_token_is_one_query() {
+    use cardvault::proto::{DetokenizeBatchItem, DetokenizeBatchRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let token = v
+        .client("merchant")
+        .await
+        .tokenize(TokenizeRequest {
+            tenant: "demo".into(),
+            pan: "4111111111111111".into(),
+            exp_month: 12,
+            exp_year: exp_year(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut p = v.client("processor").await;
+    let detok = |purpose: &str| DetokenizeRequest {
+        tenant: "demo".into(),
+        token: token.clone(),
+        purpose: purpose.into(),
+        include_cvv: false,
+    };
+    p.detokenize(detok("authorization")).await.unwrap();
+    p.detokenize_batch(DetokenizeBatchRequest {
+        tenant: "demo".into(),
+        items: vec![DetokenizeBatchItem {
+            reference: "r".into(),
+            token: token.clone(),
+        }],
+        purpose: "settlement".into(),
+        include_cvv: false,
+    })
+    .await
+    .unwrap();
+    let bad = p.detokenize(detok("")).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let events = AuditServiceClient::new(v.channel("auditor").await)
+        .query(AuditQueryRequest {
+            action: "Reads".into(),
+            token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let seen: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.action.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("Detokenize", "OK"),
+            ("DetokenizeBatch", "OK"),
+            ("Detokenize", "INVALID_ARGUMENT")
+        ]
+    );
+}

@@ -26,7 +26,9 @@ pub struct QueryArgs {
     /// Tenant.
     #[arg(long, default_value = "")]
     pub tenant: String,
-    /// Action, e.g. Detokenize.
+    /// Action, e.g. Detokenize; `Reads` for every read of a card
+    /// (Detokenize and DetokenizeBatch): `--action Reads --token T` is
+    /// every read of token T.
     #[arg(long, default_value = "")]
     pub action: String,
     /// Token.

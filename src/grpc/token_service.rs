@@ -361,8 +361,27 @@ impl TokenService for TokenServiceImpl {
         let authz = self
             .authorize(&mut ctx, &caller, action, &req.tenant)
             .await?;
-        let parsed = Token::parse(&req.token).and_then(|t| Ok((t, Purpose::parse(&req.purpose)?)));
-        let (token, purpose) = self.validated(&ctx, action, &authz.tenant, parsed).await?;
+        let token = self
+            .validated(&ctx, action, &authz.tenant, Token::parse(&req.token))
+            .await?;
+        // A refused purpose is recorded against the token it was for (masked
+        // if it is digits: nothing says yet that it names a card), so "every
+        // read of this token" shows the refused attempts too.
+        let purpose = match Purpose::parse(&req.purpose) {
+            Ok(p) => p,
+            Err(e) => {
+                self.vault
+                    .audit_rejected(
+                        &ctx,
+                        action.as_str(),
+                        authz.tenant.as_str(),
+                        &token.recorded(false),
+                        &e,
+                    )
+                    .await;
+                return Err(e.into());
+            }
+        };
         self.charge(&ctx, action, &authz, 1).await?;
         let card = self
             .vault
