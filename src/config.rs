@@ -549,12 +549,42 @@ mod tests {
                 |c| c.keys.rewrap_pause_ms = u64::MAX,
                 "keys.rewrap_pause_ms",
             ),
+            (
+                |c| c.keys.rekey_timeout_secs = 59,
+                "keys.rekey_timeout_secs",
+            ),
+            (
+                |c| c.enumeration_guard.window_secs = 59,
+                "enumeration_guard.window_secs",
+            ),
+            (
+                |c| c.enumeration_guard.threshold = 0,
+                "enumeration_guard.threshold",
+            ),
+            (
+                |c| c.enumeration_guard.threshold = 65,
+                "enumeration_guard.threshold",
+            ),
+            (|c| c.cvv.max_per_tenant = 0, "cvv.max_per_tenant"),
         ] {
             let mut c = Config::default();
             edit(&mut c);
             let err = c.validate().unwrap_err();
             assert!(err.starts_with(field), "{err}");
         }
+        // The guard and the quotas take their settings from the file and
+        // the environment, and pass them to the vault.
+        let mut c = Config::from_toml(
+            "[enumeration_guard]\nwindow_secs = 600\nthreshold = 4\n[cvv]\nmax_entries = 10\nmax_per_tenant = 50",
+        )
+        .unwrap();
+        let env: HashMap<&str, &str> = [("CARDVAULT_GUARD_THRESHOLD", "5")].into();
+        c.apply_env(&|k| env.get(k).map(|v| v.to_string())).unwrap();
+        c.validate().unwrap();
+        let v = c.vault_config().unwrap();
+        assert_eq!(v.guard.window, std::time::Duration::from_secs(600));
+        assert_eq!(v.guard.threshold, 5);
+        assert_eq!(v.cvv_max_per_tenant, 10, "clamped to the holder's size");
         let env: HashMap<&str, &str> = [("CARDVAULT_CVV_TTL_SECS", "soon")].into();
         assert!(
             cfg.apply_env(&|k| env.get(k).map(|v| v.to_string()))
