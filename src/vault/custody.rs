@@ -205,22 +205,24 @@ fn issue_shares(
         .collect()
 }
 
-/// The seal configuration's MAC: over its encoding with the MAC field
-/// empty, under a key derived from the KEK.
-fn config_mac(kek: &[u8], cfg: &SealConfig) -> Vec<u8> {
+/// What the seal configuration's MAC covers: its encoding with the MAC
+/// field empty.
+fn config_mac_input(cfg: &SealConfig) -> Vec<u8> {
     let mut unsigned = cfg.clone();
     unsigned.mac.clear();
-    let key = derived_key(kek, CONFIG_MAC_DOMAIN);
-    hmac::sign(&key, &unsigned.encode_to_vec())
-        .as_ref()
-        .to_vec()
+    unsigned.encode_to_vec()
 }
 
-fn config_authentic(kek: &[u8], cfg: &SealConfig) -> bool {
-    let mut unsigned = cfg.clone();
-    unsigned.mac.clear();
+/// The seal configuration's MAC, under a key derived from the KEK.
+fn config_mac(kek: &[u8], cfg: &SealConfig) -> Vec<u8> {
     let key = derived_key(kek, CONFIG_MAC_DOMAIN);
-    hmac::verify(&key, &unsigned.encode_to_vec(), &cfg.mac).is_ok()
+    hmac::sign(&key, &config_mac_input(cfg)).as_ref().to_vec()
+}
+
+/// Whether the seal configuration's MAC is right under `kek` (constant-time).
+fn config_authentic(kek: &[u8], cfg: &SealConfig) -> bool {
+    let key = derived_key(kek, CONFIG_MAC_DOMAIN);
+    hmac::verify(&key, &config_mac_input(cfg), &cfg.mac).is_ok()
 }
 
 /// Checks what can be checked of a share before the KEK is rebuilt: that
