@@ -1014,7 +1014,8 @@ async fn an_init_is_audited_first_and_its_shares_always_kept() {
 async fn a_rekey_that_times_out_leaves_the_old_shares_valid() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = VaultConfig {
-        rekey_timeout: std::time::Duration::from_millis(300),
+        // Room for the first share on a loaded machine; the second comes after.
+        rekey_timeout: std::time::Duration::from_secs(2),
         ..Default::default()
     };
     let (v, _store, old) = initialised_with(dir.path(), cfg).await;
@@ -1029,7 +1030,7 @@ async fn a_rekey_that_times_out_leaves_the_old_shares_valid() {
     v.submit_rekey_share(&as_custodian(p), &nonce, s)
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let (p, s) = &old[1];
     let err = v
         .submit_rekey_share(&as_custodian(p), &nonce, s)
