@@ -19,10 +19,10 @@ use std::task::{Context, Poll};
 
 use tonic::{Code, Status};
 
-use crate::auth::{Authorizer, Caller};
+use crate::auth::Authorizer;
 use crate::error::Error;
 use crate::tls::Peer;
-use crate::vault::{CallContext, Vault};
+use crate::vault::Vault;
 
 /// Largest request the key and audit services take (a 255-custodian init
 /// is under 200 KiB).
@@ -104,20 +104,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let peer = req.extensions().get::<Peer>();
-        let caller = Caller {
-            principal: peer.and_then(Peer::principal).map(str::to_owned),
-            cert_sha256: peer.and_then(|p| p.cert_sha256().copied()),
-        };
-        let ctx = CallContext {
-            request_id: super::identity::new_request_id(),
-            principal: caller
-                .principal
-                .clone()
-                .unwrap_or_else(|| "anonymous".to_owned()),
-            roles: Vec::new(),
-            peer: peer.map(|p| p.addr().to_owned()).unwrap_or_default(),
-        };
+        let (ctx, caller) = super::identity::context_for(
+            req.extensions().get::<Peer>(),
+            super::identity::new_request_id(),
+        );
         let action = action_of(req.uri().path());
         let vault = self.layer.vault.clone();
         if let Err(e) = self.layer.auth.check_identity(&caller) {

@@ -82,13 +82,19 @@ pub fn peer_of<T>(req: &Request<T>) -> Option<&crate::tls::Peer> {
 /// the verified peer certificate (principal `anonymous` without one;
 /// authorisation refuses such calls).
 pub fn context_of<T>(req: &Request<T>) -> (CallContext, Caller) {
-    let peer = peer_of(req);
+    context_for(peer_of(req), request_id(req))
+}
+
+/// The caller and call context of a connection's peer (`None`: no TLS
+/// peer), with the request id to use; shared by the services and the gate
+/// in front of them.
+pub fn context_for(peer: Option<&crate::tls::Peer>, request_id: String) -> (CallContext, Caller) {
     let caller = Caller {
         principal: peer.and_then(|p| p.principal()).map(str::to_owned),
         cert_sha256: peer.and_then(|p| p.cert_sha256().copied()),
     };
     let ctx = CallContext {
-        request_id: request_id(req),
+        request_id,
         principal: caller
             .principal
             .clone()
