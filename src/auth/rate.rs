@@ -82,11 +82,17 @@ impl RateLimiter {
         f: impl FnOnce(&mut Bucket) -> T,
     ) -> T {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let b = map.entry(principal.to_owned()).or_insert(Bucket {
-            tokens: limit.burst,
-            last: now,
-            limit,
-        });
+        // The principal's name is copied only the first time: every tokenize
+        // and detokenize passes here, some twice.
+        if !map.contains_key(principal) {
+            let fresh = Bucket {
+                tokens: limit.burst,
+                last: now,
+                limit,
+            };
+            map.insert(principal.to_owned(), fresh);
+        }
+        let b = map.get_mut(principal).expect("inserted above");
         if b.limit != limit {
             // Policy reloaded with a new budget: keep the level, clamp to the new size.
             b.limit = limit;
