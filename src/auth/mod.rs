@@ -325,12 +325,7 @@ impl Authorizer {
             .take(principal, grant.rate, cards)
             .map_err(|wait| {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
-                Error::ResourceExhausted(format!(
-                    "detokenize budget exceeded ({} cards/s, burst {}); retry in {:.0} ms",
-                    grant.rate.per_second,
-                    grant.rate.burst,
-                    (wait * 1000.0).ceil()
-                ))
+                spent("detokenize budget", "cards/s", grant.rate, wait)
             })
     }
 
@@ -342,12 +337,7 @@ impl Authorizer {
             .map_err(|wait| {
                 self.tokenize_limited
                     .fetch_add(u64::from(cards), Ordering::Relaxed);
-                Error::ResourceExhausted(format!(
-                    "tokenize budget exceeded ({} cards/s, burst {}); retry in {:.0} ms",
-                    grant.tokenize.per_second,
-                    grant.tokenize.burst,
-                    (wait * 1000.0).ceil()
-                ))
+                spent("tokenize budget", "cards/s", grant.tokenize, wait)
             })
     }
 
@@ -358,12 +348,12 @@ impl Authorizer {
             .admit(principal, grant.collision, collision)
             .map_err(|wait| {
                 self.tokenize_limited.fetch_add(1, Ordering::Relaxed);
-                Error::ResourceExhausted(format!(
-                    "tokenize collision budget exceeded ({} new cards/s in buckets that hold another card, burst {}); retry in {:.0} ms",
-                    grant.collision.per_second,
-                    grant.collision.burst,
-                    (wait * 1000.0).ceil()
-                ))
+                spent(
+                    "tokenize collision budget",
+                    "new cards/s in buckets that hold another card",
+                    grant.collision,
+                    wait,
+                )
             })
     }
 
@@ -388,6 +378,17 @@ impl Authorizer {
     pub fn rate_limited_total(&self) -> u64 {
         self.rate_limited.load(Ordering::Relaxed)
     }
+}
+
+/// The refusal of a spent budget: which one, its rate and burst, and when
+/// to retry (the same text for every caller in the same state).
+fn spent(budget: &str, unit: &str, limit: policy::RateLimit, wait_secs: f64) -> Error {
+    Error::ResourceExhausted(format!(
+        "{budget} exceeded ({} {unit}, burst {}); retry in {:.0} ms",
+        limit.per_second,
+        limit.burst,
+        (wait_secs * 1000.0).ceil()
+    ))
 }
 
 /// The metric label of a set of roles: their names joined by `+` in a

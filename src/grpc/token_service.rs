@@ -93,6 +93,15 @@ impl TokenServiceImpl {
         parsed
     }
 
+    /// The caller's collision budget, for the vault core to ask per card.
+    fn budget_of<'a>(&'a self, ctx: &'a CallContext, authz: &'a Authorized) -> CallerBudget<'a> {
+        CallerBudget {
+            auth: &self.auth,
+            principal: &ctx.principal,
+            grant: &authz.grant,
+        }
+    }
+
     /// Charges the detokenize budget (a detokenize action) or the tokenize
     /// budget (a tokenize action); a refusal is logged and audited.
     async fn charge(
@@ -264,11 +273,7 @@ impl TokenService for TokenServiceImpl {
             format,
             dedupe: req.dedupe,
         };
-        let budget = CallerBudget {
-            auth: &self.auth,
-            principal: &ctx.principal,
-            grant: &authz.grant,
-        };
+        let budget = self.budget_of(&ctx, &authz);
         let meta = self
             .vault
             .tokenize(&ctx, &authz.tenant, card, opts, &budget)
@@ -328,11 +333,7 @@ impl TokenService for TokenServiceImpl {
             format,
             dedupe: req.dedupe,
         };
-        let budget = CallerBudget {
-            auth: &self.auth,
-            principal: &ctx.principal,
-            grant: &authz.grant,
-        };
+        let budget = self.budget_of(&ctx, &authz);
         let results = self
             .vault
             .tokenize_batch(&ctx, tenant, cards, opts, &budget)
