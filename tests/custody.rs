@@ -290,6 +290,19 @@ async fn init_and_unseal_enforce_split_knowledge() {
     assert_eq!(p.entered_by, vec![cs[0].principal.clone()]);
     let st = k.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.unseal_entered_by, vec![cs[0].principal.clone()]);
+    // A reset forgets it, and says so.
+    let r = cs[1]
+        .keys(&v)
+        .await
+        .unseal(UnsealRequest {
+            share: String::new(),
+            reset: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.sealed, r.progress, r.threshold), (true, 0, 2));
+    unseal(&cs[0], &v, &shares[0]).await.unwrap();
     assert_eq!(st.custodians.len(), 3);
     // A share for another vault, and a forged one (valid checksum, MAC made
     // without the KEK), are refused; the forgery once combined, by name.
