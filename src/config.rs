@@ -40,6 +40,32 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The tokenize enumeration guard.
     pub enumeration_guard: GuardSettings,
+    /// Collect sessions (sealed card collection).
+    pub collect: CollectSettings,
+}
+
+/// Collect sessions (see `docs/collect.md`): memory-only HPKE keys that
+/// checkout pages seal cards to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectSettings {
+    /// Life of a session the caller names none for, 1 to 1800 seconds (default 600).
+    pub session_ttl_secs: u64,
+    /// Most sessions held at once (default 100000).
+    pub max_sessions: usize,
+    /// Most sessions of one tenant (default 20000).
+    pub max_per_tenant: usize,
+}
+
+impl Default for CollectSettings {
+    fn default() -> Self {
+        let d = crate::vault::collect::CollectConfig::default();
+        CollectSettings {
+            session_ttl_secs: d.default_ttl.as_secs(),
+            max_sessions: d.max_sessions,
+            max_per_tenant: d.max_per_tenant,
+        }
+    }
 }
 
 /// The enumeration guard (see `docs/security.md`): per tenant, the distinct
@@ -262,6 +288,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             enumeration_guard: GuardSettings::default(),
+            collect: CollectSettings::default(),
         }
     }
 }
@@ -437,6 +464,15 @@ impl Config {
         if !(1..=64).contains(&self.enumeration_guard.threshold) {
             return Err("enumeration_guard.threshold must be 1 to 64".into());
         }
+        let max_ttl = crate::vault::collect::MAX_SESSION_TTL.as_secs();
+        if !(1..=max_ttl).contains(&self.collect.session_ttl_secs) {
+            return Err(format!("collect.session_ttl_secs must be 1 to {max_ttl}"));
+        }
+        if self.collect.max_sessions == 0 || self.collect.max_per_tenant == 0 {
+            return Err(
+                "collect.max_sessions and collect.max_per_tenant must be at least 1".into(),
+            );
+        }
         // Upper bounds: past them a duration overflows a timer (a panic in
         // a background task, e.g. no more periodic checkpoints) or the
         // value is a typo rather than a policy.
@@ -491,6 +527,11 @@ impl Config {
                 threshold: self.enumeration_guard.threshold,
             },
             rekey_timeout: Duration::from_secs(self.keys.rekey_timeout_secs),
+            collect: crate::vault::collect::CollectConfig {
+                default_ttl: Duration::from_secs(self.collect.session_ttl_secs),
+                max_sessions: self.collect.max_sessions,
+                max_per_tenant: self.collect.max_per_tenant.min(self.collect.max_sessions),
+            },
         })
     }
 }

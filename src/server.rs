@@ -310,13 +310,15 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| e.to_string())?;
 
-    // Expired CVVs are wiped promptly, not just when someone asks for them.
+    // Expired CVVs and collect session keys are wiped promptly, not just
+    // when someone asks for them.
     let purge_vault = vault.clone();
     let purger = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             purge_vault.cvv_holder().purge_expired();
+            purge_vault.collect_sessions().purge_expired();
         }
     });
 

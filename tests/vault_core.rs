@@ -190,3 +190,33 @@ async fn concurrent_first_use_of_a_tenant_agrees_on_one_key() {
     assert_eq!(fps.len(), 1, "one fingerprint key per tenant");
     assert_eq!(store.list_keys("tenant/fresh/dek/").await.unwrap().len(), 1);
 }
+
+/// Sealing wipes every collect session key: a seal made before it opens
+/// nothing after the next unseal, and a sealed vault makes no sessions.
+#[tokio::test]
+async fn sealing_wipes_collect_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, _) = vault(dir.path());
+    let ctx = CallContext::default();
+    assert_eq!(
+        v.create_collect_session(&ctx, &t("a"), None).await.err(),
+        Some(Error::Sealed)
+    );
+    let kek = || SecretKey::from_bytes(&[7; 32]).unwrap();
+    v.unseal(kek()).await.unwrap();
+    let s = v.create_collect_session(&ctx, &t("a"), None).await.unwrap();
+    let json = br#"{"pan":"4111111111111111","exp_month":12,"exp_year":2099}"#;
+    let blob = cardvault::crypto::sealed::seal(&s.public_key, "a", &s.id, json).unwrap();
+    assert_eq!(v.collect_sessions().len(), 1);
+    v.seal();
+    assert!(v.collect_sessions().is_empty());
+    assert!(matches!(
+        v.open_sealed(&ctx, &t("a"), &s.id, &blob).await,
+        Err(Error::Sealed)
+    ));
+    v.unseal(kek()).await.unwrap();
+    assert!(matches!(
+        v.open_sealed(&ctx, &t("a"), &s.id, &blob).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+}

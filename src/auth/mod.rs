@@ -56,6 +56,10 @@ pub enum Action {
     Tokenize,
     /// `TokenService.TokenizeBatch`
     TokenizeBatch,
+    /// `TokenService.CreateCollectSession`
+    CreateCollectSession,
+    /// `TokenService.TokenizeSealed`
+    TokenizeSealed,
     /// `TokenService.Detokenize`
     Detokenize,
     /// `TokenService.DetokenizeBatch`
@@ -99,7 +103,11 @@ impl Action {
     /// for the authorisation matrix in `docs/api.md`.
     pub fn roles(self) -> &'static [Role] {
         match self {
-            Action::Tokenize | Action::TokenizeBatch | Action::DeleteToken => &[Role::Merchant],
+            Action::Tokenize
+            | Action::TokenizeBatch
+            | Action::CreateCollectSession
+            | Action::TokenizeSealed
+            | Action::DeleteToken => &[Role::Merchant],
             Action::Detokenize | Action::DetokenizeBatch => &[Role::Processor],
             Action::GetMetadata => &[Role::Merchant, Role::Processor],
             Action::AuditQuery | Action::AuditBlastRadius | Action::AuditVerify => &[Role::Auditor],
@@ -123,6 +131,8 @@ impl Action {
         match self {
             Action::Tokenize => "Tokenize",
             Action::TokenizeBatch => "TokenizeBatch",
+            Action::CreateCollectSession => "CreateCollectSession",
+            Action::TokenizeSealed => "TokenizeSealed",
             Action::Detokenize => "Detokenize",
             Action::DetokenizeBatch => "DetokenizeBatch",
             Action::GetMetadata => "GetMetadata",

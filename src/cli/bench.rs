@@ -698,6 +698,20 @@ impl TokenService for BaselineService {
     ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
+
+    async fn create_collect_session(
+        &self,
+        _request: Request<proto::CreateCollectSessionRequest>,
+    ) -> Result<Response<proto::CreateCollectSessionResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn tokenize_sealed(
+        &self,
+        _request: Request<proto::TokenizeSealedRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
 }
 
 /// A running baseline server on its own runtime.

@@ -6,6 +6,7 @@ pub mod custody;
 pub mod envelope;
 pub mod fingerprint;
 pub mod keys;
+pub mod sealed;
 pub mod shamir;
 
 use ring::rand::{SecureRandom, SystemRandom};

@@ -11,7 +11,7 @@ use super::identity::context_of;
 use super::{item_error, timestamp};
 use crate::auth::policy::Grant;
 use crate::auth::{Action, Authorized, Authorizer, Caller};
-use crate::card::{CardholderName, Cvv, Expiry, Pan, YearMonth};
+use crate::card::YearMonth;
 use crate::error::Result;
 use crate::proto::{self, token_service_server::TokenService};
 use crate::token::{Purpose, Tenant, Token, TokenFormat};
@@ -113,10 +113,9 @@ impl TokenServiceImpl {
     ) -> Result<()> {
         let cards = u32::try_from(cards).unwrap_or(u32::MAX);
         let res = match action {
-            Action::Tokenize | Action::TokenizeBatch => {
-                self.auth
-                    .charge_tokenize(&ctx.principal, &authz.grant, cards)
-            }
+            Action::Tokenize | Action::TokenizeBatch | Action::TokenizeSealed => self
+                .auth
+                .charge_tokenize(&ctx.principal, &authz.grant, cards),
             _ => self
                 .auth
                 .charge_detokenize(&ctx.principal, &authz.grant, cards),
@@ -150,8 +149,7 @@ impl TokenizeBudget for CallerBudget<'_> {
     }
 }
 
-/// Parses one card's fields. `cvv: Some("")` counts as absent, since many
-/// clients send empty strings for unset fields.
+/// Parses one card's fields (see [`NewCard::parse`]).
 fn parse_card(
     pan: &str,
     exp_month: u32,
@@ -160,22 +158,7 @@ fn parse_card(
     cvv: Option<&str>,
     today: YearMonth,
 ) -> Result<NewCard> {
-    let pan = Pan::parse(pan)?;
-    let expiry = Expiry::new(exp_month, exp_year, today)?;
-    let name = match name {
-        Some(n) => CardholderName::parse(n)?,
-        None => None,
-    };
-    let cvv = match cvv {
-        Some(c) if !c.is_empty() => Some(Cvv::parse(c, pan.brand())?),
-        _ => None,
-    };
-    Ok(NewCard {
-        pan,
-        expiry,
-        name,
-        cvv,
-    })
+    NewCard::parse(pan, exp_month, exp_year, name, cvv, today)
 }
 
 fn wipe(pan: &mut String, name: &mut Option<String>, cvv: &mut Option<String>) {
@@ -240,6 +223,77 @@ fn detokenize_response(card: Card) -> proto::DetokenizeResponse {
 
 #[tonic::async_trait]
 impl TokenService for TokenServiceImpl {
+    async fn create_collect_session(
+        &self,
+        request: Request<proto::CreateCollectSessionRequest>,
+    ) -> Result<Response<proto::CreateCollectSessionResponse>, Status> {
+        let (mut ctx, caller) = context_of(&request);
+        let req = request.into_inner();
+        let action = Action::CreateCollectSession;
+        let authz = self
+            .authorize(&mut ctx, &caller, action, &req.tenant)
+            .await?;
+        let ttl = req
+            .ttl_seconds
+            .map(|s| std::time::Duration::from_secs(u64::from(s)));
+        let session = self
+            .vault
+            .create_collect_session(&ctx, &authz.tenant, ttl)
+            .await?;
+        let (kem_id, kdf_id, aead_id) = crate::crypto::sealed::SUITE_IDS;
+        let session_key = format!(
+            "cvk1.{}.{}.{}",
+            authz.tenant,
+            session.id,
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                &session.public_key
+            )
+        );
+        Ok(Response::new(proto::CreateCollectSessionResponse {
+            session_id: session.id,
+            public_key: session.public_key,
+            suite: session.suite.to_owned(),
+            kem_id: kem_id.into(),
+            kdf_id: kdf_id.into(),
+            aead_id: aead_id.into(),
+            expires_at: Some(timestamp(session.expires_at_ms)),
+            session_key,
+        }))
+    }
+
+    async fn tokenize_sealed(
+        &self,
+        request: Request<proto::TokenizeSealedRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        let (mut ctx, caller) = context_of(&request);
+        let req = request.into_inner();
+        let action = Action::TokenizeSealed;
+        let authz = self
+            .authorize(&mut ctx, &caller, action, &req.tenant)
+            .await?;
+        let format = self
+            .validated(&ctx, action, &authz.tenant, format_of(req.format))
+            .await?;
+        // Opening validates the card like Tokenize's fields and audits a
+        // failure; only then is the budget charged, so bad input is never.
+        let card = self
+            .vault
+            .open_sealed(&ctx, &authz.tenant, &req.session_id, &req.sealed)
+            .await?;
+        self.charge(&ctx, action, &authz, 1).await?;
+        let opts = TokenizeOptions {
+            format,
+            dedupe: req.dedupe,
+        };
+        let budget = self.budget_of(&ctx, &authz);
+        let meta = self
+            .vault
+            .tokenize_sealed(&ctx, &authz.tenant, &req.session_id, card, opts, &budget)
+            .await?;
+        Ok(Response::new(tokenize_response(meta)))
+    }
+
     async fn tokenize(
         &self,
         request: Request<proto::TokenizeRequest>,

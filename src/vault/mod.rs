@@ -7,6 +7,7 @@
 //! returned.
 
 pub mod audit_log;
+pub mod collect;
 pub mod custody;
 pub mod guard;
 pub mod keyring;
@@ -80,6 +81,8 @@ pub struct VaultConfig {
     pub guard: guard::GuardConfig,
     /// How long a rekey may take from its start to its last share.
     pub rekey_timeout: Duration,
+    /// Collect sessions' default life and limits.
+    pub collect: collect::CollectConfig,
 }
 
 impl Default for VaultConfig {
@@ -97,6 +100,7 @@ impl Default for VaultConfig {
             retire_grace: DEFAULT_RETIRE_GRACE,
             guard: guard::GuardConfig::default(),
             rekey_timeout: custody::DEFAULT_REKEY_TIMEOUT,
+            collect: collect::CollectConfig::default(),
         }
     }
 }
@@ -127,6 +131,35 @@ pub struct NewCard {
 }
 
 impl NewCard {
+    /// Validates one card's fields, naming the field and the reason on
+    /// failure, never the value. `cvv: Some("")` counts as absent, since
+    /// many clients send empty strings for unset fields.
+    pub fn parse(
+        pan: &str,
+        exp_month: u32,
+        exp_year: u32,
+        name: Option<&str>,
+        cvv: Option<&str>,
+        today: crate::card::YearMonth,
+    ) -> Result<NewCard> {
+        let pan = Pan::parse(pan)?;
+        let expiry = Expiry::new(exp_month, exp_year, today)?;
+        let name = match name {
+            Some(n) => CardholderName::parse(n)?,
+            None => None,
+        };
+        let cvv = match cvv {
+            Some(c) if !c.is_empty() => Some(Cvv::parse(c, pan.brand())?),
+            _ => None,
+        };
+        Ok(NewCard {
+            pan,
+            expiry,
+            name,
+            cvv,
+        })
+    }
+
     /// A card expiring in two years, without name or CVV, from a card
     /// number known to be valid (tests and examples; panics otherwise).
     #[doc(hidden)]
@@ -256,6 +289,8 @@ pub struct Vault {
     guard_locks: AtomicU64,
     /// Tokenizes refused by a locked bucket (metric).
     guard_refusals: AtomicU64,
+    /// Memory-only collect session keys.
+    collect: collect::CollectSessions,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -347,6 +382,7 @@ impl Vault {
                 config.cvv_max_per_tenant,
             ),
             seal_mode: config.seal_mode.clone(),
+            collect: collect::CollectSessions::new(config.collect),
             config,
             last_checkpoint: AtomicU64::new(0),
             pending_shares: std::sync::Mutex::new(Vec::new()),
@@ -441,7 +477,8 @@ impl Vault {
         Ok(())
     }
 
-    /// Drops every key, pending key share, rekey and CVV from memory. Data
+    /// Drops every key, pending key share, rekey, CVV and collect session
+    /// from memory. Data
     /// calls then fail `Sealed`.
     pub fn seal(&self) {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -449,6 +486,7 @@ impl Vault {
         // A rekey needs the unsealed vault; its shares go with the keys.
         self.rekey.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.cvv.clear();
+        self.collect.clear();
     }
 
     /// Audit appends that have failed since start.
@@ -576,10 +614,37 @@ impl Vault {
         budget: &dyn TokenizeBudget,
     ) -> Result<CardMetadata> {
         let result = self
-            .tokenize_inner(ctx, "Tokenize", tenant, card, opts, budget)
+            .tokenize_inner(ctx, "Tokenize", tenant, card, opts, budget, "")
             .await;
         self.audit_failure(ctx, "Tokenize", tenant.as_str(), result)
             .await
+    }
+
+    /// Tokenizes a card that came sealed through collect session
+    /// `session_id` (opened by [`Vault::open_sealed`]): the same guard,
+    /// budget and answer as [`Vault::tokenize`], audited as
+    /// `TokenizeSealed` with the session id.
+    pub async fn tokenize_sealed(
+        &self,
+        ctx: &CallContext,
+        tenant: &Tenant,
+        session_id: &str,
+        card: NewCard,
+        opts: TokenizeOptions,
+        budget: &dyn TokenizeBudget,
+    ) -> Result<CardMetadata> {
+        let detail = format!("session {session_id}");
+        let result = self
+            .tokenize_inner(ctx, "TokenizeSealed", tenant, card, opts, budget, &detail)
+            .await;
+        if let Err(e) = &result {
+            let mut body = audit_body(ctx, "TokenizeSealed", tenant.as_str(), "", Err(e));
+            body.detail = detail;
+            if let Err(err) = self.record(body).await {
+                tracing::error!(request_id = %ctx.request_id, error = %err, "audit append failed for a refused call");
+            }
+        }
+        result
     }
 
     /// Passes `result` through, recording a failure under `action` (and
@@ -597,6 +662,8 @@ impl Vault {
         result
     }
 
+    /// `detail` goes into the audit record (e.g. the collect session).
+    #[allow(clippy::too_many_arguments)]
     async fn tokenize_inner(
         &self,
         ctx: &CallContext,
@@ -605,6 +672,7 @@ impl Vault {
         card: NewCard,
         opts: TokenizeOptions,
         budget: &dyn TokenizeBudget,
+        detail: &str,
     ) -> Result<CardMetadata> {
         if matches!(
             opts.format,
@@ -685,9 +753,12 @@ impl Vault {
                 ),
             };
             let mut body = audit_body(ctx, action, tenant.as_str(), token.as_str(), Ok(()));
-            if card.cvv.is_some() {
-                body.detail = "cvv held".into();
-            }
+            body.detail = match (detail.is_empty(), card.cvv.is_some()) {
+                (true, true) => "cvv held".into(),
+                (true, false) => String::new(),
+                (false, true) => format!("{detail}; cvv held"),
+                (false, false) => detail.to_owned(),
+            };
             let outcome = self.store.insert(&record, opts.dedupe, &body).await;
             let (rec, existing) = match outcome {
                 Ok(InsertOutcome::Inserted(link)) => {
@@ -751,7 +822,7 @@ impl Vault {
                 // finds every item.
                 Ok(card) => {
                     let result = self
-                        .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts, budget)
+                        .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts, budget, "")
                         .await;
                     self.audit_failure(ctx, "TokenizeBatch", tenant.as_str(), result)
                         .await
