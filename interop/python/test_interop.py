@@ -314,6 +314,41 @@ def test_audit_chain_verifies(vault, pb):
     assert resp.records > 0
 
 
+def test_sealed_tokenize_from_the_documented_wire_format(vault, pb):
+    """Builds a sealed card from TokenizeSealedRequest's proto comment alone,
+    with pyhpke, and reads it back as the processor."""
+    import base64
+    import json
+
+    from pyhpke import AEADId, CipherSuite, KDFId, KEMId
+
+    merchant = token_stub(vault, pb, "merchant")
+    s = merchant.CreateCollectSession(pb.token.CreateCollectSessionRequest(tenant=TENANT), timeout=10)
+    assert (s.kem_id, s.kdf_id, s.aead_id) == (0x0010, 0x0001, 0x0002)
+    assert len(s.public_key) == 65 and s.public_key[0] == 4
+
+    suite = CipherSuite.new(KEMId(s.kem_id), KDFId(s.kdf_id), AEADId(s.aead_id))
+    info = b"cardvault-collect-v1"
+    aad = info + b"\x00" + TENANT.encode() + b"\x00" + s.session_id.encode()
+    enc, sender = suite.create_sender_context(suite.kem.deserialize_public_key(s.public_key), info=info)
+    card = {"pan": PAN, "exp_month": 12, "exp_year": EXP_YEAR, "cvv": CVV, "name": NAME}
+    ct = sender.seal(json.dumps(card).encode(), aad=aad)
+    sealed = "v1." + base64.urlsafe_b64encode(enc + ct).decode().rstrip("=")
+
+    t = merchant.TokenizeSealed(
+        pb.token.TokenizeSealedRequest(tenant=TENANT, session_id=s.session_id, sealed=sealed), timeout=10)
+    assert (t.brand, t.last4) == ("VISA", "1111") and t.cvv_held
+    back = token_stub(vault, pb, "processor").Detokenize(
+        pb.token.DetokenizeRequest(tenant=TENANT, token=t.token, purpose="authorization", include_cvv=True),
+        timeout=10)
+    assert (back.pan, back.cvv, back.cardholder_name) == (PAN, CVV, NAME)
+
+    # The session is used up: the same seal again is refused.
+    err = rpc_error(lambda: merchant.TokenizeSealed(
+        pb.token.TokenizeSealedRequest(tenant=TENANT, session_id=s.session_id, sealed=sealed), timeout=10))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_zz_sigterm_shuts_down_cleanly(vault):
     """Runs last (file order): SIGTERM drains and exits 0."""
     vault.close_channels()
