@@ -254,10 +254,8 @@ mod tests {
     /// to its plaintexts.
     #[test]
     fn rfc9180_test_vectors() {
-        let file: serde_json::Value = serde_json::from_str(include_str!(
-            "../../tests/vectors/hpke-p256-sha256-aes256gcm.json"
-        ))
-        .unwrap();
+        let file: serde_json::Value =
+            serde_json::from_str(include_str!("../../web/test/hpke-vectors.json")).unwrap();
         let h = |v: &serde_json::Value| hex::decode(v.as_str().unwrap()).unwrap();
         let vectors = file["vectors"].as_array().unwrap();
         assert!(!vectors.is_empty());
