@@ -156,6 +156,13 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "cardvault_collect_sessions",
+            "Collect session keys currently held in memory.",
+            "gauge",
+            vault.collect_sessions().len() as u64,
+        );
+        gauge(
+            &mut out,
             "cardvault_rate_limited_total",
             "Detokenize calls refused by a principal's budget.",
             "counter",

@@ -59,6 +59,7 @@ async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
         r#"cardvault_request_duration_seconds_count{rpc="cardvault.v1.TokenService/Detokenize"} 2"#,
         "cardvault_sealed 0",
         "cardvault_cvv_held 0",
+        "cardvault_collect_sessions 0",
         "cardvault_rate_limited_total 0",
         "cardvault_audit_write_failures_total 0",
         "cardvault_audit_sink_dropped_total 0",
