@@ -398,10 +398,23 @@ fn open_db(path: &Path) -> Result<sled::Db> {
 /// How long [`open_db`] waits for sled's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
+/// A log segment left at open: its number, and whether it is of the
+/// earlier frame format ([`wal::legacy`]).
+type LeftSegment = (u64, bool);
+
+fn read_left(dir: &Path, &(n, legacy): &LeftSegment) -> Result<(Vec<Vec<Mutation>>, wal::End)> {
+    let read = if legacy {
+        wal::legacy::read_segment(dir, n)
+    } else {
+        wal::read_segment(dir, n)
+    };
+    read.map_err(unavailable)
+}
+
 /// Whether every one of `segs` holds no frame at all (zero-filled spares).
-fn later_segments_are_unused(dir: &Path, segs: &[u64]) -> Result<bool> {
-    for &n in segs {
-        let (ops, end) = wal::read_segment(dir, n).map_err(unavailable)?;
+fn later_segments_are_unused(dir: &Path, segs: &[LeftSegment]) -> Result<bool> {
+    for seg in segs {
+        let (ops, end) = read_left(dir, seg)?;
         if !ops.is_empty() || end != wal::End::Clean {
             return Ok(false);
         }
@@ -409,19 +422,36 @@ fn later_segments_are_unused(dir: &Path, segs: &[u64]) -> Result<bool> {
     Ok(true)
 }
 
-/// Replays what is left of the log into sled, flushes sled and deletes the
-/// replayed segments. Returns the number for the next segment.
-fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
-    let segs = wal::segments(dir).map_err(unavailable)?;
-    for (i, &n) in segs.iter().enumerate() {
-        let (ops, end) = wal::read_segment(dir, n).map_err(unavailable)?;
+/// Replays what is left of the log into sled and flushes sled. Returns the
+/// number for the next segment and the replayed segments' files, which the
+/// caller deletes only once the whole open, every check included, has
+/// succeeded: until then they are the only copy of what a failed check
+/// may need.
+fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<(u64, Vec<PathBuf>)> {
+    // Segments of the earlier format were all written before any of the
+    // current one (an open replays and removes them first): one sequence.
+    let mut segs: Vec<LeftSegment> = wal::legacy::segments(dir)
+        .map_err(unavailable)?
+        .into_iter()
+        .map(|n| (n, true))
+        .chain(
+            wal::segments(dir)
+                .map_err(unavailable)?
+                .into_iter()
+                .map(|n| (n, false)),
+        )
+        .collect();
+    segs.sort_unstable();
+    for (i, seg) in segs.iter().enumerate() {
+        let n = seg.0;
+        let (ops, end) = read_left(dir, seg)?;
         trees.apply(ops.iter().flatten())?;
         match end {
             wal::End::Clean => {}
-            // Written after the bad frame: acknowledged writes are unreadable.
+            // Damage, not a tear: acknowledged writes are unreadable.
             wal::End::Corrupt { at } => {
                 return Err(Error::DataLoss(format!(
-                    "write-ahead log segment {n} is corrupt at byte {at}, with writes after it"
+                    "write-ahead log segment {n} is corrupt at byte {at}: acknowledged writes there cannot be read; the log is kept as it is"
                 )));
             }
             // Only the segment being written at the crash can end mid-frame;
@@ -440,16 +470,22 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<u64> {
             ),
         }
     }
-    if let Some(&last) = segs.last() {
-        trees.journal.sync()?;
-        db.flush().map_err(unavailable)?;
-        for n in &segs {
-            std::fs::remove_file(wal::segment_path(dir, *n)).map_err(unavailable)?;
-        }
-        tracing::info!(segments = segs.len(), "replayed the write-ahead log");
-        return Ok(last + 1);
-    }
-    Ok(1)
+    let Some(&(last, _)) = segs.last() else {
+        return Ok((1, Vec::new()));
+    };
+    trees.journal.sync()?;
+    db.flush().map_err(unavailable)?;
+    let files = segs
+        .iter()
+        .map(|&(n, legacy)| {
+            if legacy {
+                wal::legacy::segment_path(dir, n)
+            } else {
+                wal::segment_path(dir, n)
+            }
+        })
+        .collect();
+    Ok((last + 1, files))
 }
 
 /// The group-commit loop: takes every queued entry, makes them durable with
@@ -758,7 +794,7 @@ impl SledStore {
             checkpoints: tree("audit_checkpoints")?,
             guard: tree("enumeration_guard")?,
         };
-        let next_segment = recover(&db, &trees, path)?;
+        let (next_segment, replayed) = recover(&db, &trees, path)?;
         let head = trees.journal.head()?.unwrap_or((0, GENESIS.to_vec()));
         // After the replay every record up to the head is in the journal. If
         // not, the journal was cut short or damaged past what the log could
@@ -777,6 +813,13 @@ impl SledStore {
                     "the file holds records the chain never reached"
                 }
             )));
+        }
+        // Every check has passed: what the log held is in sled, flushed.
+        if !replayed.is_empty() {
+            for f in &replayed {
+                std::fs::remove_file(f).map_err(unavailable)?;
+            }
+            tracing::info!(segments = replayed.len(), "replayed the write-ahead log");
         }
         let segment = Segment::create(path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {

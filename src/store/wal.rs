@@ -25,14 +25,29 @@
 //! exact because sled never holds a change the log does not: changes reach
 //! sled only after their log write is durable, and replaying blind
 //! puts/removes in log order over any prefix of them gives the same state.
-//! A torn last frame (crash in mid-write) fails its CRC and is dropped with
-//! everything after it; such a frame was never acknowledged. A bad frame
-//! followed by bytes further on than one write ([`MAX_WRITE`]) reaches
-//! cannot be a torn last write: frames were written after it, so it is
-//! damage to acknowledged writes, and replay refuses it ([`End::Corrupt`]).
+//! A torn last frame (crash in mid-write) is dropped with everything after
+//! it; such a frame was never acknowledged. Anything else that is wrong is
+//! damage to acknowledged writes, and replay refuses it ([`End::Corrupt`],
+//! DATA_LOSS at open) rather than drop them. What tells the two apart
+//! ([`end_of`]):
 //!
-//! Frame: `len u32 LE | crc32 u32 LE | payload`; payload: repeated
-//! `tree u8 | op u8 (0 remove, 1 put) | klen u32 LE | key | [vlen u32 LE | value]`.
+//! * The header has its own checksum and a marker byte at each end, so a
+//!   damaged length is never trusted (a length read as too long once made
+//!   replay call megabytes of acknowledged frames a torn tail).
+//! * A crash can only have left parts of the last write unwritten, and the
+//!   log's unwritten space is zeroes: a torn frame has a sector (512 bytes,
+//!   the smallest unit disks write whole) of its extent still zero. A bad
+//!   frame whose every sector was written, or whose header is written but
+//!   does not check, was damaged after it was written.
+//! * Nothing lies further on than one write ([`MAX_WRITE`]) reaches from a
+//!   torn frame: frames written after it prove it was acknowledged.
+//!
+//! Frame: `0xC5 | len u32 LE | crc32(payload) u32 LE | crc32(the 9 bytes
+//! before) u32 LE | 0x5C | payload`; payload: repeated `tree u8 | op u8 (0
+//! remove, 1 put) | klen u32 LE | key | [vlen u32 LE | value]`. Segments
+//! of this format are `cardvault-wal2.N`; `cardvault-wal.N` segments, whose
+//! frames had an 8-byte header without its own checksum, are still
+//! replayed ([`legacy`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -58,7 +73,20 @@ const MAX_FRAME: usize = 256 << 20;
 /// next to writing the MiB.
 pub const MAX_WRITE: usize = 1 << 20;
 
-const SEGMENT_PREFIX: &str = "cardvault-wal.";
+const SEGMENT_PREFIX: &str = "cardvault-wal2.";
+
+/// Bytes of a frame header.
+pub const HEADER: usize = 14;
+/// First byte of every header: never zero, so a written header is never
+/// mistaken for unwritten space, whichever sector of it was lost.
+const MAGIC_HEAD: u8 = 0xC5;
+/// Last byte of every header (see [`MAGIC_HEAD`]).
+const MAGIC_TAIL: u8 = 0x5C;
+/// The unit a crash leaves written or unwritten as a whole. Devices write
+/// 512-byte sectors (or 4 KiB ones, which are whole 512-byte sectors too)
+/// atomically; a device that tears inside a sector makes a torn write look
+/// like damage, which is refused (DATA_LOSS), never dropped silently.
+const SECTOR: usize = 512;
 
 /// One change to one sled tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +102,7 @@ pub struct Mutation {
 /// Appends the frame for one operation's mutations to `out`.
 pub fn encode_frame(muts: &[Mutation], out: &mut Vec<u8>) {
     let start = out.len();
-    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&[0; HEADER]);
     for m in muts {
         out.push(m.tree);
         out.push(u8::from(m.value.is_some()));
@@ -85,11 +113,65 @@ pub fn encode_frame(muts: &[Mutation], out: &mut Vec<u8>) {
             out.extend_from_slice(v);
         }
     }
-    let payload = &out[start + 8..];
+    let payload = &out[start + HEADER..];
     let len = (payload.len() as u32).to_le_bytes();
     let crc = crc32fast::hash(payload).to_le_bytes();
-    out[start..start + 4].copy_from_slice(&len);
-    out[start + 4..start + 8].copy_from_slice(&crc);
+    let h = &mut out[start..start + HEADER];
+    h[0] = MAGIC_HEAD;
+    h[1..5].copy_from_slice(&len);
+    h[5..9].copy_from_slice(&crc);
+    let hcrc = crc32fast::hash(&h[..9]).to_le_bytes();
+    h[9..13].copy_from_slice(&hcrc);
+    h[13] = MAGIC_TAIL;
+}
+
+/// What the bytes at a frame position hold.
+#[derive(Debug, PartialEq, Eq)]
+enum Header {
+    /// A header that checks: a frame of `len` payload bytes and checksum `crc`.
+    Valid { len: usize, crc: u32 },
+    /// Part of it is unwritten (a whole sector's share of it is zero, or the
+    /// buffer ends): what a torn write leaves.
+    Unwritten,
+    /// Written, but it does not check: damage.
+    Damaged,
+}
+
+/// Whether `buf[from..to]` has a sector's share that is all zero, or runs
+/// past the end of `buf` (a part a crash may have left unwritten).
+fn has_unwritten_sector(buf: &[u8], from: usize, to: usize) -> bool {
+    if to > buf.len() {
+        return true;
+    }
+    let mut at = from;
+    while at < to {
+        let next = ((at / SECTOR + 1) * SECTOR).min(to);
+        if buf[at..next].iter().all(|b| *b == 0) {
+            return true;
+        }
+        at = next;
+    }
+    false
+}
+
+fn header_at(buf: &[u8], pos: usize) -> Header {
+    let Some(h) = buf.get(pos..pos + HEADER) else {
+        return Header::Unwritten;
+    };
+    let len = u32::from_le_bytes(h[1..5].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(h[5..9].try_into().expect("4 bytes"));
+    let hcrc = u32::from_le_bytes(h[9..13].try_into().expect("4 bytes"));
+    if h[0] == MAGIC_HEAD
+        && h[13] == MAGIC_TAIL
+        && crc32fast::hash(&h[..9]) == hcrc
+        && (1..=MAX_FRAME).contains(&len)
+    {
+        Header::Valid { len, crc }
+    } else if has_unwritten_sector(buf, pos, pos + HEADER) {
+        Header::Unwritten
+    } else {
+        Header::Damaged
+    }
 }
 
 /// Decodes frames from `buf` until the end or the first frame that is torn
@@ -97,13 +179,8 @@ pub fn encode_frame(muts: &[Mutation], out: &mut Vec<u8>) {
 pub fn decode_frames(buf: &[u8]) -> (Vec<Vec<Mutation>>, usize) {
     let mut ops = Vec::new();
     let mut pos = 0;
-    while let Some(header) = buf.get(pos..pos + 8) {
-        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        if len == 0 || len > MAX_FRAME {
-            break;
-        }
-        let Some(payload) = buf.get(pos + 8..pos + 8 + len) else {
+    while let Header::Valid { len, crc } = header_at(buf, pos) {
+        let Some(payload) = buf.get(pos + HEADER..pos + HEADER + len) else {
             break;
         };
         if crc32fast::hash(payload) != crc {
@@ -113,9 +190,25 @@ pub fn decode_frames(buf: &[u8]) -> (Vec<Vec<Mutation>>, usize) {
             break;
         };
         ops.push(muts);
-        pos += 8 + len;
+        pos += HEADER + len;
     }
     (ops, pos)
+}
+
+/// Where the frames of `buf`'s valid prefix start, with their header
+/// lengths (for tests that damage headers).
+pub fn frame_spans(buf: &[u8]) -> Vec<(usize, usize)> {
+    let (_, valid) = decode_frames(buf);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < valid {
+        let Header::Valid { len, .. } = header_at(buf, pos) else {
+            break;
+        };
+        out.push((pos, HEADER));
+        pos += HEADER + len;
+    }
+    out
 }
 
 fn decode_payload(mut p: &[u8]) -> Option<Vec<Mutation>> {
@@ -153,12 +246,16 @@ pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
 
 /// Numbers of the segments in `dir`, ascending.
 pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    numbered(dir, SEGMENT_PREFIX)
+}
+
+fn numbered(dir: &Path, prefix: &str) -> std::io::Result<Vec<u64>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         if let Some(n) = name
             .to_str()
-            .and_then(|s| s.strip_prefix(SEGMENT_PREFIX))
+            .and_then(|s| s.strip_prefix(prefix))
             .and_then(|s| s.parse::<u64>().ok())
         {
             out.push(n);
@@ -188,27 +285,34 @@ pub enum End {
 
 /// Tells how `buf` ends after its valid prefix of `valid` bytes.
 ///
-/// Why the bound holds: appends go at the end, one write at a time, each
-/// durable before the next, and a write carries at most [`MAX_WRITE`] new
-/// bytes (direct mode also rewrites the last partial block, with the bytes
-/// it already holds). So a crash leaves every byte before the last write's
-/// first new byte `L` intact, and zeroes from `L + MAX_WRITE` on. Let the
-/// first bad frame begin at `p`. If `p >= L`, nothing written lies past
-/// `p + MAX_WRITE`. If its header ends before `L`, the header is intact and
-/// the frame, being bad, runs past `L`: nothing lies past its end plus
-/// `MAX_WRITE`. If the header straddles `L`, nothing lies past
-/// `p + 8 + MAX_WRITE`. Anything further on was written later.
+/// Why it holds: appends go at the end, one write at a time, each durable
+/// before the next, and a write carries at most [`MAX_WRITE`] new bytes
+/// (direct mode also rewrites the last partial block, with the bytes it
+/// already holds). So a crash can leave unwritten (zero: the space is
+/// written with zeroes before frames go into it) only sectors of the last
+/// write, and nothing written lies further than `MAX_WRITE` past the start
+/// of the first frame it tore, plus that frame's own length when its header
+/// was written. A bad frame that is not like that was damaged after it was
+/// written, and it was acknowledged: [`End::Corrupt`].
 pub fn end_of(buf: &[u8], valid: usize) -> End {
     let Some(last) = buf[valid..].iter().rposition(|b| *b != 0) else {
         return End::Clean;
     };
-    let claimed = buf
-        .get(valid..valid + 4)
-        .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
-        .filter(|l| *l <= MAX_FRAME)
-        .unwrap_or(0);
-    if last >= 8 + claimed + MAX_WRITE {
-        End::Corrupt { at: valid as u64 }
+    let corrupt = End::Corrupt { at: valid as u64 };
+    let reach = match header_at(buf, valid) {
+        Header::Valid { len, .. } => {
+            // A frame whose every sector was written cannot be torn (nor
+            // can one that checks but does not decode).
+            if !has_unwritten_sector(buf, valid + HEADER, valid + HEADER + len) {
+                return corrupt;
+            }
+            HEADER + len
+        }
+        Header::Unwritten => HEADER,
+        Header::Damaged => return corrupt,
+    };
+    if last >= reach + MAX_WRITE {
+        corrupt
     } else {
         End::Torn
     }
@@ -221,6 +325,72 @@ pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, 
     File::open(segment_path(dir, n))?.read_to_end(&mut buf)?;
     let (ops, valid) = decode_frames(&buf);
     Ok((ops, end_of(&buf, valid)))
+}
+
+/// Segments of the earlier format (`cardvault-wal.N`): frames with an
+/// 8-byte header, `len u32 LE | crc32 u32 LE`, and no header checksum.
+/// A vault that crashed before an upgrade still replays them; new
+/// segments are never written so.
+pub mod legacy {
+    use std::fs::File;
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+
+    use super::{End, MAX_FRAME, MAX_WRITE, Mutation, decode_payload};
+
+    const PREFIX: &str = "cardvault-wal.";
+
+    /// Path of legacy segment `n` in `dir`.
+    pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
+        dir.join(format!("{PREFIX}{n:016}"))
+    }
+
+    /// Numbers of the legacy segments in `dir`, ascending.
+    pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+        super::numbered(dir, PREFIX)
+    }
+
+    fn decode_frames(buf: &[u8]) -> (Vec<Vec<Mutation>>, usize) {
+        let mut ops = Vec::new();
+        let mut pos = 0;
+        while let Some(header) = buf.get(pos..pos + 8) {
+            let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+            let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+            if len == 0 || len > MAX_FRAME {
+                break;
+            }
+            let Some(payload) = buf.get(pos + 8..pos + 8 + len) else {
+                break;
+            };
+            if crc32fast::hash(payload) != crc {
+                break;
+            }
+            let Some(muts) = decode_payload(payload) else {
+                break;
+            };
+            ops.push(muts);
+            pos += 8 + len;
+        }
+        (ops, pos)
+    }
+
+    /// Reads legacy segment `n`. Without a header checksum a damaged length
+    /// cannot be told from a torn one, so anything but zeroes after the
+    /// valid frames is refused ([`End::Corrupt`]) unless it lies within
+    /// one write of them and the header is all there is to go on.
+    pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, End)> {
+        let mut buf = Vec::new();
+        File::open(segment_path(dir, n))?.read_to_end(&mut buf)?;
+        let (ops, valid) = decode_frames(&buf);
+        let end = match buf[valid..].iter().rposition(|b| *b != 0) {
+            None => End::Clean,
+            // The length is not trusted: only a tail within one write of
+            // the last valid frame can be a torn write.
+            Some(last) if last < 8 + MAX_WRITE => End::Torn,
+            Some(_) => End::Corrupt { at: valid as u64 },
+        };
+        Ok((ops, end))
+    }
 }
 
 /// Alignment of direct I/O (covers 512-byte and 4 KiB logical blocks).
@@ -492,7 +662,7 @@ mod tests {
             &[m(1, &key.to_be_bytes(), Some(&vec![0xA5; n - 14]))],
             &mut f,
         );
-        assert_eq!(f.len(), n + 8);
+        assert_eq!(f.len(), n + HEADER);
         f
     }
 
@@ -529,9 +699,8 @@ mod tests {
     /// A crash in mid-write leaves any subset of the 512-byte sectors of the
     /// last write's new bytes written, the rest zero. Whatever the subset,
     /// replay keeps every frame before that write and never calls it
-    /// corruption. Damage to a frame further back than one write from the
-    /// end of what was written is told apart (`Corrupt`), and so is a lost
-    /// block; damage within the last write's reach looks like a tear.
+    /// corruption. Damage to any frame before the tear is told apart
+    /// (`Corrupt`), near the end too, and so is a lost block further back.
     #[test]
     fn a_torn_last_write_is_told_from_damage_before_it() {
         // Frames of 300 B to 40 KiB, about 2.5 MiB in all, in appends of
@@ -602,14 +771,13 @@ mod tests {
                 buf[(at + next_start) / 2] ^= 0x40;
                 let (ops, valid) = decode_frames(&buf);
                 assert_eq!((ops.len(), valid), (i, at));
-                let got = end_of(&buf, valid);
-                // Its last written byte against the bad frame's reach.
-                if end - 1 - at >= next_start - at + MAX_WRITE {
-                    assert_eq!(got, End::Corrupt { at: at as u64 }, "frame {i}");
-                } else {
-                    // Within one write of the end: the blind zone.
-                    assert_eq!(got, End::Torn, "frame {i}");
-                }
+                // Every sector of it is written, so it is damage, however
+                // close to the end (there is no blind zone).
+                assert_eq!(
+                    end_of(&buf, valid),
+                    End::Corrupt { at: at as u64 },
+                    "frame {i}"
+                );
             }
             // A lost block (read back as zeroes) early in the segment.
             let mut buf = written.clone();
