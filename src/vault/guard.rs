@@ -366,6 +366,28 @@ impl Vault {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever state the store holds (only a database writer could
+        /// make it odd), deciding never panics and never lets a state
+        /// grow past its bounds.
+        #[test]
+        fn fuzz_any_stored_state_decides_within_bounds(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            tag in proptest::prelude::any::<[u8; TAG_LEN]>(),
+            now in proptest::prelude::any::<i64>(),
+        ) {
+            let state = GuardState::decode(bytes.as_slice()).ok();
+            let before = state.as_ref().map_or(0, |s| s.residents.len());
+            match decide(state, &tag, now, &cfg()) {
+                Verdict::New { next, .. } => {
+                    proptest::prop_assert!(next.window.len() <= (cfg().threshold as usize) * TAG_LEN + TAG_LEN);
+                    proptest::prop_assert!(next.residents.len() <= (RESIDENT_CAP * TAG_LEN).max(before));
+                }
+                Verdict::Locked { .. } | Verdict::Seen => {}
+            }
+        }
+    }
+
     fn cfg() -> GuardConfig {
         GuardConfig {
             window: Duration::from_secs(60),

@@ -122,6 +122,17 @@ pub fn open(db: &sled::Db) -> Result<sled::Tree> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Bucket values decode or are refused as corrupt, never panic.
+        #[test]
+        fn fuzz_buckets_decode_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(recs) = decode(&bytes) {
+                let total: usize = recs.iter().map(|(_, r)| 12 + r.len()).sum();
+                proptest::prop_assert_eq!(total, bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn bucket_values_decode_by_seq_and_reject_truncation() {
         assert_eq!(key(1), key(BUCKET - 1));

@@ -491,6 +491,30 @@ impl RawAudit<'_> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Frame parsing never panics, and what it accepts lies inside
+        /// the input.
+        #[test]
+        fn fuzz_frames_parse_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let mut pos = 0;
+            while let Frame::Valid(_, rec, n) = parse(&bytes[pos..]) {
+                proptest::prop_assert!(n >= HEADER + rec.len() && pos + n <= bytes.len());
+                pos += n;
+            }
+        }
+
+        /// A damaged valid frame is refused, or is the frame itself.
+        #[test]
+        fn fuzz_damaged_frames_are_refused(seq in 1u64.., len in 0usize..300, at in proptest::prelude::any::<proptest::sample::Index>(), bit in 0u8..8) {
+            let rec = vec![0x5Au8; len];
+            let mut buf = Vec::new();
+            encode_frame(seq, &rec, &mut buf);
+            let i = at.index(buf.len());
+            buf[i] ^= 1 << bit;
+            proptest::prop_assert!(!matches!(parse(&buf), Frame::Valid(..)));
+        }
+    }
+
     fn journal(dir: &Path) -> (sled::Db, Journal) {
         let db = sled::Config::new().path(dir.join("db")).open().unwrap();
         let j = Journal::open(&db, dir).unwrap();
