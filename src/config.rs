@@ -225,6 +225,10 @@ pub struct KeysConfig {
     /// Lock the process memory (`mlockall`) so keys never reach swap
     /// (`CARDVAULT_MLOCK`); needs CAP_IPC_LOCK or a high RLIMIT_MEMLOCK.
     pub mlock: bool,
+    /// Start in production with swap on and memory unlocked
+    /// (`CARDVAULT_ALLOW_SWAP`; default false: `serve` refuses, since
+    /// secrets in memory could be written to swap).
+    pub allow_swap: bool,
     /// Seconds a rekey may take from its start to its last share, 60 to
     /// 86400 (`CARDVAULT_REKEY_TIMEOUT_SECS`; default 900).
     pub rekey_timeout_secs: u64,
@@ -239,6 +243,7 @@ impl Default for KeysConfig {
             rewrap_pause_ms: 0,
             retire_grace_secs: crate::vault::DEFAULT_RETIRE_GRACE.as_secs(),
             mlock: false,
+            allow_swap: false,
             rekey_timeout_secs: crate::vault::custody::DEFAULT_REKEY_TIMEOUT.as_secs(),
         }
     }
@@ -379,6 +384,9 @@ impl Config {
         }
         if let Some(v) = env_parse("CARDVAULT_MLOCK", get)? {
             self.keys.mlock = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_ALLOW_SWAP", get)? {
+            self.keys.allow_swap = v;
         }
         if let Some(v) = get("CARDVAULT_KEK_FILE") {
             self.keys.kek_file = Some(v.into());

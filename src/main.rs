@@ -205,7 +205,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             cfg.policy = Some(policy);
             init_logging(&cfg);
-            server::harden(&cfg)?;
+            server::harden(&cfg, false)?;
             let kek = server::dev_kek(&data_dir)?;
             tracing::warn!(
                 "DEV MODE: the key-encrypting key is stored unprotected in the data directory"
@@ -225,7 +225,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Serve { config } => {
             let cfg = Config::load(config.as_deref())?;
             init_logging(&cfg);
-            server::harden(&cfg)?;
+            server::harden(&cfg, true)?;
             let keys = server::load_kek(&cfg)?;
             server::serve(
                 &cfg,

@@ -215,14 +215,40 @@ pub fn grpc_server() -> Server {
 }
 
 /// Hardens the process before any key is read into it: no core dumps, not
-/// dumpable, and with `keys.mlock` all memory locked. Warnings are logged:
-/// the vault still runs, but ops should know.
-pub fn harden(cfg: &Config) -> Result<(), String> {
+/// dumpable, and with `keys.mlock` all memory locked. With swap on (and
+/// not kept away by the process's cgroup) and memory unlocked, production
+/// (`production`: `serve`) refuses to start unless `keys.allow_swap` says
+/// otherwise; dev mode warns. Other warnings
+/// are logged: the vault still runs, but ops should know.
+pub fn harden(cfg: &Config, production: bool) -> Result<(), String> {
     for w in crate::hardening::harden_process() {
         tracing::warn!("{w}");
     }
     if cfg.keys.mlock {
         crate::hardening::lock_memory()?;
+    }
+    // The swaps table can be replaced by a stand-in (tests), which is then
+    // taken as the swap this process can use, whatever its cgroup says:
+    // CARDVAULT_PROC_SWAPS.
+    let stand_in = std::env::var("CARDVAULT_PROC_SWAPS").ok();
+    let path = stand_in
+        .clone()
+        .unwrap_or_else(|| crate::hardening::PROC_SWAPS.to_owned());
+    // Without the table (not Linux, or /proc not mounted) swap cannot be
+    // checked: production refuses unless memory is locked or swap allowed.
+    let swaps = match std::fs::read_to_string(&path) {
+        // Swap the kernel keeps this process out of (cgroup v2
+        // memory.swap.max = 0) is no swap for it.
+        Ok(_) if stand_in.is_none() && crate::hardening::this_cgroup_keeps_out_of_swap() => {
+            Vec::new()
+        }
+        Ok(t) => crate::hardening::active_swaps(&t),
+        Err(e) => vec![format!("unknown: cannot read {path}: {e}")],
+    };
+    if let Some(w) =
+        crate::hardening::swap_verdict(&swaps, cfg.keys.mlock, cfg.keys.allow_swap, production)?
+    {
+        tracing::warn!("{w}");
     }
     Ok(())
 }

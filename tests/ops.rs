@@ -253,3 +253,67 @@ async fn a_kek_file_readable_by_others_is_reported() {
         v.stop().await;
     }
 }
+
+/// With swap on and memory unlocked, secrets in memory (PANs, CVVs,
+/// collect session keys, data keys) could be written to disk: production
+/// start refuses, unless `keys.allow_swap` accepts it (then it warns).
+/// Dev mode warns. The swaps table is a stand-in (`CARDVAULT_PROC_SWAPS`).
+#[tokio::test]
+async fn production_refuses_to_start_with_swap_on_and_memory_unlocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let swaps = dir.path().join("swaps");
+    std::fs::write(
+        &swaps,
+        "Filename\tType\tSize\tUsed\tPriority\n/swapfile                               file\t\t1048572\t\t0\t\t-2\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let config = VaultProcess::serve_config(&data);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cardvault"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("CARDVAULT_PROC_SWAPS", &swaps)
+        .env_remove("CARDVAULT_ALLOW_SWAP")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let Some(status) = status else {
+        child.kill().unwrap();
+        panic!("serve started with swap on and memory unlocked");
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success());
+    assert!(
+        err.contains("swap is on (/swapfile)") && err.contains("keys.allow_swap"),
+        "{err}"
+    );
+
+    // Accepted explicitly: it starts, and says why it should not have to.
+    let opts = Opts {
+        env: vec![
+            ("CARDVAULT_PROC_SWAPS".into(), swaps.display().to_string()),
+            ("CARDVAULT_ALLOW_SWAP".into(), "true".into()),
+        ],
+    };
+    let v = VaultProcess::start_serve(&data, &opts);
+    assert!(v.logs().contains("swap is on (/swapfile)"));
+    v.stop().await;
+
+    // Dev mode warns and runs.
+    let dev = dir.path().join("dev");
+    let opts = Opts {
+        env: vec![("CARDVAULT_PROC_SWAPS".into(), swaps.display().to_string())],
+    };
+    let v = VaultProcess::start(&dev, &opts);
+    assert!(v.logs().contains("swap is on (/swapfile)"));
+}

@@ -130,6 +130,10 @@ for w in workloads:
         need(not sc.get("capabilities", {}).get("add"), f"{cw}: no added capabilities")
         need(sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{cw}: seccomp RuntimeDefault")
         need("resources" in c and "limits" in c["resources"], f"{cw}: resource limits")
+        res = c.get("resources", {})
+        # Guaranteed QoS: the kubelet keeps the pod out of swap.
+        need(res.get("requests") == res.get("limits") and {"cpu", "memory"} <= set(res.get("limits", {})),
+             f"{cw}: requests must equal limits for cpu and memory (Guaranteed QoS: never swapped)")
         ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
         need(ports.get("grpc-tls") == 7443, f"{cw}: container port grpc-tls 7443")
         need(set(ports.values()) <= {7443, 9464}, f"{cw}: only ports 7443 and 9464 (metrics): {ports}")

@@ -47,6 +47,18 @@ impl VaultProcess {
     /// Starts `cardvault serve` in production mode (no KEK given: Shamir
     /// key shares) with the dev certificates and policy in `data_dir`.
     pub fn start_serve(data_dir: &Path, opts: &Opts) -> VaultProcess {
+        let config = Self::serve_config(data_dir);
+        let args = vec![
+            "serve".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        Self::spawn(data_dir, &args, opts)
+    }
+
+    /// Writes the production-mode config `start_serve` uses (dev
+    /// certificates and policy in `data_dir`) and returns its path.
+    pub fn serve_config(data_dir: &Path) -> PathBuf {
         std::fs::create_dir_all(data_dir).unwrap();
         let pki = cardvault::pki::ensure_dev_pki(&data_dir.join("certs")).unwrap();
         let policy = data_dir.join("policy.toml");
@@ -66,12 +78,7 @@ impl VaultProcess {
             ),
         )
         .unwrap();
-        let args = vec![
-            "serve".to_string(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        Self::spawn(data_dir, &args, opts)
+        config
     }
 
     fn spawn(data_dir: &Path, args: &[String], opts: &Opts) -> VaultProcess {
@@ -83,6 +90,9 @@ impl VaultProcess {
         cmd.args(args)
             .env_remove("CARDVAULT_KEK")
             .env("CARDVAULT_LOG", "debug")
+            // A developer's machine may have swap on: production start
+            // would refuse it (tested in ops.rs, which overrides this).
+            .env("CARDVAULT_ALLOW_SWAP", "true")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).unwrap());
         for (k, v) in &opts.env {
