@@ -42,6 +42,46 @@ pub struct Config {
     pub enumeration_guard: GuardSettings,
     /// Collect sessions (sealed card collection).
     pub collect: CollectSettings,
+    /// Bounds on client connections.
+    pub connections: ConnectionSettings,
+}
+
+/// Bounds on client connections (see `docs/operations.md`). Lowered at
+/// start to fit the process's open-file limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Most established connections (`CARDVAULT_MAX_CONNECTIONS`; default 4096).
+    pub max: usize,
+    /// Most TLS handshakes in progress; past it the oldest is closed
+    /// (`CARDVAULT_MAX_HANDSHAKES`; default 512).
+    pub max_handshakes: usize,
+    /// Seconds a connection may send nothing before it is closed, 1 to
+    /// 86400 (`CARDVAULT_IDLE_TIMEOUT_SECS`; default 300).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        let d = crate::tls::Limits::default();
+        ConnectionSettings {
+            max: d.max_connections,
+            max_handshakes: d.max_handshakes,
+            idle_timeout_secs: d.idle_timeout.as_secs(),
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// The limits these settings name (before fitting them to the
+    /// open-file limit).
+    pub fn limits(&self) -> crate::tls::Limits {
+        crate::tls::Limits {
+            max_connections: self.max,
+            max_handshakes: self.max_handshakes,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+        }
+    }
 }
 
 /// Collect sessions (see `docs/collect.md`): memory-only HPKE keys that
@@ -294,6 +334,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             enumeration_guard: GuardSettings::default(),
             collect: CollectSettings::default(),
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -388,6 +429,15 @@ impl Config {
         if let Some(v) = env_parse("CARDVAULT_ALLOW_SWAP", get)? {
             self.keys.allow_swap = v;
         }
+        if let Some(v) = env_parse("CARDVAULT_MAX_CONNECTIONS", get)? {
+            self.connections.max = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_MAX_HANDSHAKES", get)? {
+            self.connections.max_handshakes = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_IDLE_TIMEOUT_SECS", get)? {
+            self.connections.idle_timeout_secs = v;
+        }
         if let Some(v) = get("CARDVAULT_KEK_FILE") {
             self.keys.kek_file = Some(v.into());
         }
@@ -475,6 +525,12 @@ impl Config {
         let max_ttl = crate::vault::collect::MAX_SESSION_TTL.as_secs();
         if !(1..=max_ttl).contains(&self.collect.session_ttl_secs) {
             return Err(format!("collect.session_ttl_secs must be 1 to {max_ttl}"));
+        }
+        if self.connections.max == 0 || self.connections.max_handshakes == 0 {
+            return Err("connections.max and connections.max_handshakes must be at least 1".into());
+        }
+        if !(1..=86_400).contains(&self.connections.idle_timeout_secs) {
+            return Err("connections.idle_timeout_secs must be 1 to 86400".into());
         }
         if self.collect.max_sessions == 0 || self.collect.max_per_tenant == 0 {
             return Err(

@@ -30,6 +30,23 @@ pub fn lock_memory() -> Result<(), String> {
         .map_err(|e| format!("mlockall failed: {e}"))
 }
 
+/// Raises the soft limit on open files to the hard limit (a connection is
+/// a file) and returns the limit now in force.
+pub fn raise_open_files() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Where the kernel lists active swap areas.
 pub const PROC_SWAPS: &str = "/proc/swaps";
 

@@ -42,6 +42,13 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
     /// Connections refused at the TLS handshake.
     pub tls_handshake_failures: AtomicU64,
+    /// Connections established and not yet closed.
+    pub connections_open: std::sync::atomic::AtomicUsize,
+    /// Connections closed at once: the connection limit was reached.
+    pub connections_refused: AtomicU64,
+    /// Handshakes closed to make room for a newer connection (the
+    /// handshake limit was reached).
+    pub handshakes_evicted: AtomicU64,
 }
 
 /// Every method the server serves, as `package.Service/Method`, read once
@@ -209,6 +216,27 @@ impl Metrics {
             "Connections refused during the TLS handshake.",
             "counter",
             self.tls_handshake_failures.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "cardvault_connections_open",
+            "TLS connections established and open.",
+            "gauge",
+            self.connections_open.load(Ordering::Relaxed) as u64,
+        );
+        gauge(
+            &mut out,
+            "cardvault_connections_refused_total",
+            "Connections closed at once because the connection limit was reached.",
+            "counter",
+            self.connections_refused.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "cardvault_handshakes_evicted_total",
+            "TLS handshakes closed to make room for newer connections (handshake limit reached).",
+            "counter",
+            self.handshakes_evicted.load(Ordering::Relaxed),
         );
         if let Ok(head) = vault.store().audit_head().await {
             gauge(

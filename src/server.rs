@@ -201,17 +201,17 @@ fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()>
 /// buffer: one client with a valid certificate could exhaust memory.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
-/// The gRPC server builder of the vault: per-call timeout, a bound on
-/// concurrent calls per connection, and HTTP/2 pings that close
-/// connections whose peer is gone. Shared with the benchmark's baseline
-/// server so both are set up alike; TLS is applied by
-/// [`crate::tls::incoming`].
+/// The gRPC server builder of the vault: per-call timeout and a bound on
+/// concurrent calls per connection. Shared with the benchmark's baseline
+/// server so both are set up alike; TLS, and the connection bounds and
+/// idle timeout, are applied by [`crate::tls::incoming`]. No server
+/// keepalive pings: a peer's answer to a ping would count as activity and
+/// keep an idle connection open; a peer that is gone sends nothing, and
+/// the idle timeout closes its connection.
 pub fn grpc_server() -> Server {
     Server::builder()
         .timeout(Duration::from_secs(30))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
 
 /// Hardens the process before any key is read into it: no core dumps, not
@@ -383,6 +383,20 @@ pub async fn serve(
 
     tracing::info!(%addr, store = store.backend(), "cardvault listening");
     on_ready(addr);
+    // Connection bounds, fitted to the open files this process may have
+    // (raised to its hard limit first).
+    let limits = cfg
+        .connections
+        .limits()
+        .fitted(crate::hardening::raise_open_files());
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_handshakes = limits.max_handshakes,
+        idle_timeout_secs = limits.idle_timeout.as_secs(),
+        "connection limits"
+    );
+    // Closes every connection still open when the drain ends.
+    let close_all = tokio_util::sync::CancellationToken::new();
     // Graceful shutdown waits for clients to finish; a client that never
     // does must not keep the vault (and its keys) alive forever.
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -421,7 +435,10 @@ pub async fn serve(
             KeyServiceServer::new(KeyServiceImpl::new(vault.clone(), auth))
                 .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
         )
-        .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, metrics.clone()), signal);
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(listener, tls, metrics.clone(), limits, close_all.clone()),
+            signal,
+        );
     let result = tokio::select! {
         r = server => r.map_err(|e| format!("server error: {e}")),
         _ = drain_deadline => {
@@ -429,6 +446,9 @@ pub async fn serve(
             Ok(())
         }
     };
+    // Connections still busy after the drain are closed before the keys
+    // are wiped (their tasks outlive the server future).
+    close_all.cancel();
     purger.abort();
     reloader.abort();
     checkpointer.abort();

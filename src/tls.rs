@@ -1,5 +1,16 @@
 //! The TLS front door: TLS 1.3 only, client certificate mandatory and
-//! verified against the configured client CA, handshakes bounded in time.
+//! verified against the configured client CA, handshakes bounded in time
+//! and in number, connections bounded in number and closed when idle.
+//!
+//! Why the bounds: a connection costs a file descriptor before it has
+//! proved anything. Unbounded, 2,000 TCP connects that never send a byte
+//! used up a vault's 1,024 descriptors, and legitimate clients could not be
+//! accepted until the handshakes timed out. So handshakes in progress are
+//! capped, and at the cap the oldest one is closed to make room (a real
+//! client finishes its handshake in milliseconds, an idle connect never
+//! does); established connections are capped, and past the cap a new one
+//! is closed at once; and a connection that has sent nothing for the idle
+//! timeout is closed.
 //!
 //! tonic's built-in TLS cannot restrict protocol versions, so connections
 //! are accepted here with tokio-rustls and handed to tonic already
@@ -8,13 +19,17 @@
 //! (the certificate cannot change on it) and found in every request's
 //! extensions.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,9 +41,49 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Longest a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on connections (config `[connections]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most established connections; past it a new one is closed at once.
+    pub max_connections: usize,
+    /// Most TLS handshakes in progress; past it the oldest is closed.
+    pub max_handshakes: usize,
+    /// A connection that has sent nothing for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            max_handshakes: 512,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Limits {
+    /// These limits, lowered to fit `open_files` descriptors: a quarter of
+    /// what is left after a reserve for the store's files goes to
+    /// handshakes, the rest to connections, so the vault never runs out
+    /// and stops accepting.
+    pub fn fitted(self, open_files: u64) -> Limits {
+        let budget = usize::try_from(open_files.saturating_sub(128))
+            .unwrap_or(usize::MAX)
+            .max(8);
+        let max_handshakes = self.max_handshakes.min(budget / 4).max(1);
+        Limits {
+            max_handshakes,
+            max_connections: self.max_connections.min(budget - max_handshakes).max(1),
+            ..self
+        }
+    }
+}
 
 fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -143,6 +198,52 @@ pub struct PeerStream {
     tls: TlsStream<TcpStream>,
     /// Who is on the other end.
     peer: Peer,
+    /// Holds the connection's place among the established ones.
+    _slot: Slot,
+    /// When the peer last sent anything.
+    last_read: Instant,
+    /// Fires at the idle deadline (moved on when reads happened since).
+    idle: Pin<Box<tokio::time::Sleep>>,
+    /// How long the peer may send nothing.
+    idle_timeout: Duration,
+    /// Resolves when the server closes every connection (end of drain).
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+/// A place among the established connections (counted in the metrics'
+/// `connections_open`), given back on drop.
+struct Slot(Arc<crate::metrics::Metrics>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl PeerStream {
+    /// Why the connection must end now, if it must: the server closed
+    /// every connection, or the peer has been silent for the idle timeout.
+    fn ended(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Some(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the vault is shutting down",
+            ));
+        }
+        while self.idle.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_read + self.idle_timeout;
+            if Instant::now() >= deadline {
+                return Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection idle",
+                ));
+            }
+            // Reads happened since the timer was set: move it on (and
+            // poll again, so that it wakes this task).
+            self.idle.as_mut().reset(deadline.into());
+        }
+        None
+    }
 }
 
 impl tonic::transport::server::Connected for PeerStream {
@@ -161,7 +262,21 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.tls).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    // Cheap: the timer is only moved when it fires.
+                    self.last_read = Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.ended(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -171,6 +286,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
+        }
         Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 
@@ -179,6 +297,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
+        }
         Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
     }
 
@@ -195,16 +316,28 @@ impl AsyncWrite for PeerStream {
     }
 }
 
+/// Handshakes in progress, oldest first, so that the oldest can be closed
+/// when a new connection needs its place.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    running: BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently,
-/// yielding only connections that passed. Stops accepting (and closes the
-/// listener) when the returned stream is dropped.
+/// within `limits`, yielding only connections that passed. Stops accepting
+/// (and closes the listener) when the returned stream is dropped; closes
+/// every connection it yielded when `close_all` is cancelled.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     metrics: Arc<crate::metrics::Metrics>,
+    limits: Limits,
+    close_all: CancellationToken,
 ) -> ReceiverStream<Result<PeerStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -220,31 +353,88 @@ pub fn incoming(
                     continue;
                 }
             };
+            if metrics.connections_open.load(Ordering::Acquire) >= limits.max_connections {
+                metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "connection refused: at the connection limit");
+                continue;
+            }
+            let seq = {
+                let mut h = handshakes.lock().unwrap_or_else(|p| p.into_inner());
+                while h.running.len() >= limits.max_handshakes {
+                    let Some((_, oldest)) = h.running.pop_first() else {
+                        break;
+                    };
+                    oldest.abort();
+                    metrics.handshakes_evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                h.next += 1;
+                h.next
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let metrics = metrics.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshakes_done = handshakes.clone();
+            let close_all = close_all.clone();
+            let task = tokio::spawn(async move {
+                let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                handshakes_done
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .running
+                    .remove(&seq);
+                match result {
                     Ok(Ok(tls)) => {
+                        metrics.connections_open.fetch_add(1, Ordering::AcqRel);
+                        let slot = Slot(metrics.clone());
                         let peer = Peer::of(&tls, peer);
-                        let _ = tx.send(Ok(PeerStream { tls, peer })).await;
+                        let stream = PeerStream {
+                            tls,
+                            peer,
+                            _slot: slot,
+                            last_read: Instant::now(),
+                            idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                            idle_timeout: limits.idle_timeout,
+                            closed: Box::pin(close_all.cancelled_owned()),
+                        };
+                        let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
                         metrics
                             .tls_handshake_failures
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::info!(%peer, error = %e, "TLS handshake refused");
                     }
                     Err(_) => {
                         metrics
                             .tls_handshake_failures
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::info!(%peer, "TLS handshake timed out");
                     }
                 }
             });
+            let mut h = handshakes.lock().unwrap_or_else(|p| p.into_inner());
+            // A handshake that ended before it was listed stays unlisted.
+            if !task.is_finished() {
+                h.running.insert(seq, task.abort_handle());
+            }
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_fit_the_open_file_budget() {
+        let d = Limits::default();
+        assert_eq!(d.fitted(1 << 20), d);
+        let small = d.fitted(1024);
+        assert_eq!(small.max_handshakes, (1024 - 128) / 4);
+        assert_eq!(small.max_connections, 1024 - 128 - small.max_handshakes);
+        let tiny = d.fitted(10);
+        assert!(tiny.max_handshakes >= 1 && tiny.max_connections >= 1);
+    }
 }

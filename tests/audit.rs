@@ -364,6 +364,7 @@ async fn audit_service_query_blast_radius_and_verify() {
                 siem.display().to_string(),
             ),
         ],
+        ..Default::default()
     };
     let v = VaultProcess::start(&data, &opts);
     let mut m = v.client("merchant").await;

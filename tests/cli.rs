@@ -28,6 +28,7 @@ async fn newcomer_flow_through_the_cli() {
     // No retire grace, so the walkthrough can retire v1 right after its rewrap.
     let opts = Opts {
         env: vec![("CARDVAULT_RETIRE_GRACE_SECS".into(), "0".into())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let exp = format!("12/{}", exp_year());

@@ -224,6 +224,7 @@ async fn canary_pan_cvv_and_name_never_reach_disk_or_logs() {
             "CARDVAULT_AUDIT_SIEM_FILE".into(),
             siem.display().to_string(),
         )],
+        ..Default::default()
     };
     let v = VaultProcess::start(&data, &opts);
     let mut m = v.client("merchant").await;

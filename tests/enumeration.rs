@@ -388,7 +388,13 @@ fn start_with_defaults(
         .collect();
     policy = policy.replacen("[defaults]\n", &format!("[defaults]\n{defaults}\n"), 1);
     std::fs::write(data.join("policy.toml"), policy).unwrap();
-    let v = VaultProcess::start(&data, &Opts { env });
+    let v = VaultProcess::start(
+        &data,
+        &Opts {
+            env,
+            ..Default::default()
+        },
+    );
     (dir, v)
 }
 
@@ -535,6 +541,7 @@ async fn a_locked_bucket_survives_a_restart_and_an_admin_clears_it() {
     let data = dir.path().join("data");
     let opts = Opts {
         env: vec![("CARDVAULT_METRICS_LISTEN".into(), "127.0.0.1:0".into())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&data, &opts);
     let mut rng = Rng::from_time();

@@ -248,6 +248,7 @@ async fn rewrap_survives_sigkill_and_resumes() {
             ("CARDVAULT_REWRAP_PAUSE_MS".into(), "300".into()),
             ("CARDVAULT_RETIRE_GRACE_SECS".into(), "0".into()),
         ],
+        ..Default::default()
     };
     let v = VaultProcess::start(&data, &opts);
     let mut m = v.client("merchant").await;

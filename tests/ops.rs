@@ -24,6 +24,7 @@ async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
         env: vec![("CARDVAULT_METRICS_LISTEN".into(), "127.0.0.1:0".into())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let mut m = v.client("merchant").await;
@@ -81,6 +82,7 @@ async fn json_logs_carry_request_ids_and_no_secrets_on_any_error_path() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
         env: vec![("CARDVAULT_LOG_FORMAT".into(), "json".into())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let mut m = v.client("merchant").await;
@@ -231,6 +233,7 @@ async fn a_kek_file_readable_by_others_is_reported() {
         std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(mode)).unwrap();
         let opts = Opts {
             env: vec![("CARDVAULT_KEK_FILE".into(), kek.display().to_string())],
+            ..Default::default()
         };
         let v = VaultProcess::start_serve(&dir.path().join("data"), &opts);
         // Unsealed at start from the file: it was read.
@@ -304,6 +307,7 @@ async fn production_refuses_to_start_with_swap_on_and_memory_unlocked() {
             ("CARDVAULT_PROC_SWAPS".into(), swaps.display().to_string()),
             ("CARDVAULT_ALLOW_SWAP".into(), "true".into()),
         ],
+        ..Default::default()
     };
     let v = VaultProcess::start_serve(&data, &opts);
     assert!(v.logs().contains("swap is on (/swapfile)"));
@@ -313,6 +317,7 @@ async fn production_refuses_to_start_with_swap_on_and_memory_unlocked() {
     let dev = dir.path().join("dev");
     let opts = Opts {
         env: vec![("CARDVAULT_PROC_SWAPS".into(), swaps.display().to_string())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dev, &opts);
     assert!(v.logs().contains("swap is on (/swapfile)"));

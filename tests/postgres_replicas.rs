@@ -49,6 +49,7 @@ async fn two_replicas_share_tokens_keys_and_one_audit_chain() {
             ("CARDVAULT_KEK".into(), kek),
             ("CARDVAULT_AUDIT_CHECKPOINT_EVERY".into(), "25".into()),
         ],
+        ..Default::default()
     };
     let a = VaultProcess::start_serve(&dir.path().join("a"), &opts);
     let b = VaultProcess::start_serve(&dir.path().join("b"), &opts);
@@ -190,6 +191,7 @@ async fn the_enumeration_guard_counts_across_replicas() {
             ("CARDVAULT_STORE_URL".into(), url),
             ("CARDVAULT_KEK".into(), kek),
         ],
+        ..Default::default()
     };
     let a = VaultProcess::start_serve(&dir.path().join("a"), &opts);
     let b = VaultProcess::start_serve(&dir.path().join("b"), &opts);
@@ -232,6 +234,7 @@ async fn debug_logging_prints_no_statement_parameters() {
             // Even when asked for by name.
             ("CARDVAULT_LOG".into(), "debug,tokio_postgres=debug".into()),
         ],
+        ..Default::default()
     };
     let v = VaultProcess::start_serve(&dir.path().join("a"), &opts);
     let t = v

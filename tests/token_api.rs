@@ -572,6 +572,7 @@ async fn a_mistyped_card_number_sent_as_a_token_is_recorded_masked() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
         env: vec![("CARDVAULT_LOG".into(), "debug".into())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let typo = "4111111111111112";
@@ -706,6 +707,7 @@ async fn cvv_expires_after_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
         env: vec![("CARDVAULT_CVV_TTL_SECS".into(), "1".into())],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let t = v
@@ -933,6 +935,7 @@ async fn one_tenant_cannot_fill_the_cvv_holder_for_another() {
             ("CARDVAULT_CVV_MAX_ENTRIES".into(), "4".into()),
             ("CARDVAULT_CVV_MAX_PER_TENANT".into(), "2".into()),
         ],
+        ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
     let with_cvv = |pan: &str, tenant: &str| TokenizeRequest {

@@ -783,7 +783,13 @@ impl Baseline {
                     durable: committer,
                 }))
                 .serve_with_incoming_shutdown(
-                    crate::tls::incoming(listener, tls, Default::default()),
+                    crate::tls::incoming(
+                        listener,
+                        tls,
+                        Default::default(),
+                        crate::tls::Limits::default(),
+                        tokio_util::sync::CancellationToken::new(),
+                    ),
                     async move {
                         let _ = stopped.await;
                     },

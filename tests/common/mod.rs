@@ -29,6 +29,9 @@ pub struct VaultProcess {
 pub struct Opts {
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Limit on the vault's open files (`prlimit --nofile`), as on a host
+    /// with the common default of 1024.
+    pub nofile: Option<u64>,
 }
 
 impl VaultProcess {
@@ -86,7 +89,16 @@ impl VaultProcess {
         let n = std::fs::read_dir(data_dir).unwrap().count();
         let stderr_log = data_dir.with_extension(format!("stderr.{n}.log"));
         let stdout_log = data_dir.with_extension(format!("stdout.{n}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardvault"));
+        let mut cmd = match opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_cardvault"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_cardvault")),
+        };
         cmd.args(args)
             .env_remove("CARDVAULT_KEK")
             .env("CARDVAULT_LOG", "debug")
@@ -181,6 +193,30 @@ impl VaultProcess {
             .connect()
             .await
             .expect("connect")
+    }
+
+    /// A TokenService client as `identity`, or why it could not connect.
+    pub async fn client_result(
+        &self,
+        identity: &str,
+    ) -> Result<TokenServiceClient<Channel>, String> {
+        let certs = self.data_dir.join("certs");
+        let read = |n: &str| std::fs::read(certs.join(n)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")))
+            .identity(Identity::from_pem(
+                read(&format!("{identity}.pem")),
+                read(&format!("{identity}.key")),
+            ))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(TokenServiceClient::new(channel))
     }
 
     /// A TokenService client as `identity`.
