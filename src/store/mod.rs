@@ -24,8 +24,9 @@ pub struct AuditLink {
     pub hash: Vec<u8>,
 }
 
-/// One card as stored: non-sensitive metadata in clear (so metadata reads
-/// need no decryption) and the secret part as an encrypted envelope.
+/// One card as stored: non-sensitive metadata in clear (what metadata
+/// reads show and dedupe matches on) and the secret part as an encrypted
+/// envelope, whose associated data binds that metadata.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StoredRecord {
     /// Owning tenant.

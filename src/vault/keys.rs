@@ -336,7 +336,13 @@ impl Vault {
                 keyring.tenant(&*self.store, &t, false).await?.active,
             );
         }
-        let stale = |r: &StoredRecord| active.get(&r.tenant).is_some_and(|a| r.key_version < *a);
+        // Records under an older key, and records whose envelope does not
+        // bind their metadata yet (version 1), which a rewrap rewrites.
+        let stale = |r: &StoredRecord| {
+            active.get(&r.tenant).is_some_and(|a| {
+                r.key_version < *a || envelope::version(&r.envelope) == Ok(envelope::LEGACY_VERSION)
+            })
+        };
         let mut p = RewrapProgress::default();
         self.scan_all(|r| {
             if stale(r) {
@@ -376,16 +382,22 @@ impl Vault {
                         rec.tenant, rec.key_version
                     )));
                 };
-                let secret = envelope::open(old, &rec.tenant, &rec.token, &rec.envelope).map_err(|_| {
+                let secret = envelope::open(old, &rec.tenant, &rec.token, &super::meta_of(&rec), &rec.envelope).map_err(|_| {
                     Error::DataLoss(format!(
                         "tenant {}: a record failed authentication during rewrap; run audit verify and investigate",
                         rec.tenant
                     ))
                 })?;
                 let mut updated = rec.clone();
-                updated.envelope =
-                    envelope::seal(new, target, &updated.tenant, &updated.token, &secret);
                 updated.key_version = target;
+                updated.envelope = envelope::seal(
+                    new,
+                    target,
+                    &updated.tenant,
+                    &updated.token,
+                    &super::meta_of(&updated),
+                    &secret,
+                );
                 updates.push((rec, updated));
             }
             // Only if unchanged since the scan: a record deleted meanwhile

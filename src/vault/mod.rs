@@ -315,6 +315,18 @@ fn metadata_of(rec: &StoredRecord, cvv_held: bool, existing: bool) -> CardMetada
     }
 }
 
+/// The clear metadata of a record, as its envelope binds it.
+fn meta_of(rec: &StoredRecord) -> envelope::RecordMeta<'_> {
+    envelope::RecordMeta {
+        bin: &rec.bin,
+        last4: &rec.last4,
+        brand: &rec.brand,
+        exp_month: rec.exp_month,
+        exp_year: rec.exp_year,
+        fingerprint: &rec.fingerprint,
+    }
+}
+
 fn integrity(what: &str) -> Error {
     Error::DataLoss(format!(
         "the stored record for this token {what}; it may have been tampered with or moved"
@@ -733,7 +745,7 @@ impl Vault {
         };
         for _ in 0..TOKEN_ATTEMPTS {
             let token = Token::generate(opts.format, &card.pan);
-            let record = StoredRecord {
+            let mut record = StoredRecord {
                 tenant: tenant.as_str().to_owned(),
                 token: token.as_str().to_owned(),
                 brand: card.pan.brand().as_str().to_owned(),
@@ -744,14 +756,16 @@ impl Vault {
                 fingerprint: fingerprint.to_vec(),
                 created_at_ms: now_ms(),
                 key_version: keys.active,
-                envelope: envelope::seal(
-                    dek,
-                    keys.active,
-                    tenant.as_str(),
-                    token.as_str(),
-                    &secret,
-                ),
+                envelope: Vec::new(),
             };
+            record.envelope = envelope::seal(
+                dek,
+                keys.active,
+                tenant.as_str(),
+                token.as_str(),
+                &meta_of(&record),
+                &secret,
+            );
             let mut body = audit_body(ctx, action, tenant.as_str(), token.as_str(), Ok(()));
             body.detail = match (detail.is_empty(), card.cvv.is_some()) {
                 (true, true) => "cvv held".into(),
@@ -774,6 +788,17 @@ impl Vault {
                     continue;
                 }
                 Ok(InsertOutcome::Deduplicated(existing)) => {
+                    // The index and the record are outside input to the
+                    // vault (a database writer can change them): the card
+                    // the index points at must be this one, and its
+                    // metadata its own, or another card's token would be
+                    // handed out for this card.
+                    if existing.fingerprint != fingerprint {
+                        return Err(Error::DataLoss(
+                            "the card index points at a record of another card; it may have been tampered with".into(),
+                        ));
+                    }
+                    self.check_record(&*self.keyring()?, &existing).await?;
                     body.token = existing.token.clone();
                     body.detail = format!("deduplicated to an existing token; {}", body.detail);
                     self.record(body).await.map_err(|e| audit_unavailable(&e))?;
@@ -924,19 +949,7 @@ impl Vault {
             .get(tenant.as_str(), token.as_str())
             .await?
             .ok_or(Error::NotFound)?;
-        let kid = envelope::key_id(&rec.envelope).map_err(|_| integrity("is malformed"))?;
-        let mut keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
-        if !keys.deks.contains_key(&kid) {
-            // Another replica may have rotated since we cached the tenant.
-            keyring.invalidate(tenant.as_str());
-            keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
-        }
-        let dek = keys
-            .deks
-            .get(&kid)
-            .ok_or_else(|| integrity("names a data key version that does not exist"))?;
-        let secret = envelope::open(dek, tenant.as_str(), token.as_str(), &rec.envelope)
-            .map_err(|_| integrity("failed authentication"))?;
+        let secret = self.open_record(keyring, &rec).await?;
         let pan = Pan::parse(&secret.pan).map_err(|_| integrity("holds an invalid card number"))?;
         let name =
             CardholderName::parse(&secret.name).map_err(|_| integrity("holds an invalid name"))?;
@@ -949,6 +962,32 @@ impl Vault {
             name,
             cvv: CvvOutcome::NotRequested,
         })
+    }
+
+    /// Decrypts a stored record, checking that its clear metadata is its
+    /// own (envelope version 2; version 1 did not bind it).
+    async fn open_record(&self, keyring: &Keyring, rec: &StoredRecord) -> Result<CardSecret> {
+        let kid = envelope::key_id(&rec.envelope).map_err(|_| integrity("is malformed"))?;
+        let mut keys = keyring.tenant(&*self.store, &rec.tenant, false).await?;
+        if !keys.deks.contains_key(&kid) {
+            // Another replica may have rotated since we cached the tenant.
+            keyring.invalidate(&rec.tenant);
+            keys = keyring.tenant(&*self.store, &rec.tenant, false).await?;
+        }
+        let dek = keys
+            .deks
+            .get(&kid)
+            .ok_or_else(|| integrity("names a data key version that does not exist"))?;
+        envelope::open(dek, &rec.tenant, &rec.token, &meta_of(rec), &rec.envelope)
+            .map_err(|_| integrity("failed authentication"))
+    }
+
+    /// Checks that a record's clear metadata (what `GetMetadata` shows and
+    /// dedupe matches on) is its card's, by opening its envelope; the
+    /// decrypted card is wiped at once. A version 1 envelope binds no
+    /// metadata and passes; a rewrap rewrites it as version 2.
+    async fn check_record(&self, keyring: &Keyring, rec: &StoredRecord) -> Result<()> {
+        self.open_record(keyring, rec).await.map(drop)
     }
 
     /// Detokenizes many tokens; one result (and one audit record) per item,
@@ -987,11 +1026,12 @@ impl Vault {
         token: &Token,
     ) -> Result<CardMetadata> {
         let result = match self.keyring() {
-            Ok(_) => self
-                .store
-                .get(tenant.as_str(), token.as_str())
-                .await
-                .and_then(|r| r.ok_or(Error::NotFound)),
+            Ok(keyring) => match self.store.get(tenant.as_str(), token.as_str()).await {
+                // Shown only if it is the card's own (see `check_record`).
+                Ok(Some(rec)) => self.check_record(&keyring, &rec).await.map(|()| rec),
+                Ok(None) => Err(Error::NotFound),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         let body = audit_body(
@@ -1089,6 +1129,66 @@ mod tests {
         let v = Vault::new(store, VaultConfig::default());
         v.unseal(SecretKey::generate()).await.unwrap();
         v
+    }
+
+    /// Records written before the envelope bound the metadata (version 1)
+    /// still read, and a rewrap rewrites them as version 2, after which a
+    /// changed expiry is refused.
+    #[tokio::test]
+    async fn records_of_the_earlier_envelope_read_and_migrate_on_rewrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = unsealed(dir.path()).await;
+        let (ctx, tenant) = (CallContext::default(), Tenant::parse("a").unwrap());
+        let m = v
+            .tokenize(
+                &ctx,
+                &tenant,
+                NewCard::sample("4111111111111111"),
+                TokenizeOptions::default(),
+                &Unmetered,
+            )
+            .await
+            .unwrap();
+        let token = Token::parse(&m.token).unwrap();
+        // Rewrite the stored record as the earlier code wrote it.
+        let rec = v.store.get("a", &m.token).await.unwrap().unwrap();
+        let keys = v
+            .keyring()
+            .unwrap()
+            .tenant(&*v.store, "a", false)
+            .await
+            .unwrap();
+        let dek = keys.deks.get(&rec.key_version).unwrap();
+        let secret = envelope::open(dek, "a", &m.token, &meta_of(&rec), &rec.envelope).unwrap();
+        let mut legacy = rec.clone();
+        legacy.envelope = envelope::seal_legacy(dek, rec.key_version, "a", &m.token, &secret);
+        assert!(v.store.update(&rec, &legacy).await.unwrap());
+        let purpose = crate::token::Purpose::parse("test").unwrap();
+        let card = v
+            .detokenize(&ctx, &tenant, &token, &purpose, false)
+            .await
+            .unwrap();
+        assert_eq!(card.pan.expose(), "4111111111111111");
+        assert_eq!(
+            v.metadata(&ctx, &tenant, &token).await.unwrap().exp_month,
+            12
+        );
+
+        let (tx, _rx) = tokio::sync::mpsc::channel(64);
+        let done = v.rewrap(&ctx, None, tx).await.unwrap();
+        assert_eq!((done.total, done.done), (1, 1));
+        let migrated = v.store.get("a", &m.token).await.unwrap().unwrap();
+        assert_eq!(
+            envelope::version(&migrated.envelope),
+            Ok(envelope::ENVELOPE_VERSION)
+        );
+        let mut forged = migrated.clone();
+        forged.exp_month = 1;
+        assert!(v.store.update(&migrated, &forged).await.unwrap());
+        assert!(matches!(
+            v.metadata(&ctx, &tenant, &token).await,
+            Err(Error::DataLoss(_))
+        ));
     }
 
     /// A candidate token that turns out to be another card's must leave
