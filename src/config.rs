@@ -139,6 +139,10 @@ pub struct MetricsConfig {
     /// (`CARDVAULT_METRICS_LISTEN`); unset = off. It carries no secrets but
     /// should still only be reachable by the monitoring system.
     pub listen: Option<SocketAddr>,
+    /// Label per-tenant gauges with the tenant's name
+    /// (`CARDVAULT_METRICS_TENANT_LABELS`; default false: tenant names are
+    /// customer names, and the gauges are summed up instead).
+    pub tenant_labels: bool,
 }
 
 /// Which database holds records, keys and the audit log.
@@ -425,6 +429,9 @@ impl Config {
         }
         if let Some(v) = env_parse("CARDVAULT_MLOCK", get)? {
             self.keys.mlock = v;
+        }
+        if let Some(v) = env_parse("CARDVAULT_METRICS_TENANT_LABELS", get)? {
+            self.metrics.tenant_labels = v;
         }
         if let Some(v) = env_parse("CARDVAULT_ALLOW_SWAP", get)? {
             self.keys.allow_swap = v;

@@ -49,7 +49,27 @@ pub struct Metrics {
     /// Handshakes closed to make room for a newer connection (the
     /// handshake limit was reached).
     pub handshakes_evicted: AtomicU64,
+    /// Gauges read from the store, refreshed in the background so that a
+    /// scrape never waits on the store (see [`serve`]).
+    store_gauges: Mutex<StoreGauges>,
+    /// Whether per-tenant gauges carry the tenant's name as a label
+    /// (config `metrics.tenant_labels`); off, they are summed up.
+    pub tenant_labels: std::sync::atomic::AtomicBool,
 }
+
+/// The gauges read from the store, as of their last refresh.
+#[derive(Default)]
+struct StoreGauges {
+    /// Records in the audit chain.
+    audit_records: Option<u64>,
+    /// Tenant -> (active data key version, versions that can decrypt).
+    data_keys: Option<BTreeMap<String, (u32, u32)>>,
+}
+
+/// How often the store-read gauges are refreshed.
+pub const STORE_GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+/// Scrapes served at once; more get 503 at once.
+pub const MAX_CONCURRENT_SCRAPES: usize = 4;
 
 /// Every method the server serves, as `package.Service/Method`, read once
 /// from the services' descriptor sets (so the list follows the protos).
@@ -238,16 +258,66 @@ impl Metrics {
             "counter",
             self.handshakes_evicted.load(Ordering::Relaxed),
         );
-        if let Ok(head) = vault.store().audit_head().await {
+        let cached = self.store_gauges.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = cached.audit_records {
             gauge(
                 &mut out,
                 "cardvault_audit_records",
                 "Records in the audit chain.",
                 "gauge",
-                head.map_or(0, |h| h.0),
+                n,
             );
         }
-        if let Ok(keys) = vault.store().list_keys("tenant/").await {
+        if let Some(active) = &cached.data_keys {
+            if self.tenant_labels.load(Ordering::Relaxed) {
+                out.push_str(
+                    "# HELP cardvault_data_key_active_version Active data key version per tenant.\n",
+                );
+                out.push_str("# TYPE cardvault_data_key_active_version gauge\n");
+                for (t, (v, _)) in active {
+                    out.push_str(&format!(
+                        "cardvault_data_key_active_version{{tenant=\"{t}\"}} {v}\n"
+                    ));
+                }
+                out.push_str("# HELP cardvault_data_key_versions Data key versions that can still decrypt, per tenant.\n");
+                out.push_str("# TYPE cardvault_data_key_versions gauge\n");
+                for (t, (_, n)) in active {
+                    out.push_str(&format!(
+                        "cardvault_data_key_versions{{tenant=\"{t}\"}} {n}\n"
+                    ));
+                }
+            } else {
+                // Tenant names are customer names: not in labels unless asked.
+                gauge(
+                    &mut out,
+                    "cardvault_tenants_with_keys",
+                    "Tenants that have data keys.",
+                    "gauge",
+                    active.len() as u64,
+                );
+                gauge(
+                    &mut out,
+                    "cardvault_data_key_versions_max",
+                    "Most data key versions that can still decrypt, over all tenants (retire old ones).",
+                    "gauge",
+                    u64::from(active.values().map(|(_, n)| *n).max().unwrap_or(0)),
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Metrics {
+    /// Reads the store-backed gauges into the cache.
+    pub async fn refresh_store_gauges(&self, vault: &Vault) {
+        let audit_records = vault
+            .store()
+            .audit_head()
+            .await
+            .ok()
+            .map(|h| h.map_or(0, |h| h.0));
+        let data_keys = vault.store().list_keys("tenant/").await.ok().map(|keys| {
             let mut active: BTreeMap<String, (u32, u32)> = BTreeMap::new();
             for (name, _) in keys {
                 let mut parts = name.split('/');
@@ -260,35 +330,53 @@ impl Metrics {
                     e.1 += 1;
                 }
             }
-            out.push_str(
-                "# HELP cardvault_data_key_active_version Active data key version per tenant.\n",
-            );
-            out.push_str("# TYPE cardvault_data_key_active_version gauge\n");
-            for (t, (v, _)) in &active {
-                out.push_str(&format!(
-                    "cardvault_data_key_active_version{{tenant=\"{t}\"}} {v}\n"
-                ));
-            }
-            out.push_str("# HELP cardvault_data_key_versions Data key versions that can still decrypt, per tenant.\n");
-            out.push_str("# TYPE cardvault_data_key_versions gauge\n");
-            for (t, (_, n)) in &active {
-                out.push_str(&format!(
-                    "cardvault_data_key_versions{{tenant=\"{t}\"}} {n}\n"
-                ));
-            }
+            active
+        });
+        let mut g = self.store_gauges.lock().unwrap_or_else(|p| p.into_inner());
+        // A failed read keeps the last good value.
+        if audit_records.is_some() {
+            g.audit_records = audit_records;
         }
-        out
+        if data_keys.is_some() {
+            g.data_keys = data_keys;
+        }
     }
 }
 
 /// Serves `GET /metrics` on `listener` until the task is aborted. A tiny
-/// HTTP/1.1 responder: one request per connection, no keep-alive.
+/// HTTP/1.1 responder: one request per connection, no keep-alive. The
+/// gauges read from the store are refreshed every [`STORE_GAUGE_REFRESH`]
+/// in the background, so a scrape costs the store nothing (scrapes used to
+/// wait on its commit barrier); at most [`MAX_CONCURRENT_SCRAPES`] run at
+/// once.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     vault: Arc<Vault>,
     auth: Arc<Authorizer>,
 ) {
+    let refresh = {
+        let (metrics, vault) = (metrics.clone(), vault.clone());
+        async move {
+            loop {
+                metrics.refresh_store_gauges(&vault).await;
+                tokio::time::sleep(STORE_GAUGE_REFRESH).await;
+            }
+        }
+    };
+    tokio::select! {
+        () = refresh => {}
+        () = serve_scrapes(listener, metrics, vault, auth) => {}
+    }
+}
+
+async fn serve_scrapes(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    vault: Arc<Vault>,
+    auth: Arc<Authorizer>,
+) {
+    let scrapes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SCRAPES));
     loop {
         let mut sock = match listener.accept().await {
             Ok((sock, _)) => sock,
@@ -300,8 +388,15 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(permit) = scrapes.clone().try_acquire_owned() else {
+            let _ = sock
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            continue;
+        };
         let (metrics, vault, auth) = (metrics.clone(), vault.clone(), auth.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             // Read the request head (bounded in size and time).

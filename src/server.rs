@@ -350,6 +350,10 @@ pub async fn serve(
 
     let reloader = reload_policy_on_sighup(auth.clone());
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.tenant_labels.store(
+        cfg.metrics.tenant_labels,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let metrics_task = match cfg.metrics.listen {
         Some(maddr) => {
             let l = tokio::net::TcpListener::bind(maddr)

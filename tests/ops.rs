@@ -23,7 +23,11 @@ fn card(pan: &str) -> TokenizeRequest {
 async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
-        env: vec![("CARDVAULT_METRICS_LISTEN".into(), "127.0.0.1:0".into())],
+        env: vec![
+            ("CARDVAULT_METRICS_LISTEN".into(), "127.0.0.1:0".into()),
+            // Asked for: per-tenant gauges carry the tenant's name.
+            ("CARDVAULT_METRICS_TENANT_LABELS".into(), "true".into()),
+        ],
         ..Default::default()
     };
     let v = VaultProcess::start(&dir.path().join("data"), &opts);
@@ -50,7 +54,15 @@ async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
     );
     v.client("processor").await.detokenize(req).await.unwrap();
 
-    let resp = v.http_get("/metrics").await;
+    // Gauges read from the store are refreshed in the background.
+    let mut resp = v.http_get("/metrics").await;
+    for _ in 0..40 {
+        if resp.contains("cardvault_data_key_active_version{") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        resp = v.http_get("/metrics").await;
+    }
     assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
     for line in [
         r#"cardvault_requests_total{rpc="cardvault.v1.TokenService/Tokenize",code="OK",role="merchant"} 1"#,
@@ -75,6 +87,52 @@ async fn metrics_count_requests_by_rpc_code_and_role_without_secrets() {
     );
     assert!(!resp.contains("spiffe://"), "no principal in labels");
     assert!(v.http_get("/other").await.starts_with("HTTP/1.1 404"));
+}
+
+/// By default no tenant name is in any label (they are customer names);
+/// the per-tenant gauges are summed up. Scrapes beyond the concurrent cap
+/// are turned away at once, and a scrape does not wait on the store.
+#[tokio::test]
+async fn metrics_name_no_tenant_by_default_and_cap_scrapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        env: vec![("CARDVAULT_METRICS_LISTEN".into(), "127.0.0.1:0".into())],
+        ..Default::default()
+    };
+    let v = VaultProcess::start(&dir.path().join("data"), &opts);
+    v.client("merchant")
+        .await
+        .tokenize(card("4111111111111111"))
+        .await
+        .unwrap();
+    let mut resp = v.http_get("/metrics").await;
+    for _ in 0..40 {
+        if resp.contains("cardvault_tenants_with_keys 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        resp = v.http_get("/metrics").await;
+    }
+    assert!(resp.contains("cardvault_tenants_with_keys 1"), "{resp}");
+    assert!(resp.contains("cardvault_data_key_versions_max 1"), "{resp}");
+    assert!(
+        !resp.contains("tenant=") && !resp.contains("demo"),
+        "{resp}"
+    );
+
+    // Many scrapers that connect and hold their connections without
+    // finishing the request: past the cap, the next is turned away.
+    let addr = v.metrics_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let turned_away = v.http_get("/metrics").await;
+    assert!(turned_away.starts_with("HTTP/1.1 503"), "{turned_away}");
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(v.http_get("/metrics").await.starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]
