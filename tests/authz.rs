@@ -701,3 +701,62 @@ async fn bodies_are_decoded_only_for_known_callers_and_bad_ones_refused_as_such(
     assert!(outcomes.contains(&"INVALID_ARGUMENT"), "{outcomes:?}");
     assert!(outcomes.contains(&"RESOURCE_EXHAUSTED"), "{outcomes:?}");
 }
+
+/// Each method takes at most what its largest real request needs: a
+/// Tokenize is a few hundred bytes, so one of 200 KiB (a valid message,
+/// well under the token service's 1 MiB for a full batch) is refused as
+/// too large before it is decoded, not decoded and then refused for its
+/// content. A full batch still fits.
+#[tokio::test]
+async fn each_method_takes_at_most_its_largest_real_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let mut m = v.client("merchant").await;
+    let huge = TokenizeRequest {
+        tenant: "demo".into(),
+        pan: "4111111111111111".into(),
+        exp_month: 12,
+        exp_year: exp_year(),
+        cardholder_name: Some("A".repeat(200 << 10)),
+        ..Default::default()
+    };
+    let s = m.tokenize(huge).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message()
+            .contains("request: larger than Tokenize accepts"),
+        "{s:?}"
+    );
+    let s = m
+        .get_metadata(GetMetadataRequest {
+            tenant: "demo".into(),
+            token: format!("tok_{}", "A".repeat(100 << 10)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    // The largest real batch: 1,000 items with 100-character names.
+    let items = (0..1000)
+        .map(|i| TokenizeBatchItem {
+            reference: format!("ref-{i:04}-{}", "r".repeat(50)),
+            pan: "4111 1111 1111 1111".into(),
+            exp_month: 12,
+            exp_year: exp_year(),
+            cardholder_name: Some("Ñ".repeat(100)),
+            cvv: Some("123".into()),
+        })
+        .collect();
+    let r = m
+        .tokenize_batch(TokenizeBatchRequest {
+            tenant: "demo".into(),
+            items,
+            dedupe: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 1000);
+    let refused: Vec<_> = v.audit_events("Tokenize").await;
+    assert!(refused.iter().any(|e| e.outcome == "RESOURCE_EXHAUSTED"));
+}

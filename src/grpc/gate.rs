@@ -6,7 +6,10 @@
 //! no. The gate refuses such callers with `UNAUTHENTICATED` from the TLS
 //! identity alone, before the body is read.
 //!
-//! For callers it lets in, it turns tonic's own refusals of a body into
+//! For callers it lets in, each method reads at most what its largest real
+//! request needs ([`method_limit`]: a Tokenize is a few hundred bytes, a
+//! full batch about 600 KiB); a body past it is refused as it streams in,
+//! before it is decoded. And it turns tonic's own refusals of a body into
 //! the API's codes: a body that is not a valid message for the method is
 //! `INVALID_ARGUMENT` (tonic says `INTERNAL`), one over the service's size
 //! limit `RESOURCE_EXHAUSTED` (tonic says `OUT_OF_RANGE`). Every refusal
@@ -15,7 +18,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use tonic::{Code, Status};
 
@@ -30,6 +37,87 @@ pub const SMALL_MESSAGE_LIMIT: usize = 256 << 10;
 /// Largest request the token service takes: a batch of 1,000 cards, each
 /// at most a few hundred bytes.
 pub const TOKEN_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// The most bytes a method's request body may hold (gRPC framing
+/// included), sized to its largest real request with room to spare:
+/// names are at most 100 characters, tokens 26, purposes 200, batches
+/// 1,000 items, an init 255 custodians.
+pub fn method_limit(path: &str) -> usize {
+    const KIB: usize = 1 << 10;
+    match path.rsplit('/').next().unwrap_or_default() {
+        "TokenizeBatch" => TOKEN_MESSAGE_LIMIT,
+        "DetokenizeBatch" => 256 * KIB,
+        "Init" | "StartRekey" => SMALL_MESSAGE_LIMIT,
+        "TokenizeSealed" | "Unseal" | "SubmitRekeyShare" | "Query" | "BlastRadius" => 16 * KIB,
+        "Tokenize"
+        | "Detokenize"
+        | "GetMetadata"
+        | "DeleteToken"
+        | "CreateCollectSession"
+        | "Status"
+        | "Seal"
+        | "RotateDataKey"
+        | "Rewrap"
+        | "RetireKey"
+        | "CancelRekey"
+        | "ClearEnumerationGuard"
+        | "Verify" => 8 * KIB,
+        // Health checks, reflection: small, but not ours to size exactly.
+        _ => 64 * KIB,
+    }
+}
+
+/// The error type of request bodies, as tonic takes them.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body that fails once it has carried more than its method's
+/// limit, and says so in `over`.
+pub struct Limited<B> {
+    inner: B,
+    left: usize,
+    over: Arc<AtomicBool>,
+}
+
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if data.len() > this.left {
+                        this.over.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(
+                            "request larger than the method accepts".into()
+                        )));
+                    }
+                    this.left -= data.len();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Wraps the services in a [`Gate`].
 #[derive(Clone)]
@@ -91,7 +179,7 @@ fn body_refusal(status: &Status) -> Option<Error> {
 
 impl<S, B, ResBody> tower::Service<http::Request<B>> for Gate<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>> + Send,
+    S: tower::Service<http::Request<Limited<B>>, Response = http::Response<ResBody>> + Send,
     S::Future: Send + 'static,
     ResBody: Default + Send + 'static,
 {
@@ -119,12 +207,26 @@ where
                 Ok(super::status_of(&e).into_http())
             });
         }
+        let over = Arc::new(AtomicBool::new(false));
+        let limit = method_limit(req.uri().path());
+        let req = req.map(|inner| Limited {
+            inner,
+            left: limit,
+            over: over.clone(),
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let res = fut.await?;
-            let refusal = Status::from_header_map(res.headers())
-                .as_ref()
-                .and_then(body_refusal);
+            let refusal = if over.load(Ordering::Acquire) {
+                Some(Error::ResourceExhausted(format!(
+                    "request: larger than {action} accepts ({} KiB)",
+                    limit >> 10
+                )))
+            } else {
+                Status::from_header_map(res.headers())
+                    .as_ref()
+                    .and_then(body_refusal)
+            };
             let Some(e) = refusal else {
                 return Ok(res);
             };
@@ -157,5 +259,19 @@ mod tests {
         assert!(body_refusal(&Status::internal("audit log down")).is_none());
         assert!(body_refusal(&Status::invalid_argument("pan: fails the Luhn check")).is_none());
         assert_eq!(action_of("/cardvault.v1.TokenService/Tokenize"), "Tokenize");
+    }
+
+    #[test]
+    fn batches_get_their_service_limit_and_single_calls_far_less() {
+        assert_eq!(
+            method_limit("/cardvault.v1.TokenService/TokenizeBatch"),
+            TOKEN_MESSAGE_LIMIT
+        );
+        assert_eq!(method_limit("/cardvault.v1.TokenService/Tokenize"), 8 << 10);
+        assert_eq!(
+            method_limit("/cardvault.v1.KeyService/Init"),
+            SMALL_MESSAGE_LIMIT
+        );
+        assert!(method_limit("/grpc.health.v1.Health/Check") <= 64 << 10);
     }
 }
