@@ -61,7 +61,6 @@ pub mod cli;
 pub mod config;
 
 pub mod crypto;
-pub mod cvv;
 pub mod error;
 pub mod grpc;
 pub mod hardening;
@@ -70,6 +69,7 @@ pub mod pki;
 pub mod server;
 
 pub mod store;
+mod sync;
 pub mod time;
 pub mod tls;
 pub mod token;

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::auth::Authorizer;
+use crate::sync::Recover;
 use crate::tls::Peer;
 use crate::vault::Vault;
 
@@ -112,10 +113,10 @@ impl Metrics {
         *self
             .requests
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .entry((rpc, code, role))
             .or_insert(0) += 1;
-        let mut lat = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lat = self.latency.lock().recover();
         let h = lat.entry(rpc).or_default();
         for (i, b) in BUCKETS.iter().enumerate() {
             if seconds <= *b {
@@ -131,24 +132,14 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP cardvault_requests_total gRPC requests by method, status code and caller role.\n");
         out.push_str("# TYPE cardvault_requests_total counter\n");
-        for ((rpc, code, role), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for ((rpc, code, role), n) in self.requests.lock().recover().iter() {
             out.push_str(&format!(
                 "cardvault_requests_total{{rpc=\"{rpc}\",code=\"{code}\",role=\"{role}\"}} {n}\n"
             ));
         }
         out.push_str("# HELP cardvault_request_duration_seconds gRPC request latency (to response headers).\n");
         out.push_str("# TYPE cardvault_request_duration_seconds histogram\n");
-        for (rpc, h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for (rpc, h) in self.latency.lock().recover().iter() {
             for (i, b) in BUCKETS.iter().enumerate() {
                 out.push_str(&format!(
                     "cardvault_request_duration_seconds_bucket{{rpc=\"{rpc}\",le=\"{b}\"}} {}\n",
@@ -258,7 +249,7 @@ impl Metrics {
             "counter",
             self.handshakes_evicted.load(Ordering::Relaxed),
         );
-        let cached = self.store_gauges.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = self.store_gauges.lock().recover();
         if let Some(n) = cached.audit_records {
             gauge(
                 &mut out,
@@ -332,7 +323,7 @@ impl Metrics {
             }
             active
         });
-        let mut g = self.store_gauges.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.store_gauges.lock().recover();
         // A failed read keeps the last good value.
         if audit_records.is_some() {
             g.audit_records = audit_records;

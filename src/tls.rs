@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::sync::Recover;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -359,7 +360,7 @@ pub fn incoming(
                 continue;
             }
             let seq = {
-                let mut h = handshakes.lock().unwrap_or_else(|p| p.into_inner());
+                let mut h = handshakes.lock().recover();
                 while h.running.len() >= limits.max_handshakes {
                     let Some((_, oldest)) = h.running.pop_first() else {
                         break;
@@ -378,11 +379,7 @@ pub fn incoming(
             let close_all = close_all.clone();
             let task = tokio::spawn(async move {
                 let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                handshakes_done
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .running
-                    .remove(&seq);
+                handshakes_done.lock().recover().running.remove(&seq);
                 match result {
                     Ok(Ok(tls)) => {
                         metrics.connections_open.fetch_add(1, Ordering::AcqRel);
@@ -413,7 +410,7 @@ pub fn incoming(
                     }
                 }
             });
-            let mut h = handshakes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = handshakes.lock().recover();
             // A handshake that ended before it was listed stays unlisted.
             if !task.is_finished() {
                 h.running.insert(seq, task.abort_handle());

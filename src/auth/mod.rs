@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 use crate::token::Tenant;
 use policy::{Grant, Policy};
 use rate::RateLimiter;
@@ -232,15 +233,12 @@ impl Authorizer {
         let path = self.path.as_ref().ok_or("no policy file to reload")?;
         let policy = read_policy(path)?;
         let n = policy.principals.len();
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        *self.policy.write().recover() = Arc::new(policy);
         Ok(n)
     }
 
     fn current(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.policy.read().recover().clone()
     }
 
     /// Checks a call that is not scoped to one tenant (audit verify, blast

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use super::policy::RateLimit;
+use crate::sync::Recover;
 
 struct Bucket {
     tokens: f64,
@@ -81,7 +82,7 @@ impl RateLimiter {
         now: Instant,
         f: impl FnOnce(&mut Bucket) -> T,
     ) -> T {
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.buckets.lock().recover();
         // The principal's name is copied only the first time: every tokenize
         // and detokenize passes here, some twice.
         if !map.contains_key(principal) {

@@ -44,6 +44,7 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::wal::{self, Mutation, Segment};
+use crate::sync::Recover;
 
 mod buckets;
 mod filter;
@@ -243,7 +244,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().recover()
     }
 
     /// Reads a key from sled, unless the filter says it was never written.
@@ -509,7 +510,7 @@ fn run_sync(
             let mut st = shared.lock();
             while st.queue.is_empty() && !st.closing {
                 st.sleeping = true;
-                st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = shared.work.wait(st).recover();
                 st.sleeping = false;
             }
             if st.queue.is_empty() {
@@ -523,9 +524,7 @@ fn run_sync(
                     break;
                 };
                 st.sleeping = true;
-                st = (shared.work.wait_timeout(st, left))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                st = (shared.work.wait_timeout(st, left)).recover().0;
                 st.sleeping = false;
             }
             st.waited_for = false;
@@ -655,7 +654,7 @@ fn finish_batch(shared: &Shared, mut batch: Vec<Entry>, res: std::result::Result
             }
         }
     }
-    let gate = shared.apply_gate.read().unwrap_or_else(|p| p.into_inner());
+    let gate = shared.apply_gate.read().recover();
     let applied = res.clone().and_then(|()| {
         let writes = batch.iter().any(|e| !e.muts.is_empty());
         if writes && shared.fail_next_apply.swap(false, Ordering::AcqRel) {
@@ -896,10 +895,7 @@ impl SledStore {
     /// writes nothing until it is dropped.
     #[doc(hidden)]
     pub fn hold_apply(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.shared
-            .apply_gate
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.apply_gate.write().recover()
     }
 
     /// Changes acknowledged or queued but not yet applied to sled.

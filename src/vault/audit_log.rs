@@ -12,6 +12,7 @@ use crate::audit::query::{AuditFilter, BlastRadius};
 use crate::audit::{AuditBody, AuditRecord, Verifier, VerifyReport, public_key};
 use crate::error::{Error, Result};
 use crate::store::AuditLink;
+use crate::sync::Recover;
 use crate::token::Token;
 
 /// Records read from the store per page when scanning the log.
@@ -97,7 +98,7 @@ impl AuditSink {
             "detail": b.detail,
         })
         .to_string();
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.tx.lock().recover();
         let Some(tx) = tx.as_ref() else { return };
         if tx.try_send(line).is_err() {
             let n = self
@@ -122,8 +123,8 @@ impl AuditSink {
     /// Stops taking lines and waits (at most a few seconds) until those
     /// queued are written: at shutdown, so the SIEM file is complete.
     pub fn close(&self) {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.tx.lock().recover().take());
+        let done = self.done.lock().recover();
         if done.recv_timeout(SINK_DRAIN).is_err() {
             tracing::warn!("audit SIEM sink did not drain at close");
         }

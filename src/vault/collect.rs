@@ -21,6 +21,7 @@ use super::{CallContext, NewCard, Vault, audit_body, now_ms};
 use crate::card::YearMonth;
 use crate::crypto::sealed::{self, SessionKey};
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 use crate::token::Tenant;
 
 /// Longest session life: a checkout page is filled in within minutes.
@@ -135,7 +136,7 @@ impl CollectSessions {
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // Every update is a single map operation: a poisoned lock holds
         // nothing half-written.
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        self.held.lock().recover()
     }
 
     /// Makes a session of `tenant` living `ttl`; `RESOURCE_EXHAUSTED` when

@@ -37,6 +37,7 @@ use crate::crypto::keys::{Aead, SecretKey, kek_check_value, kek_matches, unwrap_
 use crate::crypto::random_array;
 use crate::crypto::shamir::{self, Binding, ShareText, derived_key};
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 
 /// Default time a rekey may take, from its start to its last share.
 pub const DEFAULT_REKEY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -376,10 +377,7 @@ impl Vault {
         }
         check_binding(cfg, &parsed, &ctx.principal)?;
         let entered = {
-            let mut pending = self
-                .pending_shares
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.pending_shares.lock().recover();
             if pending.iter().any(|(p, _)| *p == ctx.principal) {
                 return Err(Error::invalid(
                     "share",
@@ -463,17 +461,14 @@ impl Vault {
 
     /// Forgets the shares entered so far.
     pub fn reset_unseal(&self) {
-        self.pending_shares
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.pending_shares.lock().recover().clear();
     }
 
     /// Custodians who entered a share towards the next unseal.
     pub fn unseal_entered_by(&self) -> Vec<String> {
         self.pending_shares
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .iter()
             .map(|(p, _)| p.clone())
             .collect()
@@ -503,7 +498,7 @@ impl Vault {
         if let Err(e) = self.record(body).await {
             // Not audited, not started.
             if let Ok(v) = &result {
-                let mut rekey = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+                let mut rekey = self.rekey.lock().recover();
                 if rekey.as_ref().is_some_and(|r| r.nonce == v.nonce) {
                     rekey.take();
                 }
@@ -525,7 +520,7 @@ impl Vault {
             )
         })?;
         let (t, list) = check_custodians(threshold, custodians)?;
-        let mut rekey = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rekey = self.rekey.lock().recover();
         if let Some(r) = rekey.as_ref()
             && r.expires_ms > now_ms()
         {
@@ -611,7 +606,7 @@ impl Vault {
         })?;
         let parsed = shamir::decode_share(text).map_err(|e| Error::invalid("share", e))?;
         let done = {
-            let mut rekey = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rekey = self.rekey.lock().recover();
             let Some(state) = rekey.as_mut().filter(|r| r.nonce == nonce) else {
                 return Err(Error::FailedPrecondition(
                     "no rekey is in progress with this nonce".into(),
@@ -649,7 +644,7 @@ impl Vault {
     /// Cancels the rekey `nonce` (admin or a custodian). Audited.
     pub async fn cancel_rekey(&self, ctx: &CallContext, nonce: &str) -> Result<()> {
         let result = {
-            let mut rekey = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rekey = self.rekey.lock().recover();
             match rekey.as_ref() {
                 Some(r) if r.nonce == nonce => {
                     rekey.take();
@@ -671,7 +666,7 @@ impl Vault {
 
     /// The rekey in progress, if any (expired ones are dropped here).
     pub fn rekey_in_progress(&self) -> Option<RekeyView> {
-        let mut rekey = self.rekey.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rekey = self.rekey.lock().recover();
         if rekey.as_ref().is_some_and(|r| r.expires_ms <= now_ms()) {
             rekey.take();
         }
@@ -724,7 +719,7 @@ impl Vault {
         let audit_key = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.expose())
             .map_err(|_| Error::Internal("bad audit signing key".into()))?;
         {
-            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            let mut keys = self.keys.write().recover();
             // Sealed meanwhile (seal does not wait for this lock): it stays
             // sealed, and is unsealed with the new shares.
             if keys.is_some() {

@@ -22,6 +22,7 @@ use crate::crypto::fingerprint::FingerprintKey;
 use crate::crypto::keys::{Aead, SecretKey, unwrap_key, wrap_key};
 use crate::error::{Error, Result};
 use crate::store::Store;
+use crate::sync::Recover;
 
 /// Name of the KEK check value in the key table.
 pub const KEK_CHECK_NAME: &str = "vault/kek-check";
@@ -284,7 +285,7 @@ impl Keyring {
     fn cached(&self, tenant: &str) -> Option<Arc<TenantKeys>> {
         self.tenants
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .get(tenant)
             .filter(|k| k.loaded_at.elapsed() < KEY_CACHE_TTL)
             .cloned()
@@ -293,10 +294,7 @@ impl Keyring {
     /// Forgets a tenant's cached keys so the next use reloads them from the
     /// store (another replica may have added a version).
     pub fn invalidate(&self, tenant: &str) {
-        self.tenants
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(tenant);
+        self.tenants.write().recover().remove(tenant);
     }
 
     /// Creates data key `version` for `tenant` unless it exists (several
@@ -380,7 +378,7 @@ impl Keyring {
         let counter = self
             .counters
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .entry((tenant.to_owned(), active))
             .or_default()
             .clone();
@@ -402,7 +400,7 @@ impl Keyring {
         keys.read_others(store, tenant).await?;
         self.tenants
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .insert(tenant.to_owned(), keys.clone());
         Ok(keys)
     }

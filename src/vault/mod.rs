@@ -9,6 +9,7 @@
 pub mod audit_log;
 pub mod collect;
 pub mod custody;
+pub mod cvv;
 pub mod guard;
 pub mod keyring;
 pub mod keys;
@@ -20,13 +21,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::join_all;
 use ring::signature::Ed25519KeyPair;
 
+use self::cvv::CvvHolder;
 use crate::audit::AuditBody;
 use crate::card::{Brand, CardholderName, Cvv, Expiry, Pan};
 use crate::crypto::envelope::{self, CardSecret};
 use crate::crypto::keys::{Aead, SecretKey, kek_check_value, kek_matches, unwrap_key, wrap_key};
-use crate::cvv::CvvHolder;
 use crate::error::{Error, Result};
 use crate::store::{AuditLink, InsertOutcome, Store, StoredRecord};
+use crate::sync::Recover;
 use crate::token::{Purpose, Tenant, Token, TokenFormat};
 use audit_log::AuditSink;
 use keyring::{AUDIT_KEY_NAME, KEK_CHECK_NAME, Keyring};
@@ -419,10 +421,7 @@ impl Vault {
 
     /// Whether the vault holds no keys.
     pub fn is_sealed(&self) -> bool {
-        self.keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.keys.read().recover().is_none()
     }
 
     /// `Err(Sealed)` while sealed. Data calls check it before their input,
@@ -432,11 +431,7 @@ impl Vault {
     }
 
     fn keyring(&self) -> Result<Arc<Keyring>> {
-        self.keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(Error::Sealed)
+        self.keys.read().recover().clone().ok_or(Error::Sealed)
     }
 
     /// Unseals with the key-encrypting key. The first KEK a store sees is
@@ -481,7 +476,7 @@ impl Vault {
             .map_err(|_| Error::Internal("bad audit signing key".into()))?;
         let last_cp = checkpoints.last().map_or(0, |c| c.seq);
         self.last_checkpoint.fetch_max(last_cp, Ordering::Relaxed);
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Keyring::new(
+        *self.keys.write().recover() = Some(Arc::new(Keyring::new(
             kek,
             audit_key,
             self.config.dek_max_encryptions,
@@ -493,10 +488,10 @@ impl Vault {
     /// from memory. Data
     /// calls then fail `Sealed`.
     pub fn seal(&self) {
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.keys.write().recover().take();
         self.reset_unseal();
         // A rekey needs the unsealed vault; its shares go with the keys.
-        self.rekey.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.rekey.lock().recover().take();
         self.cvv.clear();
         self.collect.clear();
     }

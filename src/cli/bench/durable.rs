@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use crate::store::wal::Segment;
+use crate::sync::Recover;
 
 /// Bytes each waiting request adds to a commit: about a detokenize's
 /// audit record as the vault logs it (a tokenize's record is a little
@@ -102,7 +103,7 @@ impl Committer {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().recover()
     }
 
     /// Writes made so far.
@@ -139,7 +140,7 @@ impl Committer {
                 let mut st = self.lock();
                 while st.waiting.is_empty() && !st.closing {
                     st.sleeping = true;
-                    st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = self.work.wait(st).recover();
                     st.sleeping = false;
                 }
                 if st.closing {

@@ -19,6 +19,7 @@
 //! * Hashes are keyed per process (std's `RandomState`), so a client
 //!   cannot choose tokens or cards that collide on purpose.
 
+use crate::sync::Recover;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,14 +102,14 @@ impl KeyFilter {
     /// Adds a key of tree number `tree`.
     pub(super) fn add(&self, tree: u8, key: &[u8]) {
         let h = self.hashes(tree, key);
-        let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
+        let layers = self.layers.read().recover();
         let last = layers.last().expect("there is always a layer");
         if last.added.load(Ordering::Relaxed) < last.capacity {
             last.add(h);
             return;
         }
         drop(layers);
-        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
+        let mut layers = self.layers.write().recover();
         let last = layers.last().expect("there is always a layer");
         // Another writer may have grown it meanwhile.
         if last.added.load(Ordering::Relaxed) >= last.capacity {
@@ -125,7 +126,7 @@ impl KeyFilter {
             return true;
         }
         let h = self.hashes(tree, key);
-        let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
+        let layers = self.layers.read().recover();
         layers.iter().any(|l| l.may_contain(h))
     }
 
@@ -142,7 +143,7 @@ impl KeyFilter {
     /// Layers in use (for tests).
     #[cfg(test)]
     fn layer_count(&self) -> usize {
-        self.layers.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.layers.read().recover().len()
     }
 }
 

@@ -40,6 +40,7 @@ use prost::Message;
 use super::{AUDIT_HEAD, buckets, decode_head, unavailable};
 use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 
 /// File name of the journal, in the sled directory.
 pub const FILE: &str = "cardvault-audit.log";
@@ -280,7 +281,7 @@ impl Journal {
     }
 
     fn lock(&self) -> MutexGuard<'_, Tail> {
-        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+        self.tail.lock().recover()
     }
 
     /// Appends records `(seq, bytes)` in seq order with one write. Records

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::card::Cvv;
 use crate::error::{Error, Result};
+use crate::sync::Recover;
 
 /// Longest TTL the holder accepts; payment flows read the CVV within seconds.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
@@ -111,7 +112,7 @@ impl CvvHolder {
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // A panic while holding the lock cannot leave a half-written entry
         // (all updates are single map operations), so poisoning is ignored.
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        self.held.lock().recover()
     }
 
     /// Whether one more entry of `tenant` fits, after dropping expired
