@@ -45,7 +45,7 @@
 //! Requests flow one way: [`grpc`] (protobuf <-> domain types, errors ->
 //! status codes) -> [`auth`] (who may do what, for which tenant) ->
 //! [`vault::Vault`] (the domain core, no I/O types) -> [`crypto`], [`store`],
-//! [`cvv`], [`audit`]. Nothing below `grpc` knows about tonic.
+//! [`vault::cvv`], [`audit`]. Nothing below `grpc` knows about tonic.
 //! See `docs/security.md` for the threat model and `docs/operations.md`
 //! for operations.
 
