@@ -380,9 +380,24 @@ async fn serve_scrapes(
             }
         };
         let Ok(permit) = scrapes.clone().try_acquire_owned() else {
-            let _ = sock
-                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            // Turned away without rendering anything. The request is read
+            // (a little, briefly) after the answer, so that closing the
+            // socket does not reset it before the scraper reads the 503.
+            tokio::spawn(async move {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                let _ = sock.shutdown().await;
+                let mut sink = [0u8; 1024];
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    while let Ok(n) = sock.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
                 .await;
+            });
             continue;
         };
         let (metrics, vault, auth) = (metrics.clone(), vault.clone(), auth.clone());

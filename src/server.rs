@@ -259,6 +259,10 @@ pub fn harden(cfg: &Config, production: bool) -> Result<(), String> {
 /// over mTLS (plus metrics if configured), then drains in-flight calls,
 /// signs a final audit checkpoint and wipes keys and CVVs. `on_ready`
 /// receives the bound address (useful with port 0).
+///
+/// The work is split into named parts: `unseal_at_start`, the
+/// `Background` tasks, `Listener::run` (the gRPC server and its
+/// drain), and `wipe_on_exit`.
 pub async fn serve(
     cfg: &Config,
     keys: KeySource,
@@ -271,11 +275,50 @@ pub async fn serve(
     let mut vcfg = cfg.vault_config()?;
     vcfg.seal_mode = keys.mode().to_owned();
     let vault = Arc::new(Vault::new(store.clone(), vcfg));
+    unseal_at_start(&vault, keys).await?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.tenant_labels.store(
+        cfg.metrics.tenant_labels,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let background = Background::start(cfg, &vault, &auth, &metrics, health).await?;
+
+    tracing::info!(%addr, store = store.backend(), "cardvault listening");
+    on_ready(addr);
+    let listener = Listener {
+        listener,
+        tls,
+        vault: vault.clone(),
+        auth,
+        metrics,
+        health_service,
+        // Connection bounds, fitted to the open files this process may
+        // have (raised to its hard limit first).
+        limits: cfg
+            .connections
+            .limits()
+            .fitted(crate::hardening::raise_open_files()),
+    };
+    let result = listener.run(shutdown).await;
+    background.stop();
+    wipe_on_exit(&vault).await;
+    result
+}
+
+/// Unseals with the key-encrypting key when there is one (dev, KEK file);
+/// in Shamir mode the vault starts sealed and says what to do.
+async fn unseal_at_start(vault: &Vault, keys: KeySource) -> Result<(), String> {
     match keys {
         KeySource::Dev(kek) | KeySource::KekFile(kek) => vault
             .unseal(kek)
             .await
-            .map_err(|e| format!("cannot unseal: {e}"))?,
+            .map_err(|e| format!("cannot unseal: {e}")),
         KeySource::Shamir => {
             if vault.is_initialized().await.map_err(|e| e.to_string())? {
                 tracing::warn!("vault is SEALED: enter key shares with `cardvault unseal`");
@@ -284,192 +327,224 @@ pub async fn serve(
                     "vault is not initialised: run `cardvault init --shares N --threshold M`"
                 );
             }
+            Ok(())
         }
     }
+}
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+/// The tasks that run beside the gRPC server for the life of the process:
+/// health that follows the seal state, the purge of expired CVVs and
+/// collect session keys, periodic audit checkpoints, policy reloads on
+/// SIGHUP and the metrics endpoint. Stopped together after the drain.
+struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
-        .await;
-    // TokenService and AuditService are ready only while unsealed, so
-    // load balancers and readiness probes skip a sealed replica.
-    let health_vault = vault.clone();
-    let health_task = tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let sealed = health_vault.is_sealed();
-            if last != Some(sealed) {
-                if sealed {
-                    health
-                        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
-                        .await;
-                    health
-                        .set_not_serving::<AuditServiceServer<AuditServiceImpl>>()
-                        .await;
-                } else {
-                    health
-                        .set_serving::<TokenServiceServer<TokenServiceImpl>>()
-                        .await;
-                    health
-                        .set_serving::<AuditServiceServer<AuditServiceImpl>>()
-                        .await;
-                }
-                last = Some(sealed);
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| e.to_string())?;
-    // grpcurl and many tools still speak only the v1alpha reflection protocol.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| e.to_string())?;
-
-    // Expired CVVs and collect session keys are wiped promptly, not just
-    // when someone asks for them.
-    let purge_vault = vault.clone();
-    let purger = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            purge_vault.cvv_holder().purge_expired();
-            purge_vault.collect_sessions().purge_expired();
-        }
-    });
-
-    let reloader = reload_policy_on_sighup(auth.clone());
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    metrics.tenant_labels.store(
-        cfg.metrics.tenant_labels,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    let metrics_task = match cfg.metrics.listen {
-        Some(maddr) => {
+impl Background {
+    async fn start(
+        cfg: &Config,
+        vault: &Arc<Vault>,
+        auth: &Arc<Authorizer>,
+        metrics: &Arc<crate::metrics::Metrics>,
+        health: tonic_health::server::HealthReporter,
+    ) -> Result<Background, String> {
+        health
+            .set_serving::<KeyServiceServer<KeyServiceImpl>>()
+            .await;
+        let mut tasks = vec![
+            tokio::spawn(follow_seal_state(vault.clone(), health)),
+            tokio::spawn(purge_expired(vault.clone())),
+            tokio::spawn(checkpoint_periodically(
+                vault.clone(),
+                Duration::from_secs(cfg.audit.checkpoint_secs),
+            )),
+            reload_policy_on_sighup(auth.clone()),
+        ];
+        if let Some(maddr) = cfg.metrics.listen {
             let l = tokio::net::TcpListener::bind(maddr)
                 .await
                 .map_err(|e| format!("cannot listen on {maddr} for metrics: {e}"))?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
             tracing::info!(addr = %bound, "metrics endpoint listening");
             println!("cardvault metrics on {bound}");
-            Some(tokio::spawn(crate::metrics::serve(
+            tasks.push(tokio::spawn(crate::metrics::serve(
                 l,
                 metrics.clone(),
                 vault.clone(),
                 auth.clone(),
-            )))
+            )));
         }
-        None => None,
-    };
-    // A quiet log still gets its tail signed within checkpoint_secs.
-    let cp_vault = vault.clone();
-    let cp_every = Duration::from_secs(cfg.audit.checkpoint_secs);
-    let checkpointer = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(cp_every);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            if let Err(e) = cp_vault.checkpoint_now().await {
-                tracing::warn!(error = %e, "periodic audit checkpoint failed");
-            }
-        }
-    });
-
-    tracing::info!(%addr, store = store.backend(), "cardvault listening");
-    on_ready(addr);
-    // Connection bounds, fitted to the open files this process may have
-    // (raised to its hard limit first).
-    let limits = cfg
-        .connections
-        .limits()
-        .fitted(crate::hardening::raise_open_files());
-    tracing::info!(
-        max_connections = limits.max_connections,
-        max_handshakes = limits.max_handshakes,
-        idle_timeout_secs = limits.idle_timeout.as_secs(),
-        "connection limits"
-    );
-    // Closes every connection still open when the drain ends.
-    let close_all = tokio_util::sync::CancellationToken::new();
-    // Graceful shutdown waits for clients to finish; a client that never
-    // does must not keep the vault (and its keys) alive forever.
-    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        let _ = fired_tx.send(());
-    };
-    let drain_deadline = async move {
-        match fired_rx.await {
-            Ok(()) => tokio::time::sleep(DRAIN_TIMEOUT).await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    let server = grpc_server()
-        .layer(crate::metrics::MetricsLayer {
-            metrics: metrics.clone(),
-            auth: auth.clone(),
-        })
-        // Inside the metrics layer, so its refusals are counted too.
-        .layer(crate::grpc::gate::GateLayer {
-            vault: vault.clone(),
-            auth: auth.clone(),
-        })
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))
-                .max_decoding_message_size(crate::grpc::gate::TOKEN_MESSAGE_LIMIT),
-        )
-        .add_service(
-            AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth.clone()))
-                .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
-        )
-        .add_service(
-            KeyServiceServer::new(KeyServiceImpl::new(vault.clone(), auth))
-                .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
-        )
-        .serve_with_incoming_shutdown(
-            crate::tls::incoming(listener, tls, metrics.clone(), limits, close_all.clone()),
-            signal,
-        );
-    let result = tokio::select! {
-        r = server => r.map_err(|e| format!("server error: {e}")),
-        _ = drain_deadline => {
-            tracing::warn!(timeout_secs = DRAIN_TIMEOUT.as_secs(), "drain timeout; closing remaining connections");
-            Ok(())
-        }
-    };
-    // Connections still busy after the drain are closed before the keys
-    // are wiped (their tasks outlive the server future).
-    close_all.cancel();
-    purger.abort();
-    reloader.abort();
-    checkpointer.abort();
-    health_task.abort();
-    if let Some(t) = metrics_task {
-        t.abort();
+        Ok(Background { tasks })
     }
-    // Seal the tail of the audit log before the signing key is wiped.
+
+    fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// TokenService and AuditService are ready only while unsealed, so load
+/// balancers and readiness probes skip a sealed replica.
+async fn follow_seal_state(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let sealed = vault.is_sealed();
+        if last != Some(sealed) {
+            if sealed {
+                health
+                    .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
+                    .await;
+                health
+                    .set_not_serving::<AuditServiceServer<AuditServiceImpl>>()
+                    .await;
+            } else {
+                health
+                    .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+                    .await;
+                health
+                    .set_serving::<AuditServiceServer<AuditServiceImpl>>()
+                    .await;
+            }
+            last = Some(sealed);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Expired CVVs and collect session keys are wiped promptly, not just when
+/// someone asks for them.
+async fn purge_expired(vault: Arc<Vault>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        vault.cvv_holder().purge_expired();
+        vault.collect_sessions().purge_expired();
+    }
+}
+
+/// A quiet log still gets its tail signed within `every`.
+async fn checkpoint_periodically(vault: Arc<Vault>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = vault.checkpoint_now().await {
+            tracing::warn!(error = %e, "periodic audit checkpoint failed");
+        }
+    }
+}
+
+/// The gRPC side: the services behind the metrics layer and the gate, on
+/// the TLS listener with its connection bounds.
+struct Listener<H> {
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    vault: Arc<Vault>,
+    auth: Arc<Authorizer>,
+    metrics: Arc<crate::metrics::Metrics>,
+    health_service: tonic_health::pb::health_server::HealthServer<H>,
+    limits: crate::tls::Limits,
+}
+
+impl<H: tonic_health::pb::health_server::Health> Listener<H> {
+    /// Serves until `shutdown`, then drains in-flight calls for at most
+    /// [`DRAIN_TIMEOUT`] and closes whatever connections are left.
+    async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+        let Listener {
+            listener,
+            tls,
+            vault,
+            auth,
+            metrics,
+            health_service,
+            limits,
+        } = self;
+        tracing::info!(
+            max_connections = limits.max_connections,
+            max_handshakes = limits.max_handshakes,
+            idle_timeout_secs = limits.idle_timeout.as_secs(),
+            "connection limits"
+        );
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| e.to_string())?;
+        // grpcurl and many tools still speak only the v1alpha reflection protocol.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| e.to_string())?;
+        // Closes every connection still open when the drain ends.
+        let close_all = tokio_util::sync::CancellationToken::new();
+        // Graceful shutdown waits for clients to finish; a client that never
+        // does must not keep the vault (and its keys) alive forever.
+        let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = fired_tx.send(());
+        };
+        let drain_deadline = async move {
+            match fired_rx.await {
+                Ok(()) => tokio::time::sleep(DRAIN_TIMEOUT).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let server = grpc_server()
+            .layer(crate::metrics::MetricsLayer {
+                metrics: metrics.clone(),
+                auth: auth.clone(),
+            })
+            // Inside the metrics layer, so its refusals are counted too.
+            .layer(crate::grpc::gate::GateLayer {
+                vault: vault.clone(),
+                auth: auth.clone(),
+            })
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))
+                    .max_decoding_message_size(crate::grpc::gate::TOKEN_MESSAGE_LIMIT),
+            )
+            .add_service(
+                AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth.clone()))
+                    .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
+            )
+            .add_service(
+                KeyServiceServer::new(KeyServiceImpl::new(vault, auth))
+                    .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
+            )
+            .serve_with_incoming_shutdown(
+                crate::tls::incoming(listener, tls, metrics, limits, close_all.clone()),
+                signal,
+            );
+        let result = tokio::select! {
+            r = server => r.map_err(|e| format!("server error: {e}")),
+            _ = drain_deadline => {
+                tracing::warn!(timeout_secs = DRAIN_TIMEOUT.as_secs(), "drain timeout; closing remaining connections");
+                Ok(())
+            }
+        };
+        // Connections still busy after the drain are closed before the
+        // keys are wiped (their tasks outlive the server future).
+        close_all.cancel();
+        result
+    }
+}
+
+/// After the drain: the tail of the audit log is signed before the signing
+/// key is wiped, the SIEM copy is completed (bounded wait), and keys, CVVs
+/// and collect session keys are wiped before the store closes.
+async fn wipe_on_exit(vault: &Vault) {
     if let Err(e) = vault.checkpoint_now().await {
         tracing::warn!(error = %e, "final audit checkpoint failed");
     }
-    // The SIEM copy is complete before the process goes (bounded wait).
     vault.close_audit_sink();
-    // In-flight calls have drained; wipe keys and CVVs before the store closes.
     vault.seal();
     tracing::info!("cardvault stopped; keys and CVVs wiped");
-    result
 }
 
 /// Resolves on SIGINT or SIGTERM.
