@@ -41,6 +41,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// The gRPC code name the API answers this error with, e.g.
+    /// `INVALID_ARGUMENT`: what audit records, batch item errors and logs
+    /// call it. The one table of them.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::NotFound => "NOT_FOUND",
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::PermissionDenied(_) => "PERMISSION_DENIED",
+            Error::Sealed | Error::Unavailable(_) => "UNAVAILABLE",
+            Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Error::DataLoss(_) => "DATA_LOSS",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {

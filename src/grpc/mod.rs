@@ -9,7 +9,7 @@ pub mod key_service;
 mod redact;
 pub mod token_service;
 
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::error::Error;
 
@@ -28,22 +28,6 @@ pub fn status_of(err: &Error) -> Status {
         Error::DataLoss(_) => Status::data_loss(msg),
         Error::Unavailable(_) => Status::unavailable(msg),
         Error::Internal(_) => Status::internal(msg),
-    }
-}
-
-/// The gRPC code name of a domain error, e.g. `INVALID_ARGUMENT`, for
-/// per-item errors in batch responses.
-pub fn code_name(err: &Error) -> &'static str {
-    match status_of(err).code() {
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::NotFound => "NOT_FOUND",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        _ => "INTERNAL",
     }
 }
 
@@ -89,7 +73,7 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
 /// A batch item's error in protobuf form.
 pub fn item_error(err: &Error) -> crate::proto::ItemError {
     crate::proto::ItemError {
-        code: code_name(err).to_owned(),
+        code: err.code_name().to_owned(),
         field: match err {
             Error::InvalidArgument { field, .. } => field.clone(),
             _ => String::new(),
@@ -101,5 +85,37 @@ pub fn item_error(err: &Error) -> crate::proto::ItemError {
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         status_of(&err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The code name written to audit records and batch item errors is the
+    /// code the call answers with.
+    #[test]
+    fn code_names_match_the_status_codes() {
+        for e in [
+            Error::invalid("f", "r"),
+            Error::NotFound,
+            Error::Unauthenticated("x".into()),
+            Error::PermissionDenied("x".into()),
+            Error::Sealed,
+            Error::FailedPrecondition("x".into()),
+            Error::ResourceExhausted("x".into()),
+            Error::DataLoss("x".into()),
+            Error::Unavailable("x".into()),
+            Error::Internal("x".into()),
+        ] {
+            let code = status_of(&e).code();
+            let name = format!("{code:?}");
+            // tonic's Debug is CamelCase: compare without underscores.
+            assert_eq!(
+                name.to_ascii_uppercase(),
+                e.code_name().replace('_', ""),
+                "{e:?}"
+            );
+        }
     }
 }

@@ -335,21 +335,6 @@ fn integrity(what: &str) -> Error {
     ))
 }
 
-/// The gRPC-style code name of an error, as written to the audit log.
-pub fn outcome_name(err: &Error) -> &'static str {
-    match err {
-        Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
-        Error::NotFound => "NOT_FOUND",
-        Error::Unauthenticated(_) => "UNAUTHENTICATED",
-        Error::PermissionDenied(_) => "PERMISSION_DENIED",
-        Error::Sealed | Error::Unavailable(_) => "UNAVAILABLE",
-        Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
-        Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
-        Error::DataLoss(_) => "DATA_LOSS",
-        Error::Internal(_) => "INTERNAL",
-    }
-}
-
 /// Builds an audit body for an operation and its outcome.
 pub fn audit_body(
     ctx: &CallContext,
@@ -360,7 +345,7 @@ pub fn audit_body(
 ) -> AuditBody {
     let (outcome, error) = match outcome {
         Ok(()) => ("OK".to_owned(), String::new()),
-        Err(e) => (outcome_name(e).to_owned(), e.to_string()),
+        Err(e) => (e.code_name().to_owned(), e.to_string()),
     };
     AuditBody {
         time_ms: now_ms(),
