@@ -9,26 +9,13 @@ use std::time::{Duration, Instant};
 use cardvault::proto::TokenizeRequest;
 use common::{Opts, VaultProcess, exp_year};
 
-/// Raises this process's open-file limit to its hard limit (the test
-/// itself holds thousands of sockets).
-fn raise_nofile() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let lim = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        rustix::process::Rlimit {
-            current: lim.maximum,
-            maximum: lim.maximum,
-        },
-    );
-}
-
 /// 2,000 TCP connections that send nothing, against a vault limited to
 /// 1,024 open files (a common default): a client with a certificate
 /// still connects and tokenizes at once.
 #[tokio::test]
 async fn two_thousand_idle_connects_do_not_stop_a_legitimate_client() {
-    raise_nofile();
+    // The test itself holds thousands of sockets.
+    cardvault::hardening::raise_open_files();
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
         nofile: Some(1024),

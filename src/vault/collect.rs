@@ -342,15 +342,27 @@ impl Vault {
     ) -> Result<NewCard> {
         let result = self.open_sealed_inner(tenant, session_id, sealed_card);
         if let Err(e) = &result {
-            let mut body = audit_body(ctx, "TokenizeSealed", tenant.as_str(), "", Err(e));
-            if check_session_id(session_id).is_ok() {
-                body.detail = format!("session {session_id}");
-            }
-            if let Err(err) = self.record(body).await {
-                tracing::error!(request_id = %ctx.request_id, error = %err, "audit append failed for a refused call");
-            }
+            self.audit_sealed_refusal(ctx, tenant, session_id, e).await;
         }
         result
+    }
+
+    /// Records a refused `TokenizeSealed` with its session id (when the id
+    /// is well-formed: a malformed one may be anything).
+    pub(crate) async fn audit_sealed_refusal(
+        &self,
+        ctx: &CallContext,
+        tenant: &Tenant,
+        session_id: &str,
+        e: &Error,
+    ) {
+        let mut body = audit_body(ctx, "TokenizeSealed", tenant.as_str(), "", Err(e));
+        if check_session_id(session_id).is_ok() {
+            body.detail = format!("session {session_id}");
+        }
+        if let Err(err) = self.record(body).await {
+            tracing::error!(request_id = %ctx.request_id, error = %err, "audit append failed for a refused call");
+        }
     }
 
     fn open_sealed_inner(

@@ -630,11 +630,7 @@ impl Vault {
             .tokenize_inner(ctx, "TokenizeSealed", tenant, card, opts, budget, &detail)
             .await;
         if let Err(e) = &result {
-            let mut body = audit_body(ctx, "TokenizeSealed", tenant.as_str(), "", Err(e));
-            body.detail = detail;
-            if let Err(err) = self.record(body).await {
-                tracing::error!(request_id = %ctx.request_id, error = %err, "audit append failed for a refused call");
-            }
+            self.audit_sealed_refusal(ctx, tenant, session_id, e).await;
         }
         result
     }

@@ -177,6 +177,11 @@ impl VaultProcess {
 
     /// mTLS channel using the dev certificate `identity` (e.g. "merchant").
     pub async fn channel(&self, identity: &str) -> Channel {
+        self.try_channel(identity).await.expect("connect")
+    }
+
+    /// [`VaultProcess::channel`], or why it could not connect.
+    pub async fn try_channel(&self, identity: &str) -> Result<Channel, String> {
         let certs = self.data_dir.join("certs");
         let read = |n: &str| std::fs::read(certs.join(n)).unwrap();
         let tls = ClientTlsConfig::new()
@@ -192,7 +197,7 @@ impl VaultProcess {
             .unwrap()
             .connect()
             .await
-            .expect("connect")
+            .map_err(|e| e.to_string())
     }
 
     /// A TokenService client as `identity`, or why it could not connect.
@@ -200,23 +205,7 @@ impl VaultProcess {
         &self,
         identity: &str,
     ) -> Result<TokenServiceClient<Channel>, String> {
-        let certs = self.data_dir.join("certs");
-        let read = |n: &str| std::fs::read(certs.join(n)).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca.pem")))
-            .identity(Identity::from_pem(
-                read(&format!("{identity}.pem")),
-                read(&format!("{identity}.key")),
-            ))
-            .domain_name("localhost");
-        let channel = Channel::from_shared(format!("https://{}", self.addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(TokenServiceClient::new(channel))
+        Ok(TokenServiceClient::new(self.try_channel(identity).await?))
     }
 
     /// A TokenService client as `identity`.
