@@ -207,8 +207,12 @@ pub struct PeerStream {
     idle: Pin<Box<tokio::time::Sleep>>,
     /// How long the peer may send nothing.
     idle_timeout: Duration,
-    /// Resolves when the server closes every connection (end of drain).
+    /// Resolves when the server closes every connection (end of drain):
+    /// polled by reads that wait (so a waiting connection wakes), checked
+    /// by writes (a cheap flag).
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The same, as a flag.
+    close_all: CancellationToken,
 }
 
 /// A place among the established connections (counted in the metrics'
@@ -287,7 +291,7 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.closed.as_mut().poll(cx).is_ready() {
+        if self.close_all.is_cancelled() {
             return Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
         }
         Pin::new(&mut self.tls).poll_write(cx, buf)
@@ -298,7 +302,7 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if self.closed.as_mut().poll(cx).is_ready() {
+        if self.close_all.is_cancelled() {
             return Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
         }
         Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
@@ -392,7 +396,11 @@ pub fn incoming(
                             last_read: Instant::now(),
                             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
                             idle_timeout: limits.idle_timeout,
-                            closed: Box::pin(close_all.cancelled_owned()),
+                            // A token per connection: waiting on the one
+                            // shared token would serialise every
+                            // connection's waits on its lock.
+                            closed: Box::pin(close_all.child_token().cancelled_owned()),
+                            close_all: close_all.clone(),
                         };
                         let _ = tx.send(Ok(stream)).await;
                     }
