@@ -77,8 +77,9 @@ impl SessionKey {
     /// returned in a buffer that is wiped on drop. Errors never contain
     /// the input.
     pub fn open(&self, sealed: &str, tenant: &str, session_id: &str) -> Result<Zeroizing<Vec<u8>>> {
-        let (enc, ct) = split(sealed)?;
-        let mut buf = Zeroizing::new(ct.to_vec());
+        let mut enc = split(sealed)?;
+        // The ciphertext is opened in place, in a buffer wiped on drop.
+        let mut buf = Zeroizing::new(enc.split_off(ENC_LEN));
         self.open_raw(&enc, &mut buf, INFO, &aad(tenant, session_id))?;
         Ok(buf)
     }
@@ -124,8 +125,9 @@ pub fn aad(tenant: &str, session_id: &str) -> Vec<u8> {
     aad
 }
 
-/// Splits a sealed text into the encapsulated key and ciphertext ‖ tag.
-fn split(sealed: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+/// Decodes a sealed text into `enc ‖ ciphertext ‖ tag`, checking that it
+/// is long enough to hold all three.
+fn split(sealed: &str) -> Result<Vec<u8>> {
     let bad = || {
         Error::invalid(
             "sealed",
@@ -146,8 +148,7 @@ fn split(sealed: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     if raw.len() < ENC_LEN + TAG_LEN {
         return Err(bad());
     }
-    let (enc, ct) = raw.split_at(ENC_LEN);
-    Ok((enc.to_vec(), ct.to_vec()))
+    Ok(raw)
 }
 
 /// Seals `plaintext` to a session's public key, as a browser does: for
