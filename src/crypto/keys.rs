@@ -53,8 +53,8 @@ impl std::fmt::Debug for SecretKey {
     }
 }
 
-/// AES-256-GCM with random nonces. The expanded key schedule is wiped on drop
-/// (the `zeroize` features of `aes` and `aes-gcm`).
+/// AES-256-GCM with random nonces. Everything derived from the key (the AES
+/// round keys and the GHASH subkey) is wiped on drop.
 ///
 /// Output layout of [`Aead::seal`]: `nonce(12) | ciphertext | tag(16)`.
 pub struct Aead {
@@ -65,6 +65,20 @@ pub struct Aead {
 /// Deliberately carries no detail: which of those it was must not leak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenError;
+
+impl Drop for Aead {
+    fn drop(&mut self) {
+        // The `aes` crate wipes the round keys it uses, but not the rest of
+        // its CPU-dispatch union, and `polyval` keeps the GHASH subkey
+        // H = AES_K(0) in such a union that it never drops at all; with H
+        // anyone can forge tags under this key. Assigning in place drops the
+        // old cipher and writes a new one, built from the all-zero (public)
+        // key, over every byte of it; `black_box` keeps that store from being
+        // optimised away as dead. tests/key_wipe.rs checks the result.
+        self.cipher = Aes256Gcm::new(&[0u8; KEY_LEN].into());
+        std::hint::black_box(&self.cipher);
+    }
+}
 
 impl Aead {
     /// Builds the cipher for `key`.
