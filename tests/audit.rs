@@ -685,3 +685,128 @@ async fn every_read_of_a_token_is_one_query() {
         ]
     );
 }
+
+/// An auditor whose grant names one tenant learns nothing from the log of
+/// other tenants' activity: the same calls for its tenant, with no or with
+/// 25 calls for another tenant between them, give it identical answers
+/// (positions, paging cursors, events).
+#[tokio::test]
+async fn a_tenant_auditor_learns_nothing_of_other_tenants_activity() {
+    const SCOPED: &str = "spiffe://cardvault.dev/demo/tenant-auditor";
+    async fn what_it_sees(others: usize) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(
+            data.join("policy.toml"),
+            format!(
+                r#"
+[[principal]]
+name = "spiffe://cardvault.dev/demo/merchant"
+roles = ["merchant"]
+tenants = ["demo", "other"]
+
+[[principal]]
+name = "{SCOPED}"
+roles = ["auditor"]
+tenants = ["demo"]
+"#
+            ),
+        )
+        .unwrap();
+        let v = VaultProcess::start(&data, &Opts::default());
+        let mut m = v.client("merchant").await;
+        let tok = |tenant: &str| TokenizeRequest {
+            tenant: tenant.into(),
+            pan: "4111111111111111".into(),
+            exp_month: 1,
+            exp_year: exp_year(),
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        let channel = v
+            .channel_with(Some(v.issue_client_cert(SCOPED)))
+            .await
+            .unwrap();
+        let mut a = AuditServiceClient::new(channel);
+        let mut after = 0;
+        for round in 0..3 {
+            m.tokenize(tok("demo")).await.unwrap();
+            for _ in 0..others {
+                m.tokenize(tok("other")).await.unwrap();
+            }
+            let page = a
+                .query(AuditQueryRequest {
+                    tenant: "demo".into(),
+                    after_seq: after,
+                    limit: 2,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for e in &page.events {
+                assert_eq!(e.tenant, "demo");
+                seen.push(format!(
+                    "round {round}: seq {} tenant_seq {} {} {}",
+                    e.seq, e.tenant_seq, e.action, e.outcome
+                ));
+            }
+            seen.push(format!("round {round}: next {}", page.next_after_seq));
+            after = page.next_after_seq;
+        }
+        seen
+    }
+    let quiet = what_it_sees(0).await;
+    let busy = what_it_sees(25).await;
+    assert_eq!(quiet, busy, "the other tenant's activity shows");
+    assert!(quiet.iter().any(|l| l.contains("Tokenize OK")), "{quiet:?}");
+}
+
+/// A query naming a tenant reads that tenant's index, not the chain, and
+/// is paged by the tenant's numbering; a query across tenants reads the
+/// chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_query_reads_the_tenant_index_not_the_whole_log() {
+    use cardvault::audit::query::AuditFilter;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Flaky::open(dir.path()));
+    let v = Vault::new(store.clone() as Arc<dyn Store>, VaultConfig::default());
+    v.unseal(SecretKey::generate()).await.unwrap();
+    for i in 0..40 {
+        let tenant = if i % 10 == 0 { "demo" } else { "other" };
+        v.tokenize(
+            &ctx("m"),
+            &t(tenant),
+            card("4111111111111111"),
+            TokenizeOptions::default(),
+            &Unmetered,
+        )
+        .await
+        .unwrap();
+    }
+    store.chain_pages.store(0, Ordering::SeqCst);
+    let filter = AuditFilter {
+        tenant: "demo".into(),
+        action: "Tokenize".into(),
+        ..Default::default()
+    };
+    let (hits, next) = v.query_audit(&ctx("a"), &filter, 0, 3).await.unwrap();
+    assert_eq!(store.chain_pages.load(Ordering::SeqCst), 0);
+    let numbers: Vec<_> = hits.iter().map(|h| h.tenant_seq).collect();
+    assert_eq!(numbers, vec![Some(1), Some(2), Some(3)]);
+    assert_eq!(next, 3);
+    let (rest, _) = v.query_audit(&ctx("a"), &filter, next, 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].tenant_seq, Some(4));
+    assert!(hits.iter().chain(&rest).all(|h| h.body.tenant == "demo"));
+    assert_eq!(store.chain_pages.load(Ordering::SeqCst), 0);
+    let across = AuditFilter {
+        action: "Tokenize".into(),
+        ..Default::default()
+    };
+    let (all, _) = v.query_audit(&ctx("a"), &across, 0, 100).await.unwrap();
+    assert_eq!(all.len(), 40);
+    assert!(store.chain_pages.load(Ordering::SeqCst) > 0);
+}

@@ -760,3 +760,50 @@ async fn each_method_takes_at_most_its_largest_real_request() {
     let refused: Vec<_> = v.audit_events("Tokenize").await;
     assert!(refused.iter().any(|e| e.outcome == "RESOURCE_EXHAUSTED"));
 }
+
+/// A refused call is recorded under its method's name, never under the
+/// caller's own path text: a stranger calling a path made of a card
+/// number leaves no card number in the log, and a refusal at the gate goes
+/// under the name the handler uses (`AuditQuery`, not `Query`).
+#[tokio::test]
+async fn a_refused_path_never_carries_its_text_into_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = VaultProcess::start(&dir.path().join("data"), &Opts::default());
+    let stranger = v
+        .channel_with(Some(v.issue_client_cert("spiffe://cardvault.dev/stranger")))
+        .await
+        .unwrap();
+    let pan = "4111111111111111";
+    for path in [
+        format!("/cardvault.v1.TokenService/{pan}"),
+        "/cardvault.v1.AuditService/Query".to_owned(),
+    ] {
+        let mut grpc = tonic::client::Grpc::new(stranger.clone());
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<Garbage, Garbage>::default();
+        let s = grpc
+            .unary(
+                tonic::Request::new(Garbage {
+                    pan: Vec::new(),
+                    padding: Vec::new(),
+                }),
+                http::uri::PathAndQuery::try_from(path.as_str()).unwrap(),
+                codec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::Unauthenticated, "{path}: {s:?}");
+    }
+    let refused: Vec<_> = v
+        .audit_events("")
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == "UNAUTHENTICATED")
+        .collect();
+    let actions: Vec<&str> = refused.iter().map(|e| e.action.as_str()).collect();
+    assert!(actions.contains(&"AuditQuery"), "{actions:?}");
+    assert!(actions.contains(&"OtherMethod"), "{actions:?}");
+    for e in &refused {
+        assert!(!format!("{e:?}").contains(pan), "{e:?}");
+    }
+}

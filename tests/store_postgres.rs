@@ -312,3 +312,38 @@ async fn a_store_that_cannot_be_opened_says_why() {
         };
     assert!(refused.to_lowercase().contains("refused"), "{refused}");
 }
+
+/// Audit records written before the tenant view existed (no tenant number
+/// yet, as after the schema migration that added it) are numbered in chain
+/// order when a store connects, and later records are numbered on.
+#[tokio::test]
+async fn old_audit_records_are_numbered_by_tenant_at_start() {
+    let Some((store, url)) = fresh_store().await else {
+        return;
+    };
+    for i in 0..12 {
+        let body = cardvault::audit::AuditBody {
+            tenant: ["acme", "globex", ""][i % 3].into(),
+            ..audit_body("Detokenize")
+        };
+        store.append_audit(&body).await.unwrap();
+    }
+    drop(store);
+    admin(&url)
+        .await
+        .execute("UPDATE audit_log SET tenant = NULL, tenant_seq = NULL", &[])
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(&url, 2, None).await.unwrap();
+    let view = store.tenant_audit_records("acme", 0, 100).await.unwrap();
+    let got: Vec<(u64, u64)> = view.iter().map(|(n, r)| (*n, r.seq)).collect();
+    assert_eq!(got, vec![(1, 1), (2, 4), (3, 7), (4, 10)]);
+    let body = cardvault::audit::AuditBody {
+        tenant: "acme".into(),
+        ..audit_body("Detokenize")
+    };
+    store.append_audit(&body).await.unwrap();
+    let next = store.tenant_audit_records("acme", 4, 100).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!((next[0].0, next[0].1.seq), (5, 13));
+}

@@ -295,7 +295,7 @@ def test_auditor_query_returns_the_detokenize_event(vault, pb):
     assert ev.outcome == "OK"
     assert ev.principal == "spiffe://cardvault.dev/demo/processor"
     assert "processor" in ev.roles
-    assert ev.seq > 0 and len(ev.hash) == 64
+    assert ev.seq > 0 and ev.tenant_seq > 0 and len(ev.hash) == 64
     assert PAN not in str(ev) and NAME not in str(ev)
     # Card data is not the auditor's: it cannot detokenize.
     err = rpc_error(lambda: token_stub(vault, pb, "auditor").Detokenize(

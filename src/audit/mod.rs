@@ -12,7 +12,10 @@
 //!
 //! Never a PAN, CVV or name: the body holds tokens, identities and outcomes.
 
+pub mod action;
 pub mod query;
+
+pub use action::AuditAction;
 
 use ring::digest;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};

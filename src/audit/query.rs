@@ -3,14 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use super::AuditBody;
+use super::{AuditAction, AuditBody};
 use crate::error::{Error, Result};
 use crate::token::{Tenant, Token, check_free_text};
 
 /// Longest principal a filter accepts (certificate names are far shorter).
 const MAX_PRINCIPAL_CHARS: usize = 256;
-/// Longest action name a filter accepts (`DetokenizeBatch` is 15).
-const MAX_ACTION_CHARS: usize = 64;
 
 /// Which records a query returns. Empty strings match anything.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +31,7 @@ impl AuditFilter {
     /// Checks the client-given fields, which go into the query's own audit
     /// record: a token must be a token (a card number is refused, as on
     /// every token RPC), a tenant a tenant name, a principal short
-    /// printable text without a card number, an action a plain name.
+    /// printable text without a card number, an action one the log records (or `Reads`).
     /// Errors name the field and never echo the value.
     pub fn validate(&self) -> Result<()> {
         if !self.token.is_empty() {
@@ -47,12 +45,13 @@ impl AuditFilter {
         if !self.principal.is_empty() {
             check_principal(&self.principal)?;
         }
-        let action_ok = self.action.len() <= MAX_ACTION_CHARS
-            && self.action.bytes().all(|b| b.is_ascii_alphanumeric());
+        let action_ok = self.action.is_empty()
+            || self.action == READS
+            || AuditAction::parse(&self.action).is_some();
         if !action_ok {
             return Err(Error::invalid(
                 "action",
-                "must be an action name such as Detokenize",
+                "is not an audited action (e.g. Detokenize, or Reads for every read of a card)",
             ));
         }
         Ok(())
@@ -65,7 +64,7 @@ impl AuditFilter {
             && (self.tenant.is_empty() || b.tenant == self.tenant)
             && (self.action.is_empty()
                 || b.action == self.action
-                || (self.action == READS && CARD_READS.contains(&b.action.as_str())))
+                || (self.action == READS && reads_a_card(b)))
             && (self.token.is_empty() || b.token == self.token)
             && (self.since_ms == 0 || b.time_ms >= self.since_ms)
             && (self.until_ms == 0 || b.time_ms < self.until_ms)
@@ -74,8 +73,11 @@ impl AuditFilter {
 
 /// The filter action that stands for every read of a card.
 pub const READS: &str = "Reads";
-/// The actions that return a card.
-pub const CARD_READS: [&str; 2] = ["Detokenize", "DetokenizeBatch"];
+
+/// Whether the record is of an action that returns a card.
+fn reads_a_card(b: &AuditBody) -> bool {
+    AuditAction::parse(&b.action).is_some_and(AuditAction::reads_a_card)
+}
 
 /// Checks a principal given by a client (field `principal`): at most 256
 /// characters, no control characters, no card number.
@@ -106,8 +108,7 @@ pub struct BlastRadius {
 impl BlastRadius {
     /// Adds one audit body if it is a successful read by the filtered principal.
     pub fn add(&mut self, b: &AuditBody) {
-        let is_read = b.action == "Detokenize" || b.action == "DetokenizeBatch";
-        if !is_read || b.outcome != "OK" || b.token.is_empty() {
+        if !reads_a_card(b) || b.outcome != "OK" || b.token.is_empty() {
             return;
         }
         let e = self

@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
+use crate::audit::AuditAction;
 use crate::error::{Error, Result};
 use crate::sync::Recover;
 use crate::token::Tenant;
@@ -129,29 +130,67 @@ impl Action {
 
     /// RPC-style name for logs and errors.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Tokenize => "Tokenize",
-            Action::TokenizeBatch => "TokenizeBatch",
-            Action::CreateCollectSession => "CreateCollectSession",
-            Action::TokenizeSealed => "TokenizeSealed",
-            Action::Detokenize => "Detokenize",
-            Action::DetokenizeBatch => "DetokenizeBatch",
-            Action::GetMetadata => "GetMetadata",
-            Action::DeleteToken => "DeleteToken",
-            Action::AuditQuery => "AuditQuery",
-            Action::AuditBlastRadius => "AuditBlastRadius",
-            Action::AuditVerify => "AuditVerify",
-            Action::KeyStatus => "Status",
-            Action::KeyInit => "Init",
-            Action::KeyUnseal => "Unseal",
-            Action::KeySeal => "Seal",
-            Action::RotateDataKey => "RotateDataKey",
-            Action::Rewrap => "Rewrap",
-            Action::RetireKey => "RetireKey",
-            Action::StartRekey => "StartRekey",
-            Action::SubmitRekeyShare => "SubmitRekeyShare",
-            Action::CancelRekey => "CancelRekey",
-            Action::ClearEnumerationGuard => "ClearEnumerationGuard",
+        AuditAction::from(self).as_str()
+    }
+
+    /// The action of the gRPC method at `path`
+    /// (`/cardvault.v1.TokenService/Tokenize`), if it is one of ours.
+    pub fn of_path(path: &str) -> Option<Action> {
+        let (service, method) = path.strip_prefix("/cardvault.v1.")?.split_once('/')?;
+        Some(match (service, method) {
+            ("TokenService", "Tokenize") => Action::Tokenize,
+            ("TokenService", "TokenizeBatch") => Action::TokenizeBatch,
+            ("TokenService", "CreateCollectSession") => Action::CreateCollectSession,
+            ("TokenService", "TokenizeSealed") => Action::TokenizeSealed,
+            ("TokenService", "Detokenize") => Action::Detokenize,
+            ("TokenService", "DetokenizeBatch") => Action::DetokenizeBatch,
+            ("TokenService", "GetMetadata") => Action::GetMetadata,
+            ("TokenService", "DeleteToken") => Action::DeleteToken,
+            ("AuditService", "Query") => Action::AuditQuery,
+            ("AuditService", "BlastRadius") => Action::AuditBlastRadius,
+            ("AuditService", "Verify") => Action::AuditVerify,
+            ("KeyService", "Status") => Action::KeyStatus,
+            ("KeyService", "Init") => Action::KeyInit,
+            ("KeyService", "Unseal") => Action::KeyUnseal,
+            ("KeyService", "Seal") => Action::KeySeal,
+            ("KeyService", "RotateDataKey") => Action::RotateDataKey,
+            ("KeyService", "Rewrap") => Action::Rewrap,
+            ("KeyService", "RetireKey") => Action::RetireKey,
+            ("KeyService", "StartRekey") => Action::StartRekey,
+            ("KeyService", "SubmitRekeyShare") => Action::SubmitRekeyShare,
+            ("KeyService", "CancelRekey") => Action::CancelRekey,
+            ("KeyService", "ClearEnumerationGuard") => Action::ClearEnumerationGuard,
+            _ => return None,
+        })
+    }
+}
+
+impl From<Action> for AuditAction {
+    /// The name a call's records (and refusals) go under.
+    fn from(a: Action) -> AuditAction {
+        match a {
+            Action::Tokenize => AuditAction::Tokenize,
+            Action::TokenizeBatch => AuditAction::TokenizeBatch,
+            Action::CreateCollectSession => AuditAction::CreateCollectSession,
+            Action::TokenizeSealed => AuditAction::TokenizeSealed,
+            Action::Detokenize => AuditAction::Detokenize,
+            Action::DetokenizeBatch => AuditAction::DetokenizeBatch,
+            Action::GetMetadata => AuditAction::GetMetadata,
+            Action::DeleteToken => AuditAction::DeleteToken,
+            Action::AuditQuery => AuditAction::AuditQuery,
+            Action::AuditBlastRadius => AuditAction::AuditBlastRadius,
+            Action::AuditVerify => AuditAction::AuditVerify,
+            Action::KeyStatus => AuditAction::Status,
+            Action::KeyInit => AuditAction::Init,
+            Action::KeyUnseal => AuditAction::Unseal,
+            Action::KeySeal => AuditAction::Seal,
+            Action::RotateDataKey => AuditAction::RotateDataKey,
+            Action::Rewrap => AuditAction::Rewrap,
+            Action::RetireKey => AuditAction::RetireKey,
+            Action::StartRekey => AuditAction::StartRekey,
+            Action::SubmitRekeyShare => AuditAction::SubmitRekeyShare,
+            Action::CancelRekey => AuditAction::CancelRekey,
+            Action::ClearEnumerationGuard => AuditAction::ClearEnumerationGuard,
         }
     }
 }

@@ -43,7 +43,9 @@ pub struct QueryArgs {
     /// Most records to print (asked for in pages of at most 10,000).
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
-    /// Only records after this seq (to continue where a query stopped).
+    /// Only records after this position, to continue where a query
+    /// stopped: the tenant's numbering (`tenant_seq`) with --tenant, else
+    /// the chain's seq.
     #[arg(long, default_value_t = 0)]
     pub after_seq: u64,
     /// One JSON object per line instead of a table.
@@ -146,12 +148,15 @@ fn principal_of_pem(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// Prints one audit event, as a JSON line or a table row.
-fn print_event(e: &proto::AuditEvent, json: bool) {
+/// Prints one event; `by_tenant` shows the tenant's numbering first.
+fn print_event(e: &proto::AuditEvent, json: bool, by_tenant: bool) {
     if json {
+        // 0 means "not shown to this caller" or "not asked for".
+        let some = |n: u64| (n > 0).then_some(n);
         println!(
             "{}",
             json!({
-                "seq": e.seq, "time": rfc3339(&e.time), "principal": e.principal, "roles": e.roles,
+                "seq": some(e.seq), "tenant_seq": some(e.tenant_seq), "time": rfc3339(&e.time), "principal": e.principal, "roles": e.roles,
                 "tenant": e.tenant, "action": e.action, "token": e.token, "purpose": e.purpose,
                 "outcome": e.outcome, "error": e.error, "request_id": e.request_id,
                 "peer": e.peer, "detail": e.detail, "hash": e.hash,
@@ -160,7 +165,7 @@ fn print_event(e: &proto::AuditEvent, json: bool) {
     } else {
         println!(
             "{:>8}  {:<20}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {}",
-            e.seq,
+            if by_tenant { e.tenant_seq } else { e.seq },
             rfc3339(&e.time),
             e.action,
             e.tenant,
@@ -177,10 +182,17 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
     let mut client = AuditServiceClient::new(opts.connect("auditor").await?);
     match cmd {
         AuditCmd::Query(q) => {
+            let by_tenant = !q.tenant.is_empty();
             if !q.json {
                 println!(
                     "{:>8}  {:<20}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  purpose",
-                    "seq", "time", "action", "tenant", "token", "outcome", "principal"
+                    if by_tenant { "tenant#" } else { "seq" },
+                    "time",
+                    "action",
+                    "tenant",
+                    "token",
+                    "outcome",
+                    "principal"
                 );
             }
             // Page by page (the vault answers at most 10,000 a call) until
@@ -208,7 +220,7 @@ pub async fn run(opts: &ClientOpts, cmd: AuditCmd) -> Result<(), String> {
                     .into_inner();
                 let n = r.events.len() as u32;
                 for e in r.events {
-                    print_event(&e, q.json);
+                    print_event(&e, q.json, by_tenant);
                 }
                 after = r.next_after_seq;
                 left -= n.min(left);

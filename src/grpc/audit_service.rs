@@ -1,11 +1,12 @@
 //! `cardvault.v1.AuditService` (role: auditor).
 
+use crate::audit::AuditAction;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::authorize_call;
 use super::timestamp;
+use super::{authorize_call, authorize_grant};
 use crate::audit::query::AuditFilter;
 use crate::auth::{Action, Authorizer};
 use crate::error::{Error, Result};
@@ -31,7 +32,7 @@ impl AuditServiceImpl {
     async fn window(
         &self,
         ctx: &crate::vault::CallContext,
-        action: &str,
+        action: AuditAction,
         since: &Option<prost_types::Timestamp>,
         until: &Option<prost_types::Timestamp>,
     ) -> Result<(i64, i64)> {
@@ -58,10 +59,15 @@ fn ms_of(t: &Option<prost_types::Timestamp>, field: &str) -> Result<i64> {
     }
 }
 
-fn event(hit: AuditHit) -> proto::AuditEvent {
+/// One hit as an event. `global` says whether the caller may see the
+/// chain's own numbering: a caller scoped to tenants gets only its
+/// tenant's numbers, since gaps in the global ones would tell how busy the
+/// other tenants are.
+fn event(hit: AuditHit, global: bool) -> proto::AuditEvent {
     let b = hit.body;
     proto::AuditEvent {
-        seq: hit.record.seq,
+        seq: if global { hit.record.seq } else { 0 },
+        tenant_seq: hit.tenant_seq.unwrap_or(0),
         time: Some(timestamp(b.time_ms)),
         principal: b.principal,
         roles: b.roles,
@@ -85,7 +91,7 @@ impl AuditService for AuditServiceImpl {
         request: Request<proto::AuditQueryRequest>,
     ) -> Result<Response<proto::AuditQueryResponse>, Status> {
         let scope = Some(request.get_ref().tenant.clone()).filter(|t| !t.is_empty());
-        let ctx = authorize_call(
+        let (ctx, grant) = authorize_grant(
             &self.vault,
             &self.auth,
             &request,
@@ -93,9 +99,10 @@ impl AuditService for AuditServiceImpl {
             scope.as_deref(),
         )
         .await?;
+        let global = grant.tenants.is_none();
         let req = request.into_inner();
         let window = self
-            .window(&ctx, "AuditQuery", &req.since, &req.until)
+            .window(&ctx, AuditAction::AuditQuery, &req.since, &req.until)
             .await?;
         let filter = AuditFilter {
             principal: req.principal,
@@ -115,7 +122,7 @@ impl AuditService for AuditServiceImpl {
             .query_audit(&ctx, &filter, req.after_seq, limit)
             .await?;
         Ok(Response::new(proto::AuditQueryResponse {
-            events: hits.into_iter().map(event).collect(),
+            events: hits.into_iter().map(|h| event(h, global)).collect(),
             next_after_seq: next,
         }))
     }
@@ -134,7 +141,7 @@ impl AuditService for AuditServiceImpl {
         .await?;
         let req = request.into_inner();
         let (since, until) = self
-            .window(&ctx, "AuditBlastRadius", &req.since, &req.until)
+            .window(&ctx, AuditAction::AuditBlastRadius, &req.since, &req.until)
             .await?;
         let radius = self
             .vault

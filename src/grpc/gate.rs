@@ -26,7 +26,8 @@ use http_body::{Body, Frame, SizeHint};
 
 use tonic::{Code, Status};
 
-use crate::auth::Authorizer;
+use crate::audit::AuditAction;
+use crate::auth::{Action, Authorizer};
 use crate::error::Error;
 use crate::tls::Peer;
 use crate::vault::Vault;
@@ -44,26 +45,34 @@ pub const TOKEN_MESSAGE_LIMIT: usize = 1 << 20;
 /// 1,000 items, an init 255 custodians.
 pub fn method_limit(path: &str) -> usize {
     const KIB: usize = 1 << 10;
-    match path.rsplit('/').next().unwrap_or_default() {
-        "TokenizeBatch" => TOKEN_MESSAGE_LIMIT,
-        "DetokenizeBatch" => 256 * KIB,
-        "Init" | "StartRekey" => SMALL_MESSAGE_LIMIT,
-        "TokenizeSealed" | "Unseal" | "SubmitRekeyShare" | "Query" | "BlastRadius" => 16 * KIB,
-        "Tokenize"
-        | "Detokenize"
-        | "GetMetadata"
-        | "DeleteToken"
-        | "CreateCollectSession"
-        | "Status"
-        | "Seal"
-        | "RotateDataKey"
-        | "Rewrap"
-        | "RetireKey"
-        | "CancelRekey"
-        | "ClearEnumerationGuard"
-        | "Verify" => 8 * KIB,
+    match Action::of_path(path) {
+        Some(Action::TokenizeBatch) => TOKEN_MESSAGE_LIMIT,
+        Some(Action::DetokenizeBatch) => 256 * KIB,
+        Some(Action::KeyInit | Action::StartRekey) => SMALL_MESSAGE_LIMIT,
+        Some(
+            Action::TokenizeSealed
+            | Action::KeyUnseal
+            | Action::SubmitRekeyShare
+            | Action::AuditQuery
+            | Action::AuditBlastRadius,
+        ) => 16 * KIB,
+        Some(
+            Action::Tokenize
+            | Action::Detokenize
+            | Action::GetMetadata
+            | Action::DeleteToken
+            | Action::CreateCollectSession
+            | Action::KeyStatus
+            | Action::KeySeal
+            | Action::RotateDataKey
+            | Action::Rewrap
+            | Action::RetireKey
+            | Action::CancelRekey
+            | Action::ClearEnumerationGuard
+            | Action::AuditVerify,
+        ) => 8 * KIB,
         // Health checks, reflection: small, but not ours to size exactly.
-        _ => 64 * KIB,
+        None => 64 * KIB,
     }
 }
 
@@ -145,10 +154,11 @@ pub struct Gate<S> {
     layer: GateLayer,
 }
 
-/// The method's name (`Tokenize` from `/cardvault.v1.TokenService/Tokenize`),
-/// as the audit log names actions.
-fn action_of(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or_default().to_owned()
+/// The action a refusal of the method at `path` is recorded under: the
+/// name its handler uses (`AuditQuery` for `/cardvault.v1.AuditService/Query`),
+/// or `OtherMethod` for any path that is not one of ours.
+fn action_of(path: &str) -> AuditAction {
+    Action::of_path(path).map_or(AuditAction::OtherMethod, AuditAction::from)
 }
 
 /// tonic's refusal of a body, in the API's terms; `None` for anything else.
@@ -203,7 +213,7 @@ where
             drop(req);
             return Box::pin(async move {
                 tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = %action, error = %e, "denied");
-                vault.audit_rejected(&ctx, &action, "", "", &e).await;
+                vault.audit_rejected(&ctx, action, "", "", &e).await;
                 Ok(super::status_of(&e).into_http())
             });
         }
@@ -230,7 +240,7 @@ where
             let Some(e) = refusal else {
                 return Ok(res);
             };
-            vault.audit_rejected(&ctx, &action, "", "", &e).await;
+            vault.audit_rejected(&ctx, action, "", "", &e).await;
             Ok(super::status_of(&e).into_http())
         })
     }
@@ -258,7 +268,24 @@ mod tests {
         ));
         assert!(body_refusal(&Status::internal("audit log down")).is_none());
         assert!(body_refusal(&Status::invalid_argument("pan: fails the Luhn check")).is_none());
-        assert_eq!(action_of("/cardvault.v1.TokenService/Tokenize"), "Tokenize");
+        assert_eq!(
+            action_of("/cardvault.v1.TokenService/Tokenize"),
+            AuditAction::Tokenize
+        );
+        // Refusals at the gate go under the name the handler uses.
+        assert_eq!(
+            action_of("/cardvault.v1.AuditService/Query"),
+            AuditAction::AuditQuery
+        );
+        // A caller's own path is never recorded: it could hold anything.
+        for path in [
+            "/cardvault.v1.TokenService/4111111111111111",
+            "/grpc.health.v1.Health/Check",
+            "/x/Tokenize",
+            "",
+        ] {
+            assert_eq!(action_of(path), AuditAction::OtherMethod, "{path}");
+        }
     }
 
     #[test]

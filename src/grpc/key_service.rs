@@ -241,7 +241,7 @@ impl KeyService for KeyServiceImpl {
             Ok(p) => p,
             Err(e) => {
                 self.vault
-                    .audit_rejected(&ctx, Action::ClearEnumerationGuard.as_str(), "", "", &e)
+                    .audit_rejected(&ctx, Action::ClearEnumerationGuard.into(), "", "", &e)
                     .await;
                 return Err(e.into());
             }

@@ -42,6 +42,20 @@ pub(crate) async fn authorize_call<T>(
     action: crate::auth::Action,
     scope: Option<&str>,
 ) -> Result<crate::vault::CallContext, Error> {
+    authorize_grant(vault, auth, req, action, scope)
+        .await
+        .map(|(ctx, _)| ctx)
+}
+
+/// Like [`authorize_call`], also returning the caller's grant (whether it
+/// spans every tenant decides what the audit view shows).
+pub(crate) async fn authorize_grant<T>(
+    vault: &crate::vault::Vault,
+    auth: &crate::auth::Authorizer,
+    req: &tonic::Request<T>,
+    action: crate::auth::Action,
+    scope: Option<&str>,
+) -> Result<(crate::vault::CallContext, crate::auth::policy::Grant), Error> {
     let (mut ctx, caller) = identity::context_of(req);
     let res = match scope {
         Some(t) => auth.authorize(&caller, action, t).map(|a| a.grant),
@@ -50,13 +64,11 @@ pub(crate) async fn authorize_call<T>(
     match res {
         Ok(grant) => {
             ctx.roles = grant.roles.iter().map(|r| r.as_str().to_owned()).collect();
-            Ok(ctx)
+            Ok((ctx, grant))
         }
         Err(e) => {
             tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, action = action.as_str(), error = %e, "denied");
-            vault
-                .audit_rejected(&ctx, action.as_str(), "", "", &e)
-                .await;
+            vault.audit_rejected(&ctx, action.into(), "", "", &e).await;
             Err(e)
         }
     }

@@ -66,7 +66,7 @@ impl TokenServiceImpl {
                     .map(|t| t.as_str().to_owned())
                     .unwrap_or_default();
                 self.vault
-                    .audit_rejected(ctx, action.as_str(), &t, "", &e)
+                    .audit_rejected(ctx, action.into(), &t, "", &e)
                     .await;
                 Err(e)
             }
@@ -87,7 +87,7 @@ impl TokenServiceImpl {
         let parsed = self.vault.check_unsealed().and(parsed);
         if let Err(e) = &parsed {
             self.vault
-                .audit_rejected(ctx, action.as_str(), tenant.as_str(), "", e)
+                .audit_rejected(ctx, action.into(), tenant.as_str(), "", e)
                 .await;
         }
         parsed
@@ -123,7 +123,7 @@ impl TokenServiceImpl {
         if let Err(e) = &res {
             tracing::warn!(request_id = %ctx.request_id, principal = %ctx.principal, error = %e, "rate limited");
             self.vault
-                .audit_rejected(ctx, action.as_str(), authz.tenant.as_str(), "", e)
+                .audit_rejected(ctx, action.into(), authz.tenant.as_str(), "", e)
                 .await;
         }
         res
@@ -428,7 +428,7 @@ impl TokenService for TokenServiceImpl {
                 self.vault
                     .audit_rejected(
                         &ctx,
-                        action.as_str(),
+                        action.into(),
                         authz.tenant.as_str(),
                         &token.recorded(false),
                         &e,

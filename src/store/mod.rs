@@ -5,6 +5,7 @@
 //! keys and non-sensitive metadata; it never sees a PAN or CVV.
 
 pub mod conformance;
+pub mod disk;
 pub mod postgres;
 pub mod sled;
 pub mod wal;
@@ -172,6 +173,19 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` audit records with seq greater than `after_seq`, in
     /// storage-key order, each with the seq its storage key says.
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>>;
+
+    /// Up to `limit` of `tenant`'s audit records (those whose body names
+    /// it) numbered above `after`, in order, as `(tenant seq, record)`.
+    /// A tenant's records are numbered 1, 2, 3... in chain order, so this
+    /// view tells nothing of other tenants' activity, and it is read
+    /// through an index, not by scanning the log. Every record
+    /// acknowledged before the call is in it.
+    async fn tenant_audit_records(
+        &self,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord)>>;
 
     /// Reads the enumeration-guard state of one bucket of a tenant (see
     /// `vault::guard`); `None` if the bucket has none.

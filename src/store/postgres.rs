@@ -82,6 +82,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, bucket)
     );
     "#,
+    // 3: each tenant's audit records numbered in chain order, indexed, for
+    // the tenant view. `tenant` is NULL on records written before, until
+    // `index_old_audit_records` fills it in ('' for a record of no tenant,
+    // which gets no number).
+    r#"
+    ALTER TABLE audit_log ADD COLUMN tenant TEXT COLLATE "C";
+    ALTER TABLE audit_log ADD COLUMN tenant_seq BIGINT;
+    CREATE UNIQUE INDEX audit_log_by_tenant ON audit_log (tenant, tenant_seq)
+        WHERE tenant_seq IS NOT NULL;
+    CREATE INDEX audit_log_unindexed ON audit_log (seq) WHERE tenant IS NULL;
+    "#,
 ];
 
 /// How many times a transaction is retried on a serialisation failure.
@@ -387,11 +398,13 @@ async fn append_many(
     let (seq, hash): (i64, Vec<u8>) = (row.get(0), row.get(1));
     let (mut seq, mut hash) = (seq as u64, hash);
     let mut seqs = Vec::with_capacity(bodies.len());
+    let mut tenants = Vec::with_capacity(bodies.len());
     let mut records = Vec::with_capacity(bodies.len());
     let mut links = Vec::with_capacity(bodies.len());
     for body in bodies {
         let rec = AuditRecord::next(seq, &hash, body.encode_to_vec());
         seqs.push(rec.seq as i64);
+        tenants.push(body.tenant.as_str());
         records.push(rec.encode_to_vec());
         (seq, hash) = (rec.seq, rec.hash.clone());
         links.push(AuditLink {
@@ -399,9 +412,25 @@ async fn append_many(
             hash: rec.hash,
         });
     }
+    // Each tenant's records are numbered on from its highest number (one
+    // index lookup per tenant in the batch), under the head lock like the
+    // seqs, so the numbers follow chain order without gaps.
     let insert = tx
         .prepare_cached(
-            "INSERT INTO audit_log (seq, record) SELECT * FROM unnest($1::BIGINT[], $2::BYTEA[])",
+            "WITH n AS (
+                SELECT * FROM unnest($1::BIGINT[], $2::BYTEA[], $3::TEXT[]) AS n(seq, record, tenant)
+            ), top AS (
+                SELECT t.tenant, COALESCE((
+                    SELECT max(a.tenant_seq) FROM audit_log a
+                    WHERE a.tenant = t.tenant AND a.tenant_seq IS NOT NULL
+                ), 0) AS top
+                FROM (SELECT DISTINCT tenant FROM n WHERE tenant <> '') t
+            )
+            INSERT INTO audit_log (seq, record, tenant, tenant_seq)
+            SELECT n.seq, n.record, n.tenant,
+                CASE WHEN n.tenant = '' THEN NULL
+                ELSE top.top + row_number() OVER (PARTITION BY n.tenant ORDER BY n.seq) END
+            FROM n LEFT JOIN top ON top.tenant = n.tenant",
         )
         .await?;
     let head = tx
@@ -409,7 +438,7 @@ async fn append_many(
         .await?;
     // Pipelined: one round trip while the head is locked.
     let last = seq as i64;
-    let rows: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&seqs, &records];
+    let rows: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&seqs, &records, &tenants];
     let new_head: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&last, &hash];
     let (inserted, moved) = tokio::join!(tx.execute(&insert, &rows), tx.execute(&head, &new_head));
     let failed = [inserted.err(), moved.err()].into_iter().flatten();
@@ -616,6 +645,7 @@ impl PostgresStore {
             writes,
         };
         store.migrate().await?;
+        store.index_old_audit_records().await?;
         for jobs in [audit_jobs, write_jobs] {
             let committer = Committer {
                 pool: store.pool.clone(),
@@ -680,6 +710,81 @@ impl PostgresStore {
                 }
                 Ok(())
             })?;
+        }
+        Ok(())
+    }
+}
+
+impl PostgresStore {
+    /// Numbers the audit records written before the tenant view existed
+    /// (or by a replica of an older version during a rolling upgrade):
+    /// those whose `tenant` is still NULL. A page at a time, each under the
+    /// head lock, so that no append numbers a tenant's record meanwhile.
+    async fn index_old_audit_records(&self) -> Result<()> {
+        const PAGE: i64 = 5000;
+        let mut indexed = 0u64;
+        loop {
+            let done = transaction!(self, |tx| {
+                tx.query_one("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+                    .await?;
+                let rows = tx
+                    .query(
+                        "SELECT seq, record FROM audit_log WHERE tenant IS NULL ORDER BY seq LIMIT $1",
+                        &[&PAGE],
+                    )
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(true);
+                }
+                let mut tops: std::collections::HashMap<String, i64> = Default::default();
+                let (mut seqs, mut tenants, mut numbers) = (vec![], vec![], vec![]);
+                for row in &rows {
+                    let seq: i64 = row.get(0);
+                    // A record that does not decode names no tenant;
+                    // verification reports it.
+                    let tenant = AuditRecord::decode(row.get::<_, Vec<u8>>(1).as_slice())
+                        .ok()
+                        .and_then(|r| r.decode_body())
+                        .map(|b| b.tenant)
+                        .unwrap_or_default();
+                    let number = if tenant.is_empty() {
+                        None
+                    } else {
+                        if !tops.contains_key(&tenant) {
+                            let top: Option<i64> = tx
+                                .query_one(
+                                    "SELECT max(tenant_seq) FROM audit_log
+                                     WHERE tenant = $1 AND tenant_seq IS NOT NULL",
+                                    &[&tenant],
+                                )
+                                .await?
+                                .get(0);
+                            tops.insert(tenant.clone(), top.unwrap_or(0));
+                        }
+                        let top = tops.get_mut(&tenant).expect("inserted above");
+                        *top += 1;
+                        Some(*top)
+                    };
+                    seqs.push(seq);
+                    tenants.push(tenant);
+                    numbers.push(number);
+                }
+                tx.execute(
+                    "UPDATE audit_log a SET tenant = u.tenant, tenant_seq = u.number
+                     FROM unnest($1::BIGINT[], $2::TEXT[], $3::BIGINT[]) AS u(seq, tenant, number)
+                     WHERE a.seq = u.seq",
+                    &[&seqs, &tenants, &numbers],
+                )
+                .await?;
+                indexed += rows.len() as u64;
+                Ok(false)
+            })?;
+            if done {
+                break;
+            }
+        }
+        if indexed > 0 {
+            tracing::info!(records = indexed, "numbered old audit records by tenant");
         }
         Ok(())
     }
@@ -966,6 +1071,38 @@ impl Store for PostgresStore {
                     Error::DataLoss(format!("audit record {seq} cannot be decoded"))
                 })?;
                 Ok((seq as u64, rec))
+            })
+            .collect()
+    }
+
+    async fn tenant_audit_records(
+        &self,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord)>> {
+        let client = self.pool.get().await.map_err(pool)?;
+        let rows = client
+            .query(
+                "SELECT tenant_seq, record FROM audit_log
+                 WHERE tenant = $1 AND tenant_seq > $2 ORDER BY tenant_seq LIMIT $3",
+                &[
+                    &tenant,
+                    &(after.min(i64::MAX as u64) as i64),
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let number: i64 = r.get(0);
+                let rec = AuditRecord::decode(r.get::<_, Vec<u8>>(1).as_slice()).map_err(|_| {
+                    Error::DataLoss(format!(
+                        "audit record {number} of tenant {tenant} cannot be decoded"
+                    ))
+                })?;
+                Ok((number as u64, rec))
             })
             .collect()
     }

@@ -43,12 +43,14 @@ use async_trait::async_trait;
 use prost::Message;
 use tokio::sync::oneshot;
 
+use super::disk::{Disk, OsDisk};
 use super::wal::{self, Mutation, Segment};
 use crate::sync::Recover;
 
 mod buckets;
 mod filter;
 mod journal;
+mod tenant_audit;
 use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
@@ -99,6 +101,8 @@ struct Trees {
     checkpoints: sled::Tree,
     /// Enumeration-guard state by `tenant \0 bucket`.
     guard: sled::Tree,
+    /// Each tenant's audit records, numbered (see [`tenant_audit`]).
+    tenant_audit: tenant_audit::TenantIndex,
 }
 
 impl Trees {
@@ -203,6 +207,9 @@ struct State {
 /// State shared by the store handle and its threads.
 struct Shared {
     trees: Trees,
+    /// Where the log and the journal live (the OS file system outside
+    /// crash tests).
+    disk: Arc<dyn Disk>,
     /// Record, fingerprint and guard keys ever written, so tokenize's checks skip
     /// sled for keys certainly absent (see [`filter`]).
     filter: filter::KeyFilter,
@@ -403,19 +410,23 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// earlier frame format ([`wal::legacy`]).
 type LeftSegment = (u64, bool);
 
-fn read_left(dir: &Path, &(n, legacy): &LeftSegment) -> Result<(Vec<Vec<Mutation>>, wal::End)> {
+fn read_left(
+    disk: &dyn Disk,
+    dir: &Path,
+    &(n, legacy): &LeftSegment,
+) -> Result<(Vec<Vec<Mutation>>, wal::End)> {
     let read = if legacy {
-        wal::legacy::read_segment(dir, n)
+        wal::legacy::read_segment(disk, dir, n)
     } else {
-        wal::read_segment(dir, n)
+        wal::read_segment_on(disk, dir, n)
     };
     read.map_err(unavailable)
 }
 
 /// Whether every one of `segs` holds no frame at all (zero-filled spares).
-fn later_segments_are_unused(dir: &Path, segs: &[LeftSegment]) -> Result<bool> {
+fn later_segments_are_unused(disk: &dyn Disk, dir: &Path, segs: &[LeftSegment]) -> Result<bool> {
     for seg in segs {
-        let (ops, end) = read_left(dir, seg)?;
+        let (ops, end) = read_left(disk, dir, seg)?;
         if !ops.is_empty() || end != wal::End::Clean {
             return Ok(false);
         }
@@ -428,15 +439,20 @@ fn later_segments_are_unused(dir: &Path, segs: &[LeftSegment]) -> Result<bool> {
 /// caller deletes only once the whole open, every check included, has
 /// succeeded: until then they are the only copy of what a failed check
 /// may need.
-fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<(u64, Vec<PathBuf>)> {
+fn recover(
+    db: &sled::Db,
+    trees: &Trees,
+    dir: &Path,
+    disk: &dyn Disk,
+) -> Result<(u64, Vec<PathBuf>)> {
     // Segments of the earlier format were all written before any of the
     // current one (an open replays and removes them first): one sequence.
-    let mut segs: Vec<LeftSegment> = wal::legacy::segments(dir)
+    let mut segs: Vec<LeftSegment> = wal::legacy::segments(disk, dir)
         .map_err(unavailable)?
         .into_iter()
         .map(|n| (n, true))
         .chain(
-            wal::segments(dir)
+            wal::segments_on(disk, dir)
                 .map_err(unavailable)?
                 .into_iter()
                 .map(|n| (n, false)),
@@ -445,7 +461,7 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<(u64, Vec<PathBuf
     segs.sort_unstable();
     for (i, seg) in segs.iter().enumerate() {
         let n = seg.0;
-        let (ops, end) = read_left(dir, seg)?;
+        let (ops, end) = read_left(disk, dir, seg)?;
         trees.apply(ops.iter().flatten())?;
         match end {
             wal::End::Clean => {}
@@ -459,7 +475,7 @@ fn recover(db: &sled::Db, trees: &Trees, dir: &Path) -> Result<(u64, Vec<PathBuf
             // an earlier one was complete and synced before the next began.
             // Segments after it may exist but be empty: prepared ahead of
             // need (see `Preparer`), never written.
-            wal::End::Torn if !later_segments_are_unused(dir, &segs[i + 1..])? => {
+            wal::End::Torn if !later_segments_are_unused(disk, dir, &segs[i + 1..])? => {
                 return Err(Error::DataLoss(format!(
                     "write-ahead log segment {n} is corrupt before its end"
                 )));
@@ -556,9 +572,9 @@ fn run_sync(
         finish_batch(&shared, batch, res);
         if rotate {
             let next = if asked {
-                prepared.take(&dir, segment.number + 1)
+                prepared.take(&*shared.disk, &dir, segment.number + 1)
             } else {
-                Segment::create(&dir, segment.number + 1)
+                Segment::create_on(&*shared.disk, &dir, segment.number + 1)
             };
             match next {
                 Ok(next) => {
@@ -588,7 +604,11 @@ struct Preparer {
 impl Preparer {
     /// Starts the helper thread that creates and zero-fills segments ahead
     /// of need ([`Segment::prepare`]).
-    fn start(dir: PathBuf, bytes: u64) -> std::io::Result<(Preparer, JoinHandle<()>)> {
+    fn start(
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        bytes: u64,
+    ) -> std::io::Result<(Preparer, JoinHandle<()>)> {
         let (want, wanted) = mpsc::channel::<u64>();
         let (done, ready) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -597,7 +617,7 @@ impl Preparer {
                 // Ends when the group-commit thread drops its sender.
                 while let Ok(n) = wanted.recv() {
                     if done
-                        .send(Segment::prepare(&dir, n, bytes, PREPARE_PAUSE))
+                        .send(Segment::prepare_on(&*disk, &dir, n, bytes, PREPARE_PAUSE))
                         .is_err()
                     {
                         return;
@@ -615,7 +635,7 @@ impl Preparer {
     /// not done), or, if preparing failed, one created here. The helper
     /// never touches a number again once it has answered for it, so the
     /// two never create the same file.
-    fn take(&self, dir: &Path, number: u64) -> std::io::Result<Segment> {
+    fn take(&self, disk: &dyn Disk, dir: &Path, number: u64) -> std::io::Result<Segment> {
         match self.ready.recv() {
             Ok(Ok(seg)) if seg.number == number => Ok(seg),
             Ok(Ok(seg)) => Err(std::io::Error::other(format!(
@@ -624,9 +644,9 @@ impl Preparer {
             ))),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not prepare a write-ahead log segment ahead; creating it now");
-                Segment::create(dir, number)
+                Segment::create_on(disk, dir, number)
             }
-            Err(_) => Segment::create(dir, number),
+            Err(_) => Segment::create_on(disk, dir, number),
         }
     }
 }
@@ -722,6 +742,7 @@ fn fill_filter(shared: &Shared) {
         }
     }
     shared.filter.set_ready();
+    index_tenants(shared);
     tracing::info!(
         keys = n,
         ms = started.elapsed().as_millis() as u64,
@@ -765,11 +786,47 @@ fn run_cleaner(shared: Arc<Shared>, db: sled::Db, dir: PathBuf, closed: mpsc::Re
             fail(format!("sled flush failed: {e}"));
             continue;
         }
-        for s in wal::segments(&dir).unwrap_or_default() {
-            if s <= upto {
-                let _ = std::fs::remove_file(wal::segment_path(&dir, s));
-            }
+        if let Err(e) = remove_segments(&*shared.disk, &dir, upto) {
+            // Harmless: they are replayed (over what they already hold)
+            // and deleted at the next open.
+            tracing::warn!(error = %e, "could not delete retired write-ahead log segments");
         }
+        // Keep the tenant index near the head, so that a tenant query
+        // after a long quiet spell does not index a day's records first.
+        index_tenants(&shared);
+    }
+}
+
+/// Deletes the segments numbered up to `upto`, oldest first, each deletion
+/// durable before the next. Replaying an old segment over state that later
+/// ones changed would bring deleted records back, so a crash must never
+/// leave an older segment behind a deleted newer one.
+fn remove_segments(disk: &dyn Disk, dir: &Path, upto: u64) -> std::io::Result<()> {
+    for s in wal::segments_on(disk, dir)? {
+        if s <= upto {
+            disk.remove(&wal::segment_path(dir, s))?;
+            disk.sync_dir(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Brings the tenant audit index up to the journal; a failure is logged
+/// (the next tenant query tries again and reports it).
+fn index_tenants(shared: &Shared) {
+    let started = Instant::now();
+    match shared
+        .trees
+        .tenant_audit
+        .catch_up(&shared.trees.journal, || shared.lock().closing)
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(
+            records = n,
+            ms = started.elapsed().as_millis() as u64,
+            "indexed audit records by tenant"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not index audit records by tenant"),
     }
 }
 
@@ -783,17 +840,25 @@ impl SledStore {
     /// [`SledStore::open`] with log segments closed past `segment_bytes`
     /// (small values exercise rotation in tests).
     pub fn open_with(path: &Path, segment_bytes: u64) -> Result<SledStore> {
+        Self::open_on(path, segment_bytes, Arc::new(OsDisk))
+    }
+
+    /// [`SledStore::open_with`] with the log and the audit journal on
+    /// `disk` (sled's own files stay on the OS file system): how crash
+    /// tests put a simulated disk under them.
+    pub fn open_on(path: &Path, segment_bytes: u64, disk: Arc<dyn Disk>) -> Result<SledStore> {
         let db = open_db(path)?;
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         let trees = Trees {
             records: tree("records")?,
             fingerprints: tree("fingerprints")?,
             keys: tree("keys")?,
-            journal: journal::Journal::open(&db, path)?,
+            journal: journal::Journal::open(&db, path, &*disk)?,
             checkpoints: tree("audit_checkpoints")?,
             guard: tree("enumeration_guard")?,
+            tenant_audit: tenant_audit::TenantIndex::open(&db)?,
         };
-        let (next_segment, replayed) = recover(&db, &trees, path)?;
+        let (next_segment, replayed) = recover(&db, &trees, path, &*disk)?;
         let head = trees.journal.head()?.unwrap_or((0, GENESIS.to_vec()));
         // After the replay every record up to the head is in the journal. If
         // not, the journal was cut short or damaged past what the log could
@@ -815,14 +880,18 @@ impl SledStore {
         }
         // Every check has passed: what the log held is in sled, flushed.
         if !replayed.is_empty() {
+            // Oldest first, each durable before the next (see
+            // `remove_segments`).
             for f in &replayed {
-                std::fs::remove_file(f).map_err(unavailable)?;
+                disk.remove(f).map_err(unavailable)?;
+                disk.sync_dir(path).map_err(unavailable)?;
             }
             tracing::info!(segments = replayed.len(), "replayed the write-ahead log");
         }
-        let segment = Segment::create(path, next_segment).map_err(unavailable)?;
+        let segment = Segment::create_on(&*disk, path, next_segment).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             trees,
+            disk: disk.clone(),
             filter: filter::KeyFilter::new(),
             applied: AtomicU64::new(0),
             durable: AtomicU64::new(0),
@@ -861,7 +930,7 @@ impl SledStore {
                 .map_err(unavailable)?
         };
         let (preparer, prepare_thread) =
-            Preparer::start(path.to_path_buf(), segment_bytes + wal::PREALLOCATE)
+            Preparer::start(disk, path.to_path_buf(), segment_bytes + wal::PREALLOCATE)
                 .map_err(unavailable)?;
         let sync_thread = {
             let (shared, dir) = (shared.clone(), path.to_path_buf());
@@ -1137,9 +1206,7 @@ impl Drop for SledStore {
             && self.shared.trees.journal.sync().is_ok()
             && self.db.flush().is_ok()
         {
-            for s in wal::segments(&self.dir).unwrap_or_default() {
-                let _ = std::fs::remove_file(wal::segment_path(&self.dir, s));
-            }
+            let _ = remove_segments(&*self.shared.disk, &self.dir, u64::MAX);
         }
     }
 }
@@ -1415,6 +1482,27 @@ impl Store for SledStore {
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         self.barrier().await?;
         self.shared.trees.journal.records(after_seq, limit)
+    }
+
+    async fn tenant_audit_records(
+        &self,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord)>> {
+        self.barrier().await?;
+        let (shared, tenant) = (self.shared.clone(), tenant.to_owned());
+        // Catching up may read many records (the first query after an
+        // upgrade indexes the whole log): off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let trees = &shared.trees;
+            trees.tenant_audit.catch_up(&trees.journal, || false)?;
+            trees
+                .tenant_audit
+                .records(&trees.journal, &tenant, after, limit)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("tenant audit query: {e}")))?
     }
 
     async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {

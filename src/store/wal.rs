@@ -49,10 +49,10 @@
 //! frames had an 8-byte header without its own checksum, are still
 //! replayed ([`legacy`]).
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::disk::{Disk, DiskFile, OpenMode, OsDisk};
 
 /// A segment is closed (and deleted once sled is flushed) past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -246,21 +246,20 @@ pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
 
 /// Numbers of the segments in `dir`, ascending.
 pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
-    numbered(dir, SEGMENT_PREFIX)
+    segments_on(&OsDisk, dir)
 }
 
-fn numbered(dir: &Path, prefix: &str) -> std::io::Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        if let Some(n) = name
-            .to_str()
-            .and_then(|s| s.strip_prefix(prefix))
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            out.push(n);
-        }
-    }
+/// [`segments`] on `disk`.
+pub fn segments_on(disk: &dyn Disk, dir: &Path) -> std::io::Result<Vec<u64>> {
+    numbered(disk, dir, SEGMENT_PREFIX)
+}
+
+fn numbered(disk: &dyn Disk, dir: &Path, prefix: &str) -> std::io::Result<Vec<u64>> {
+    let mut out: Vec<u64> = disk
+        .list(dir)?
+        .iter()
+        .filter_map(|name| name.strip_prefix(prefix)?.parse().ok())
+        .collect();
     out.sort_unstable();
     Ok(out)
 }
@@ -321,8 +320,16 @@ pub fn end_of(buf: &[u8], valid: usize) -> End {
 /// Reads segment `n`: the operations of its valid frames, and how it ends
 /// after them ([`End`]; on `Torn` or `Corrupt` the rest was not decoded).
 pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, End)> {
-    let mut buf = Vec::new();
-    File::open(segment_path(dir, n))?.read_to_end(&mut buf)?;
+    read_segment_on(&OsDisk, dir, n)
+}
+
+/// [`read_segment`] on `disk`.
+pub fn read_segment_on(
+    disk: &dyn Disk,
+    dir: &Path,
+    n: u64,
+) -> std::io::Result<(Vec<Vec<Mutation>>, End)> {
+    let buf = disk.read(&segment_path(dir, n))?;
     let (ops, valid) = decode_frames(&buf);
     Ok((ops, end_of(&buf, valid)))
 }
@@ -332,11 +339,9 @@ pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, 
 /// A vault that crashed before an upgrade still replays them; new
 /// segments are never written so.
 pub mod legacy {
-    use std::fs::File;
-    use std::io::Read;
     use std::path::{Path, PathBuf};
 
-    use super::{End, MAX_FRAME, MAX_WRITE, Mutation, decode_payload};
+    use super::{Disk, End, MAX_FRAME, MAX_WRITE, Mutation, decode_payload};
 
     const PREFIX: &str = "cardvault-wal.";
 
@@ -346,8 +351,8 @@ pub mod legacy {
     }
 
     /// Numbers of the legacy segments in `dir`, ascending.
-    pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
-        super::numbered(dir, PREFIX)
+    pub fn segments(disk: &dyn Disk, dir: &Path) -> std::io::Result<Vec<u64>> {
+        super::numbered(disk, dir, PREFIX)
     }
 
     fn decode_frames(buf: &[u8]) -> (Vec<Vec<Mutation>>, usize) {
@@ -378,9 +383,12 @@ pub mod legacy {
     /// cannot be told from a torn one, so anything but zeroes after the
     /// valid frames is refused ([`End::Corrupt`]) unless it lies within
     /// one write of them and the header is all there is to go on.
-    pub fn read_segment(dir: &Path, n: u64) -> std::io::Result<(Vec<Vec<Mutation>>, End)> {
-        let mut buf = Vec::new();
-        File::open(segment_path(dir, n))?.read_to_end(&mut buf)?;
+    pub fn read_segment(
+        disk: &dyn Disk,
+        dir: &Path,
+        n: u64,
+    ) -> std::io::Result<(Vec<Vec<Mutation>>, End)> {
+        let buf = disk.read(&segment_path(dir, n))?;
         let (ops, valid) = decode_frames(&buf);
         let end = match buf[valid..].iter().rposition(|b| *b != 0) {
             None => End::Clean,
@@ -432,7 +440,7 @@ impl AlignedBuf {
 pub struct Segment {
     /// Its number (segments sort by it).
     pub number: u64,
-    file: File,
+    file: Arc<dyn DiskFile>,
     /// Bytes of frames written so far (where the next frame goes).
     pub len: u64,
     /// Bytes of the file that exist on disk (frames, then zeroes).
@@ -450,22 +458,24 @@ pub struct Segment {
 impl Segment {
     /// Creates segment `n` (empty) and makes its directory entry durable.
     pub fn create(dir: &Path, number: u64) -> std::io::Result<Segment> {
-        Self::create_with(dir, number, true)
+        Self::create_on(&OsDisk, dir, number)
     }
 
-    fn create_with(dir: &Path, number: u64, try_direct: bool) -> std::io::Result<Segment> {
+    /// [`Segment::create`] on `disk`.
+    pub fn create_on(disk: &dyn Disk, dir: &Path, number: u64) -> std::io::Result<Segment> {
+        Self::create_with(disk, dir, number, true)
+    }
+
+    fn create_with(
+        disk: &dyn Disk,
+        dir: &Path,
+        number: u64,
+        try_direct: bool,
+    ) -> std::io::Result<Segment> {
         let path = segment_path(dir, number);
-        let open = |flags: i32| {
-            OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .custom_flags(flags)
-                .open(&path)
-        };
         let mut seg = Segment {
             number,
-            file: open(0)?,
+            file: disk.open(&path, OpenMode::NEW)?,
             len: 0,
             allocated: 0,
             direct: false,
@@ -474,10 +484,13 @@ impl Segment {
             writes: 0,
         };
         if try_direct {
-            let flags = (rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC).bits() as i32;
+            let direct = OpenMode {
+                direct: true,
+                ..OpenMode::NEW
+            };
             // Some file systems refuse O_DIRECT at open, others only at the
             // first write: try both before relying on it.
-            if let Ok(file) = open(flags) {
+            if let Ok(file) = disk.open(&path, direct) {
                 let block = seg.buf.window(ALIGN);
                 block.fill(0);
                 if file.write_all_at(block, 0).is_ok() {
@@ -486,7 +499,7 @@ impl Segment {
                 }
             }
         }
-        File::open(dir)?.sync_all()?;
+        disk.sync_dir(dir)?;
         Ok(seg)
     }
 
@@ -503,7 +516,18 @@ impl Segment {
         bytes: u64,
         pause: std::time::Duration,
     ) -> std::io::Result<Segment> {
-        let mut seg = Self::create(dir, number)?;
+        Self::prepare_on(&OsDisk, dir, number, bytes, pause)
+    }
+
+    /// [`Segment::prepare`] on `disk`.
+    pub fn prepare_on(
+        disk: &dyn Disk,
+        dir: &Path,
+        number: u64,
+        bytes: u64,
+        pause: std::time::Duration,
+    ) -> std::io::Result<Segment> {
+        let mut seg = Self::create_on(disk, dir, number)?;
         while seg.allocated < bytes {
             let zeros = seg.buf.window(PREALLOCATE as usize);
             zeros.fill(0);
@@ -512,7 +536,7 @@ impl Segment {
             std::thread::sleep(pause);
         }
         if !seg.direct {
-            seg.file.sync_data()?;
+            seg.file.sync()?;
         }
         Ok(seg)
     }
@@ -570,7 +594,7 @@ impl Segment {
             self.tail = w[data - data % ALIGN..data].to_vec();
         } else {
             self.file.write_all_at(frames, self.len)?;
-            self.file.sync_data()?;
+            self.file.sync()?;
         }
         self.len += frames.len() as u64;
         self.writes += 1;
@@ -627,7 +651,7 @@ mod tests {
     fn appends_of_any_size_read_back_in_both_modes() {
         for direct in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let mut seg = Segment::create_with(dir.path(), 1, direct).unwrap();
+            let mut seg = Segment::create_with(&OsDisk, dir.path(), 1, direct).unwrap();
             let mut want = Vec::new();
             for i in 0..300usize {
                 let op = vec![m(
@@ -672,7 +696,7 @@ mod tests {
     fn a_large_append_is_made_as_writes_of_at_most_max_write() {
         for direct in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let mut seg = Segment::create_with(dir.path(), 1, direct).unwrap();
+            let mut seg = Segment::create_with(&OsDisk, dir.path(), 1, direct).unwrap();
             seg.append_durable(&sized_frame(0, 100)).unwrap();
             assert_eq!(seg.writes(), 1);
             // One frame larger than a write, then several that together are.
@@ -708,7 +732,7 @@ mod tests {
         // as two writes, or a small one) is the one torn.
         for last_is_large in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let mut seg = Segment::create_with(dir.path(), 1, false).unwrap();
+            let mut seg = Segment::create_with(&OsDisk, dir.path(), 1, false).unwrap();
             let mut rng = 0x9E37_79B9_7F4A_7C15u64;
             let mut starts = Vec::new();
             let mut key = 0;

@@ -8,6 +8,7 @@
 //! shutdown. A session of another tenant, an expired one, a used one and an
 //! unknown one get one identical answer, so the answer tells none apart.
 
+use crate::audit::AuditAction;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -287,8 +288,13 @@ impl Vault {
         ttl: Option<Duration>,
     ) -> Result<CollectSession> {
         let result = self.create_session_inner(ctx, tenant, ttl).await;
-        self.audit_failure(ctx, "CreateCollectSession", tenant.as_str(), result)
-            .await
+        self.audit_failure(
+            ctx,
+            AuditAction::CreateCollectSession,
+            tenant.as_str(),
+            result,
+        )
+        .await
     }
 
     async fn create_session_inner(
@@ -310,7 +316,13 @@ impl Vault {
         };
         let (id, public_key) = self.collect.create(tenant.as_str(), ttl)?;
         let expires_at_ms = now_ms() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let mut body = audit_body(ctx, "CreateCollectSession", tenant.as_str(), "", Ok(()));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::CreateCollectSession,
+            tenant.as_str(),
+            "",
+            Ok(()),
+        );
         body.detail = format!(
             "session {id}, expires {}",
             crate::time::rfc3339(expires_at_ms)
@@ -356,7 +368,13 @@ impl Vault {
         session_id: &str,
         e: &Error,
     ) {
-        let mut body = audit_body(ctx, "TokenizeSealed", tenant.as_str(), "", Err(e));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::TokenizeSealed,
+            tenant.as_str(),
+            "",
+            Err(e),
+        );
         if check_session_id(session_id).is_ok() {
             body.detail = format!("session {session_id}");
         }

@@ -22,6 +22,7 @@
 //! The model is HashiCorp Vault's `operator init -pgp-keys` and
 //! `operator rekey`, with age in place of PGP.
 
+use crate::audit::AuditAction;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -289,7 +290,7 @@ impl Vault {
         }
         // Audited before anything is written: an audit log that fails now
         // refuses the init and changes nothing.
-        let mut start = audit_body(ctx, "Init", "", "", Ok(()));
+        let mut start = audit_body(ctx, AuditAction::Init, "", "", Ok(()));
         start.detail = "starting".into();
         self.record(start).await?;
         let kek = SecretKey::generate();
@@ -318,7 +319,7 @@ impl Vault {
         self.store
             .put_keys(&[(SEAL_CONFIG_NAME.to_owned(), cfg.encode_to_vec())])
             .await?;
-        let mut body = audit_body(ctx, "Init", "", "", Ok(()));
+        let mut body = audit_body(ctx, AuditAction::Init, "", "", Ok(()));
         body.detail = format!(
             "vault {}; threshold {t} of {} custodians: {}",
             cfg.vault_id,
@@ -350,7 +351,13 @@ impl Vault {
             )),
             Err(e) => Err(e),
         };
-        let mut body = audit_body(ctx, "Unseal", "", "", result.as_ref().map(|_| ()));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::Unseal,
+            "",
+            "",
+            result.as_ref().map(|_| ()),
+        );
         if let Ok(p) = &result {
             body.detail = format!(
                 "{} of {} custodians ({}); sealed={}",
@@ -484,7 +491,13 @@ impl Vault {
         custodians: &[Custodian],
     ) -> Result<RekeyView> {
         let result = self.start_rekey_inner(threshold, custodians).await;
-        let mut body = audit_body(ctx, "RekeyStart", "", "", result.as_ref().map(|_| ()));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::RekeyStart,
+            "",
+            "",
+            result.as_ref().map(|_| ()),
+        );
         if let Ok(v) = &result {
             body.detail = format!(
                 "rekey {}: needs {} current shares by {}; new key: threshold {} of {}",
@@ -554,7 +567,13 @@ impl Vault {
         text: &str,
     ) -> Result<RekeyView> {
         let result = self.rekey_share_inner(ctx, nonce, text).await;
-        let mut body = audit_body(ctx, "RekeyShare", "", "", result.as_ref().map(|_| ()));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::RekeyShare,
+            "",
+            "",
+            result.as_ref().map(|_| ()),
+        );
         if let Ok(v) = &result {
             body.detail = format!(
                 "rekey {}: {} of {} current custodians ({})",
@@ -577,7 +596,7 @@ impl Vault {
             if let Err(e) = &recorded {
                 tracing::error!(error = %e, "rekey completed, but its share was not audited");
             }
-            let mut done = audit_body(ctx, "RekeyComplete", "", "", Ok(()));
+            let mut done = audit_body(ctx, AuditAction::RekeyComplete, "", "", Ok(()));
             done.detail = format!(
                 "rekey {nonce}: key generation {}; threshold {} of {}",
                 cfg.generation,
@@ -655,7 +674,13 @@ impl Vault {
                 )),
             }
         };
-        let mut body = audit_body(ctx, "RekeyCancel", "", "", result.as_ref().map(|_| ()));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::RekeyCancel,
+            "",
+            "",
+            result.as_ref().map(|_| ()),
+        );
         body.detail = format!("rekey {nonce}");
         self.record(body).await?;
         if result.is_ok() {

@@ -24,6 +24,7 @@
 //!
 //! [`Store::guard_swap`]: crate::store::Store::guard_swap
 
+use crate::audit::AuditAction;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -311,7 +312,13 @@ impl Vault {
             until = %until,
             "enumeration guard locked a bucket: more distinct cards with the same visible digits than the threshold within the window"
         );
-        let mut body = audit_body(ctx, "EnumerationLock", tenant.as_str(), "", Ok(()));
+        let mut body = audit_body(
+            ctx,
+            AuditAction::EnumerationLock,
+            tenant.as_str(),
+            "",
+            Ok(()),
+        );
         body.detail = format!(
             "bucket {bucket} locked until {until}: more than {} distinct cards in the window",
             self.config.guard.threshold
@@ -339,7 +346,7 @@ impl Vault {
             .await;
         let mut body = audit_body(
             ctx,
-            "ClearEnumerationGuard",
+            AuditAction::ClearEnumerationGuard,
             tenant.as_str(),
             "",
             result.as_ref().map(|_| ()),

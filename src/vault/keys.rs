@@ -3,6 +3,7 @@
 //! key rotation, and status. Operators drive all of it without ever seeing
 //! a PAN: rewrap decrypts and re-encrypts inside the vault.
 
+use crate::audit::AuditAction;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
@@ -125,7 +126,8 @@ impl Vault {
 
     /// Seals on request of an operator (audited).
     pub async fn seal_by(&self, ctx: &CallContext) -> Result<()> {
-        self.record(audit_body(ctx, "Seal", "", "", Ok(()))).await?;
+        self.record(audit_body(ctx, AuditAction::Seal, "", "", Ok(())))
+            .await?;
         // Signed after the Seal record, so the checkpoint covers it (what
         // is refused while sealed is covered by the first checkpoint after
         // the next unseal).
@@ -198,7 +200,7 @@ impl Vault {
                 .rotate_tenant(&t, None)
                 .await?
                 .ok_or_else(|| Error::Internal("unconditional rotation did not rotate".into()))?;
-            let mut body = audit_body(ctx, "RotateDataKey", &t, "", Ok(()));
+            let mut body = audit_body(ctx, AuditAction::RotateDataKey, &t, "", Ok(()));
             body.detail = format!("new active version {v}");
             self.record(body).await?;
             tracing::info!(tenant = %t, version = v, "data key rotated");
@@ -267,7 +269,7 @@ impl Vault {
                 principal: "cardvault".into(),
                 ..Default::default()
             };
-            let mut body = audit_body(&ctx, "RotateDataKey", tenant, "", Ok(()));
+            let mut body = audit_body(&ctx, AuditAction::RotateDataKey, tenant, "", Ok(()));
             body.detail = format!(
                 "automatic: {} -> version {v}",
                 if too_many {
@@ -302,7 +304,7 @@ impl Vault {
         self.rewrap_running.store(false, Ordering::SeqCst);
         let mut body = audit_body(
             ctx,
-            "Rewrap",
+            AuditAction::Rewrap,
             tenant.map_or("", |t| t.as_str()),
             "",
             result.as_ref().map(|_| ()),
@@ -456,7 +458,7 @@ impl Vault {
         let result = self.retire_inner(tenant, version).await;
         let mut body = audit_body(
             ctx,
-            "RetireKey",
+            AuditAction::RetireKey,
             tenant.as_str(),
             "",
             result.as_ref().map(|_| ()),

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod keyring;
 pub mod keys;
 
+use crate::audit::AuditAction;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -338,7 +339,7 @@ fn integrity(what: &str) -> Error {
 /// Builds an audit body for an operation and its outcome.
 pub fn audit_body(
     ctx: &CallContext,
-    action: &str,
+    action: AuditAction,
     tenant: &str,
     token: &str,
     outcome: Result<(), &Error>,
@@ -352,7 +353,7 @@ pub fn audit_body(
         principal: ctx.principal.clone(),
         roles: ctx.roles.clone(),
         tenant: tenant.to_owned(),
-        action: action.to_owned(),
+        action: action.as_str().to_owned(),
         token: token.to_owned(),
         purpose: String::new(),
         outcome,
@@ -523,7 +524,7 @@ impl Vault {
     pub async fn audit_rejected(
         &self,
         ctx: &CallContext,
-        action: &str,
+        action: AuditAction,
         tenant: &str,
         token: &str,
         err: &Error,
@@ -606,9 +607,9 @@ impl Vault {
         budget: &dyn TokenizeBudget,
     ) -> Result<CardMetadata> {
         let result = self
-            .tokenize_inner(ctx, "Tokenize", tenant, card, opts, budget, "")
+            .tokenize_inner(ctx, AuditAction::Tokenize, tenant, card, opts, budget, "")
             .await;
-        self.audit_failure(ctx, "Tokenize", tenant.as_str(), result)
+        self.audit_failure(ctx, AuditAction::Tokenize, tenant.as_str(), result)
             .await
     }
 
@@ -627,7 +628,15 @@ impl Vault {
     ) -> Result<CardMetadata> {
         let detail = format!("session {session_id}");
         let result = self
-            .tokenize_inner(ctx, "TokenizeSealed", tenant, card, opts, budget, &detail)
+            .tokenize_inner(
+                ctx,
+                AuditAction::TokenizeSealed,
+                tenant,
+                card,
+                opts,
+                budget,
+                &detail,
+            )
             .await;
         if let Err(e) = &result {
             self.audit_sealed_refusal(ctx, tenant, session_id, e).await;
@@ -640,7 +649,7 @@ impl Vault {
     pub(crate) async fn audit_failure<T>(
         &self,
         ctx: &CallContext,
-        action: &str,
+        action: AuditAction,
         tenant: &str,
         result: Result<T>,
     ) -> Result<T> {
@@ -655,7 +664,7 @@ impl Vault {
     async fn tokenize_inner(
         &self,
         ctx: &CallContext,
-        action: &str,
+        action: AuditAction,
         tenant: &Tenant,
         card: NewCard,
         opts: TokenizeOptions,
@@ -823,13 +832,21 @@ impl Vault {
                 // finds every item.
                 Ok(card) => {
                     let result = self
-                        .tokenize_inner(ctx, "TokenizeBatch", tenant, card, opts, budget, "")
+                        .tokenize_inner(
+                            ctx,
+                            AuditAction::TokenizeBatch,
+                            tenant,
+                            card,
+                            opts,
+                            budget,
+                            "",
+                        )
                         .await;
-                    self.audit_failure(ctx, "TokenizeBatch", tenant.as_str(), result)
+                    self.audit_failure(ctx, AuditAction::TokenizeBatch, tenant.as_str(), result)
                         .await
                 }
                 Err(e) => {
-                    self.audit_rejected(ctx, "TokenizeBatch", tenant.as_str(), "", &e)
+                    self.audit_rejected(ctx, AuditAction::TokenizeBatch, tenant.as_str(), "", &e)
                         .await;
                     Err(e)
                 }
@@ -850,14 +867,21 @@ impl Vault {
         purpose: &Purpose,
         include_cvv: bool,
     ) -> Result<Card> {
-        self.detokenize_as(ctx, "Detokenize", tenant, token, purpose, include_cvv)
-            .await
+        self.detokenize_as(
+            ctx,
+            AuditAction::Detokenize,
+            tenant,
+            token,
+            purpose,
+            include_cvv,
+        )
+        .await
     }
 
     async fn detokenize_as(
         &self,
         ctx: &CallContext,
-        action: &str,
+        action: AuditAction,
         tenant: &Tenant,
         token: &Token,
         purpose: &Purpose,
@@ -981,11 +1005,18 @@ impl Vault {
         Ok(join_all(tokens.into_iter().map(|t| async move {
             match t {
                 Ok(t) => {
-                    self.detokenize_as(ctx, "DetokenizeBatch", tenant, &t, purpose, include_cvv)
-                        .await
+                    self.detokenize_as(
+                        ctx,
+                        AuditAction::DetokenizeBatch,
+                        tenant,
+                        &t,
+                        purpose,
+                        include_cvv,
+                    )
+                    .await
                 }
                 Err(e) => {
-                    self.audit_rejected(ctx, "DetokenizeBatch", tenant.as_str(), "", &e)
+                    self.audit_rejected(ctx, AuditAction::DetokenizeBatch, tenant.as_str(), "", &e)
                         .await;
                     Err(e)
                 }
@@ -1012,7 +1043,7 @@ impl Vault {
         };
         let body = audit_body(
             ctx,
-            "GetMetadata",
+            AuditAction::GetMetadata,
             tenant.as_str(),
             &token.recorded(holds_a_card(&result)),
             result.as_ref().map(|_| ()),
@@ -1040,7 +1071,7 @@ impl Vault {
             // token is recorded masked (see `Token::recorded`).
             self.audit_rejected(
                 ctx,
-                "DeleteToken",
+                AuditAction::DeleteToken,
                 tenant.as_str(),
                 &token.recorded(false),
                 &e,
@@ -1059,7 +1090,13 @@ impl Vault {
                 .await?
                 .is_some();
         let recorded = token.recorded(found);
-        let body = audit_body(ctx, "DeleteToken", tenant.as_str(), &recorded, Ok(()));
+        let body = audit_body(
+            ctx,
+            AuditAction::DeleteToken,
+            tenant.as_str(),
+            &recorded,
+            Ok(()),
+        );
         let (deleted, link) = self
             .store
             .delete(tenant.as_str(), token.as_str(), &body)

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use cardvault::Error;
@@ -26,6 +26,8 @@ pub struct Flaky {
     pub before_put_keys: std::sync::Mutex<Option<Hook>>,
     pub before_get: std::sync::Mutex<Option<Hook>>,
     pub after_audit_head: std::sync::Mutex<Option<Hook>>,
+    /// Pages of the whole audit chain read so far.
+    pub chain_pages: AtomicU64,
 }
 
 impl Flaky {
@@ -38,6 +40,7 @@ impl Flaky {
             before_put_keys: Default::default(),
             before_get: Default::default(),
             after_audit_head: Default::default(),
+            chain_pages: Default::default(),
         }
     }
 
@@ -137,7 +140,17 @@ impl Store for Flaky {
         head
     }
     async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        self.chain_pages.fetch_add(1, Ordering::SeqCst);
         self.inner.audit_records(after, limit).await
+    }
+
+    async fn tenant_audit_records(
+        &self,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord)>> {
+        self.inner.tenant_audit_records(tenant, after, limit).await
     }
     async fn guard_get(&self, tenant: &str, bucket: &[u8]) -> Result<Option<Vec<u8>>> {
         self.inner.guard_get(tenant, bucket).await

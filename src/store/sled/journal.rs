@@ -30,9 +30,8 @@
 //!   the records, so a file cut short is reported by verification.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
 use prost::Message;
@@ -40,6 +39,7 @@ use prost::Message;
 use super::{AUDIT_HEAD, buckets, decode_head, unavailable};
 use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
+use crate::store::disk::{Disk, DiskFile, OpenMode};
 use crate::sync::Recover;
 
 /// File name of the journal, in the sled directory.
@@ -96,7 +96,7 @@ impl Frames {
     }
 
     /// Writes them to `file`, then their entries to `index`.
-    fn write(&self, file: &File, index: &sled::Tree) -> Result<()> {
+    fn write(&self, file: &dyn DiskFile, index: &sled::Tree) -> Result<()> {
         file.write_all_at(&self.buf, self.base)
             .map_err(|e| unavailable(format!("audit journal: {e}")))?;
         for (seq, off) in &self.index {
@@ -145,7 +145,7 @@ fn parse(buf: &[u8]) -> Frame<'_> {
 /// to `end`, until `f` returns false or a frame is invalid. Returns the
 /// offset where it stopped and whether it stopped at an invalid frame.
 fn scan(
-    file: &File,
+    file: &dyn DiskFile,
     from: u64,
     end: u64,
     mut f: impl FnMut(u64, u64, &[u8]) -> bool,
@@ -192,7 +192,7 @@ struct Tail {
 
 /// The audit journal: file, index and tail.
 pub struct Journal {
-    file: File,
+    file: Arc<dyn DiskFile>,
     index: sled::Tree,
     /// Holds the head and the synced length.
     meta: sled::Tree,
@@ -209,21 +209,18 @@ fn le_u64(v: &[u8]) -> Result<u64> {
 impl Journal {
     /// Opens the journal in `dir`, first migrating audit records of storage
     /// format 1 or 2 out of sled, and cuts a torn tail (see the module doc).
-    pub fn open(db: &sled::Db, dir: &Path) -> Result<Journal> {
+    pub fn open(db: &sled::Db, dir: &Path, disk: &dyn Disk) -> Result<Journal> {
         let meta = db.open_tree("meta").map_err(unavailable)?;
         let index = db.open_tree(INDEX_TREE).map_err(unavailable)?;
         let path = dir.join(FILE);
         if meta.get(FORMAT_KEY).map_err(unavailable)?.as_deref() != Some(FORMAT) {
-            migrate(db, &meta, &index, &path)?;
+            migrate(db, &meta, &index, &path, disk)?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(unavailable)?;
-        let file_len = file.metadata().map_err(unavailable)?.len();
+        let file = disk.open(&path, OpenMode::CREATE).map_err(unavailable)?;
+        // A journal created just now must still be there after a crash:
+        // sled will record how much of it was synced.
+        disk.sync_dir(dir).map_err(unavailable)?;
+        let file_len = file.len().map_err(unavailable)?;
         let synced = match meta.get(SYNCED_KEY).map_err(unavailable)? {
             Some(v) => le_u64(&v)?,
             None => 0,
@@ -246,7 +243,7 @@ impl Journal {
             }
         }
         let mut last_seq = 0;
-        let (end, _) = scan(&file, start, file_len, |_, seq, _| {
+        let (end, _) = scan(&*file, start, file_len, |_, seq, _| {
             last_seq = seq;
             true
         })
@@ -306,7 +303,7 @@ impl Journal {
         if frames.buf.is_empty() {
             return Ok(());
         }
-        frames.write(&self.file, &self.index)?;
+        frames.write(&*self.file, &self.index)?;
         tail.len += frames.buf.len() as u64;
         tail.last_seq = last;
         Ok(())
@@ -317,7 +314,7 @@ impl Journal {
     /// then flush sled.
     pub fn sync(&self) -> Result<()> {
         let len = self.lock().len;
-        self.file.sync_data().map_err(unavailable)?;
+        self.file.sync().map_err(unavailable)?;
         self.meta
             .insert(SYNCED_KEY, &len.to_le_bytes())
             .map_err(unavailable)?;
@@ -345,6 +342,16 @@ impl Journal {
     /// Up to `limit` records with seq above `after`, in order. A record that
     /// does not decode comes back empty, so verification can name it.
     pub fn records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+        Ok(self
+            .frames(after, limit)?
+            .into_iter()
+            .map(|(_, seq, rec)| (seq, rec))
+            .collect())
+    }
+
+    /// Like [`Journal::records`], with each frame's offset in the file, so
+    /// that an index can read a record back with [`Journal::read_at`].
+    pub fn frames(&self, after: u64, limit: usize) -> Result<Vec<(u64, u64, AuditRecord)>> {
         let end = self.lock().len;
         let first = after.saturating_add(1);
         let start = match self
@@ -361,9 +368,9 @@ impl Journal {
         if limit == 0 {
             return Ok(out);
         }
-        let (_, invalid) = scan(&self.file, start, end, |_, seq, rec| {
+        let (_, invalid) = scan(&*self.file, start, end, |off, seq, rec| {
             if seq >= first {
-                out.push((seq, AuditRecord::decode(rec).unwrap_or_default()));
+                out.push((off, seq, AuditRecord::decode(rec).unwrap_or_default()));
             }
             out.len() < limit
         })
@@ -374,6 +381,38 @@ impl Journal {
             ));
         }
         Ok(out)
+    }
+
+    /// Record `seq`, read from the frame at `offset` if it is there, else
+    /// found by seq (the file was rewritten since the offset was taken);
+    /// `None` if no record has that seq.
+    pub fn read_at(&self, offset: u64, seq: u64) -> Result<Option<AuditRecord>> {
+        let end = self.lock().len;
+        let mut found = None;
+        let mut header = [0u8; HEADER];
+        if offset + HEADER as u64 <= end
+            && self.file.read_exact_at(&mut header, offset).is_ok()
+            && let Frame::Short(n) = parse(&header)
+            && offset + n as u64 <= end
+        {
+            let mut frame = vec![0u8; n];
+            self.file
+                .read_exact_at(&mut frame, offset)
+                .map_err(unavailable)?;
+            if let Frame::Valid(s, rec, _) = parse(&frame)
+                && s == seq
+            {
+                found = Some(AuditRecord::decode(rec).unwrap_or_default());
+            }
+        }
+        if found.is_some() {
+            return Ok(found);
+        }
+        Ok(self
+            .records(seq.saturating_sub(1), 1)?
+            .into_iter()
+            .find(|(s, _)| *s == seq)
+            .map(|(_, rec)| rec))
     }
 
     /// The highest stored seq (0 if none).
@@ -387,7 +426,7 @@ impl Journal {
     fn rewrite(&self, edit: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) -> Result<()> {
         let mut tail = self.lock();
         let mut recs = BTreeMap::new();
-        scan(&self.file, 0, tail.len, |_, seq, rec| {
+        scan(&*self.file, 0, tail.len, |_, seq, rec| {
             recs.insert(seq, rec.to_vec());
             true
         })
@@ -399,7 +438,7 @@ impl Journal {
         }
         self.index.clear().map_err(unavailable)?;
         self.file.set_len(0).map_err(unavailable)?;
-        frames.write(&self.file, &self.index)?;
+        frames.write(&*self.file, &self.index)?;
         tail.len = frames.buf.len() as u64;
         tail.last_seq = recs.keys().next_back().copied().unwrap_or(0);
         drop(tail);
@@ -410,10 +449,16 @@ impl Journal {
 /// Moves the audit records of format 1 or 2 (sled trees) into a fresh
 /// journal. Crash-safe: the format is recorded only once the journal is
 /// synced, and an unfinished journal is rewritten from the start.
-fn migrate(db: &sled::Db, meta: &sled::Tree, index: &sled::Tree, path: &Path) -> Result<()> {
+fn migrate(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    index: &sled::Tree,
+    path: &Path,
+    disk: &dyn Disk,
+) -> Result<()> {
     let old = buckets::open(db)?;
     index.clear().map_err(unavailable)?;
-    let file = File::create(path).map_err(unavailable)?;
+    let file = disk.open(path, OpenMode::NEW).map_err(unavailable)?;
     let mut frames = Frames::at(0);
     let mut migrated = 0u64;
     let mut last = 0u64;
@@ -433,12 +478,10 @@ fn migrate(db: &sled::Db, meta: &sled::Tree, index: &sled::Tree, path: &Path) ->
             (last, migrated) = (seq, migrated + 1);
         }
     }
-    frames.write(&file, index)?;
-    file.sync_all().map_err(unavailable)?;
+    frames.write(&*file, index)?;
+    file.sync().map_err(unavailable)?;
     if let Some(parent) = path.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(unavailable)?;
+        disk.sync_dir(parent).map_err(unavailable)?;
     }
     meta.insert(SYNCED_KEY, &(frames.buf.len() as u64).to_le_bytes())
         .map_err(unavailable)?;
@@ -518,7 +561,7 @@ mod tests {
 
     fn journal(dir: &Path) -> (sled::Db, Journal) {
         let db = sled::Config::new().path(dir.join("db")).open().unwrap();
-        let j = Journal::open(&db, dir).unwrap();
+        let j = Journal::open(&db, dir, &crate::store::disk::OsDisk).unwrap();
         (db, j)
     }
 
@@ -577,7 +620,7 @@ mod tests {
         };
         // A crash: the unsynced tail is torn mid-frame and zero-filled.
         let path = dir.path().join(FILE);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let cut = len_after_150 + 3 * 120 + 5;
         f.set_len(cut).unwrap();
         f.set_len(cut + 4096).unwrap();

@@ -1,0 +1,173 @@
+//! Each tenant's audit records, numbered 1, 2, 3... in chain order: the
+//! index behind the tenant view of the audit log (see
+//! [`crate::store::Store::tenant_audit_records`]).
+//!
+//! Why: a tenant's auditor must not learn how busy other tenants are, which
+//! the gaps between global sequence numbers would tell, and a query for
+//! one tenant should not read every other tenant's records to find it.
+//!
+//! The index is derived from the journal, never written on the path of an
+//! audited call: [`TenantIndex::catch_up`] reads the records appended since
+//! it last ran and indexes them in one atomic sled batch together with the
+//! seq it has reached. So it is consistent after any crash (a batch is
+//! all or nothing, and the journal keeps every record it indexed) and
+//! costs the calls being audited nothing. It runs when the store opens,
+//! each time a log segment is retired, and before every tenant query, so a
+//! query sees every record acknowledged before it.
+//!
+//! Tree `audit_tenant`:
+//! * `u` -> seq (u64 BE): every record up to it is indexed;
+//! * `h` tenant -> tenant seq (u64 BE): the tenant's last number;
+//! * `e` tenant `\0` tenant seq (u64 BE) -> seq (u64 BE) | file offset
+//!   (u64 BE) of the record's frame.
+//!
+//! Tenant names never hold `\0` (see `Tenant::parse`), so one tenant's
+//! entries never run into another's.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::journal::Journal;
+use super::unavailable;
+use crate::audit::AuditRecord;
+use crate::error::{Error, Result};
+use crate::sync::Recover;
+
+/// Name of the sled tree.
+const TREE: &str = "audit_tenant";
+/// Key of the seq indexed up to.
+const UPTO: &[u8] = b"u";
+/// Records indexed per sled batch.
+const BATCH: usize = 8192;
+
+/// The index, and the lock that lets one catch-up run at a time.
+pub struct TenantIndex {
+    tree: sled::Tree,
+    running: Mutex<()>,
+}
+
+fn be_u64(v: &[u8]) -> Result<u64> {
+    v.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::DataLoss("tenant audit index is corrupt".into()))
+}
+
+fn head_key(tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + tenant.len());
+    k.push(b'h');
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+fn entry_key(tenant: &str, tenant_seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + tenant.len());
+    k.push(b'e');
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&tenant_seq.to_be_bytes());
+    k
+}
+
+impl TenantIndex {
+    /// Opens the index tree of `db`.
+    pub fn open(db: &sled::Db) -> Result<TenantIndex> {
+        Ok(TenantIndex {
+            tree: db.open_tree(TREE).map_err(unavailable)?,
+            running: Mutex::new(()),
+        })
+    }
+
+    fn upto(&self) -> Result<u64> {
+        match self.tree.get(UPTO).map_err(unavailable)? {
+            Some(v) => be_u64(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// Indexes every journal record not yet indexed. `stop` is asked
+    /// between batches whether to give up (the store is closing).
+    pub fn catch_up(&self, journal: &Journal, stop: impl Fn() -> bool) -> Result<u64> {
+        let _one = self.running.lock().recover();
+        let mut upto = self.upto()?;
+        let mut indexed = 0;
+        let mut heads: HashMap<String, u64> = HashMap::new();
+        loop {
+            let page = journal.frames(upto, BATCH)?;
+            let Some(&(_, last, _)) = page.last() else {
+                return Ok(indexed);
+            };
+            let mut batch = sled::Batch::default();
+            let mut touched = Vec::new();
+            for (offset, seq, rec) in page {
+                // A record that does not decode names no tenant; the
+                // chain's verification reports it.
+                let Some(body) = rec.decode_body() else {
+                    continue;
+                };
+                if body.tenant.is_empty() {
+                    continue;
+                }
+                let head = match heads.get_mut(&body.tenant) {
+                    Some(h) => h,
+                    None => {
+                        let stored = match self.tree.get(head_key(&body.tenant)) {
+                            Ok(Some(v)) => be_u64(&v)?,
+                            Ok(None) => 0,
+                            Err(e) => return Err(unavailable(e)),
+                        };
+                        heads.entry(body.tenant.clone()).or_insert(stored)
+                    }
+                };
+                *head += 1;
+                let mut value = [0u8; 16];
+                value[..8].copy_from_slice(&seq.to_be_bytes());
+                value[8..].copy_from_slice(&offset.to_be_bytes());
+                batch.insert(entry_key(&body.tenant, *head), &value[..]);
+                touched.push(body.tenant);
+                indexed += 1;
+            }
+            touched.sort();
+            touched.dedup();
+            for t in touched {
+                batch.insert(head_key(&t), &heads[&t].to_be_bytes()[..]);
+            }
+            batch.insert(UPTO, &last.to_be_bytes()[..]);
+            self.tree.apply_batch(batch).map_err(unavailable)?;
+            upto = last;
+            if stop() {
+                return Ok(indexed);
+            }
+        }
+    }
+
+    /// Up to `limit` of `tenant`'s records numbered above `after`, as
+    /// `(tenant seq, record)`. Call [`TenantIndex::catch_up`] first.
+    pub fn records(
+        &self,
+        journal: &Journal,
+        tenant: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord)>> {
+        let from = entry_key(tenant, after.saturating_add(1));
+        let to = entry_key(tenant, u64::MAX);
+        let mut out = Vec::new();
+        for kv in self.tree.range(from..=to) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv.map_err(unavailable)?;
+            let tenant_seq = be_u64(&k[k.len() - 8..])?;
+            if v.len() != 16 {
+                return Err(Error::DataLoss("tenant audit index is corrupt".into()));
+            }
+            let (seq, offset) = (be_u64(&v[..8])?, be_u64(&v[8..])?);
+            // A record removed behind the chain's back is skipped here and
+            // reported by verification.
+            if let Some(rec) = journal.read_at(offset, seq)? {
+                out.push((tenant_seq, rec));
+            }
+        }
+        Ok(out)
+    }
+}
