@@ -21,7 +21,7 @@
 //!   overlay of queued changes, and scans first wait for a barrier
 //!   (answered after the apply), so every read sees every acknowledged
 //!   write. Audit records go to an append-only journal file instead, one
-//!   write per batch (see [`RawAudit`]); the head goes to sled once per
+//!   write per batch (see `sled/journal.rs`); the head goes to sled once per
 //!   batch, after them.
 //! * Entries nobody waits for (metadata reads' audit records) are held up
 //!   to [`BUFFERED_LINGER`] to share a sync; a waiting writer ends the wait.
@@ -55,6 +55,7 @@ use super::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
 pub use journal::FILE as AUDIT_FILE;
+#[cfg(feature = "fault-injection")]
 pub use journal::RawAudit;
 
 /// Longest a batch of buffered audit records (nobody waiting) is held
@@ -95,7 +96,7 @@ struct Trees {
     /// Wrapped keys and vault metadata by name.
     keys: sled::Tree,
     /// Audit records in their append-only file, and the head (see
-    /// [`RawAudit`]).
+    /// `sled/journal.rs`).
     journal: journal::Journal,
     /// Signed checkpoints by big-endian seq.
     checkpoints: sled::Tree,
@@ -963,6 +964,7 @@ impl SledStore {
     /// may stop an earlier batch's apply, and the commit thread then
     /// writes nothing until it is dropped.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn hold_apply(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         self.shared.apply_gate.write().recover()
     }
@@ -976,6 +978,7 @@ impl SledStore {
     /// Makes the next log write fail as a full or broken disk would, to
     /// test that the store then fails closed.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn fail_next_log_write(&self) {
         self.shared.fail_next_write.store(true, Ordering::Release);
     }
@@ -984,6 +987,7 @@ impl SledStore {
     /// journal fail (after the log write succeeded and the writers were
     /// answered), to test that the acknowledged changes survive in the log.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn fail_next_apply(&self) {
         self.shared.fail_next_apply.store(true, Ordering::Release);
     }
@@ -991,6 +995,7 @@ impl SledStore {
     /// Makes the cleaner's next journal sync fail, to test that the store
     /// then fails closed and keeps its log.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn fail_next_journal_sync(&self) {
         self.shared
             .fail_next_journal_sync
@@ -999,6 +1004,7 @@ impl SledStore {
 
     /// The stored audit records, for forensics and tamper tests. Writing
     /// through it bypasses the chain: that is what `audit verify` detects.
+    #[cfg(feature = "fault-injection")]
     pub fn raw_audit(&self) -> RawAudit<'_> {
         RawAudit(&self.shared.trees.journal)
     }
@@ -1007,6 +1013,7 @@ impl SledStore {
     /// back (not through the log), as an attacker with file access would:
     /// for tamper tests.
     #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fn raw_remove_checkpoints_from(&self, seq: u64) -> Result<usize> {
         let tree = &self.shared.trees.checkpoints;
         let keys: Vec<_> = tree

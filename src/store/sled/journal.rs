@@ -29,7 +29,6 @@
 //! * The head `(seq, hash)` stays in sled (tree `meta`), written apart from
 //!   the records, so a file cut short is reported by verification.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
@@ -420,12 +419,16 @@ impl Journal {
         self.lock().last_seq
     }
 
+    #[cfg(any(test, feature = "fault-injection"))]
     /// Rewrites the whole file with `edit` applied to its records (position
     /// -> bytes), then rebuilds the index. For [`RawAudit`] only: slow, and
     /// not safe against concurrent readers.
-    fn rewrite(&self, edit: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) -> Result<()> {
+    fn rewrite(
+        &self,
+        edit: impl FnOnce(&mut std::collections::BTreeMap<u64, Vec<u8>>),
+    ) -> Result<()> {
         let mut tail = self.lock();
-        let mut recs = BTreeMap::new();
+        let mut recs = std::collections::BTreeMap::new();
         scan(&*self.file, 0, tail.len, |_, seq, rec| {
             recs.insert(seq, rec.to_vec());
             true
@@ -498,11 +501,13 @@ fn migrate(
     Ok(())
 }
 
+#[cfg(any(test, feature = "fault-injection"))]
 /// Direct access to stored audit records, bypassing the chain and the
 /// write-ahead log: for forensics and for tests that tamper with the log
 /// the way an attacker with file access would. Writes rewrite the file.
 pub struct RawAudit<'a>(pub(super) &'a Journal);
 
+#[cfg(any(test, feature = "fault-injection"))]
 impl RawAudit<'_> {
     /// The record stored at `seq`.
     pub fn get(&self, seq: u64) -> Option<AuditRecord> {
