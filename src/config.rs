@@ -13,6 +13,96 @@ use std::sync::Arc;
 use crate::vault::VaultConfig;
 use crate::vault::audit_log::AuditSink;
 
+/// Why a configuration cannot be used. Every message names the file,
+/// variable or setting at fault, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The configuration file cannot be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// The file is not a valid configuration (TOML syntax, an unknown key,
+    /// a value of the wrong type); the reason has the line.
+    Parse {
+        /// The file, if the text came from one.
+        path: Option<PathBuf>,
+        /// What is wrong, and where.
+        reason: String,
+    },
+    /// A `CARDVAULT_*` variable holds a value that does not parse.
+    Env {
+        /// The variable.
+        name: String,
+        /// What it must be, where that is a short list.
+        must: Option<&'static str>,
+    },
+    /// A setting is out of its range, or missing where another needs it.
+    Invalid {
+        /// The setting (e.g. `cvv.ttl_secs`).
+        setting: String,
+        /// What it must be (e.g. `must be 1 to 3600`).
+        rule: String,
+    },
+    /// A file a setting names cannot be opened.
+    File {
+        /// The setting.
+        setting: String,
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(setting: &str, rule: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            setting: setting.into(),
+            rule: rule.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Read { path, reason } => {
+                write!(f, "cannot read {}: {reason}", path.display())
+            }
+            ConfigError::Parse {
+                path: Some(path),
+                reason,
+            } => write!(f, "{}: {reason}", path.display()),
+            ConfigError::Parse { path: None, reason } => f.write_str(reason),
+            ConfigError::Env { name, must: None } => {
+                write!(f, "environment variable {name} has an invalid value")
+            }
+            ConfigError::Env {
+                name,
+                must: Some(must),
+            } => write!(f, "environment variable {name} must be {must}"),
+            ConfigError::Invalid { setting, rule } => write!(f, "{setting} {rule}"),
+            ConfigError::File {
+                setting,
+                path,
+                reason,
+            } => write!(f, "{setting}: cannot open {}: {reason}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The command line prints errors as text.
+impl From<ConfigError> for String {
+    fn from(e: ConfigError) -> String {
+        e.to_string()
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -346,24 +436,32 @@ impl Default for Config {
 fn env_parse<T: std::str::FromStr>(
     name: &str,
     get: &impl Fn(&str) -> Option<String>,
-) -> Result<Option<T>, String> {
+) -> Result<Option<T>, ConfigError> {
     match get(name) {
         None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("environment variable {name} has an invalid value")),
+        Some(v) => v.parse().map(Some).map_err(|_| ConfigError::Env {
+            name: name.to_owned(),
+            must: None,
+        }),
     }
 }
 
 impl Config {
     /// Reads `path` (if given), applies environment overrides, validates.
-    pub fn load(path: Option<&Path>) -> Result<Config, String> {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let mut cfg = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                Config::from_toml(&text).map_err(|e| format!("{}: {e}", p.display()))?
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+                Config::from_toml(&text).map_err(|e| match e {
+                    ConfigError::Parse { reason, .. } => ConfigError::Parse {
+                        path: Some(p.to_path_buf()),
+                        reason,
+                    },
+                    other => other,
+                })?
             }
             None => Config::default(),
         };
@@ -373,12 +471,15 @@ impl Config {
     }
 
     /// Parses TOML text (no environment, no validation).
-    pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            reason: e.to_string(),
+        })
     }
 
     /// Applies `CARDVAULT_*` overrides read through `get`.
-    pub fn apply_env(&mut self, get: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    pub fn apply_env(&mut self, get: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = env_parse("CARDVAULT_LISTEN", get)? {
             self.listen = v;
         }
@@ -452,7 +553,12 @@ impl Config {
             self.log.format = match v.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
-                _ => return Err("CARDVAULT_LOG_FORMAT must be text or json".into()),
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "CARDVAULT_LOG_FORMAT".into(),
+                        must: Some("text or json"),
+                    });
+                }
             };
         }
         if let Some(v) = env_parse("CARDVAULT_AUDIT_CHECKPOINT_EVERY", get)? {
@@ -468,7 +574,12 @@ impl Config {
             self.store.backend = match v.as_str() {
                 "sled" => Backend::Sled,
                 "postgres" => Backend::Postgres,
-                _ => return Err("CARDVAULT_STORE_BACKEND must be sled or postgres".into()),
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "CARDVAULT_STORE_BACKEND".into(),
+                        must: Some("sled or postgres"),
+                    });
+                }
             };
         }
         if let Some(v) = get("CARDVAULT_STORE_URL") {
@@ -490,59 +601,94 @@ impl Config {
     }
 
     /// Checks ranges that the types cannot express.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=3600).contains(&self.cvv.ttl_secs) {
-            return Err("cvv.ttl_secs must be 1 to 3600".into());
+            return Err(ConfigError::invalid("cvv.ttl_secs", "must be 1 to 3600"));
         }
         if self.keys.dek_max_encryptions == 0 || self.keys.dek_max_encryptions > 1 << 32 {
-            return Err("keys.dek_max_encryptions must be 1 to 2^32".into());
+            return Err(ConfigError::invalid(
+                "keys.dek_max_encryptions",
+                "must be 1 to 2^32",
+            ));
         }
         if self.keys.dek_max_age_days == 0 {
-            return Err("keys.dek_max_age_days must be at least 1".into());
+            return Err(ConfigError::invalid(
+                "keys.dek_max_age_days",
+                "must be at least 1",
+            ));
         }
         if self.audit.checkpoint_every == 0 || self.audit.checkpoint_secs == 0 {
-            return Err(
-                "audit.checkpoint_every and audit.checkpoint_secs must be at least 1".into(),
-            );
+            return Err(ConfigError::invalid(
+                "audit.checkpoint_every and audit.checkpoint_secs",
+                "must be at least 1",
+            ));
         }
         if self.store.backend == Backend::Postgres && self.store.url.is_none() {
-            return Err("store.url is required with store.backend = \"postgres\"".into());
+            return Err(ConfigError::invalid(
+                "store.url",
+                "is required with store.backend = \"postgres\"",
+            ));
         }
         if !(1..=1000).contains(&self.store.pool_size) {
-            return Err("store.pool_size must be 1 to 1000".into());
+            return Err(ConfigError::invalid("store.pool_size", "must be 1 to 1000"));
         }
         if self.cvv.max_entries == 0 {
-            return Err("cvv.max_entries must be at least 1".into());
+            return Err(ConfigError::invalid(
+                "cvv.max_entries",
+                "must be at least 1",
+            ));
         }
         if self.cvv.max_per_tenant == 0 {
-            return Err("cvv.max_per_tenant must be at least 1".into());
+            return Err(ConfigError::invalid(
+                "cvv.max_per_tenant",
+                "must be at least 1",
+            ));
         }
         // A window shorter than a minute or a threshold past 64 gives an
         // attacker guesses faster than the documented cost; a week-long
         // lock is the most an honest customer should ever wait out.
         if !(60..=7 * 86_400).contains(&self.enumeration_guard.window_secs) {
-            return Err("enumeration_guard.window_secs must be 60 to 604800".into());
+            return Err(ConfigError::invalid(
+                "enumeration_guard.window_secs",
+                "must be 60 to 604800",
+            ));
         }
         if !(60..=86_400).contains(&self.keys.rekey_timeout_secs) {
-            return Err("keys.rekey_timeout_secs must be 60 to 86400".into());
+            return Err(ConfigError::invalid(
+                "keys.rekey_timeout_secs",
+                "must be 60 to 86400",
+            ));
         }
         if !(1..=64).contains(&self.enumeration_guard.threshold) {
-            return Err("enumeration_guard.threshold must be 1 to 64".into());
+            return Err(ConfigError::invalid(
+                "enumeration_guard.threshold",
+                "must be 1 to 64",
+            ));
         }
         let max_ttl = crate::vault::collect::MAX_SESSION_TTL.as_secs();
         if !(1..=max_ttl).contains(&self.collect.session_ttl_secs) {
-            return Err(format!("collect.session_ttl_secs must be 1 to {max_ttl}"));
+            return Err(ConfigError::invalid(
+                "collect.session_ttl_secs",
+                format!("must be 1 to {max_ttl}"),
+            ));
         }
         if self.connections.max == 0 || self.connections.max_handshakes == 0 {
-            return Err("connections.max and connections.max_handshakes must be at least 1".into());
+            return Err(ConfigError::invalid(
+                "connections.max and connections.max_handshakes",
+                "must be at least 1",
+            ));
         }
         if !(1..=86_400).contains(&self.connections.idle_timeout_secs) {
-            return Err("connections.idle_timeout_secs must be 1 to 86400".into());
+            return Err(ConfigError::invalid(
+                "connections.idle_timeout_secs",
+                "must be 1 to 86400",
+            ));
         }
         if self.collect.max_sessions == 0 || self.collect.max_per_tenant == 0 {
-            return Err(
-                "collect.max_sessions and collect.max_per_tenant must be at least 1".into(),
-            );
+            return Err(ConfigError::invalid(
+                "collect.max_sessions and collect.max_per_tenant",
+                "must be at least 1",
+            ));
         }
         // Upper bounds: past them a duration overflows a timer (a panic in
         // a background task, e.g. no more periodic checkpoints) or the
@@ -559,14 +705,14 @@ impl Config {
             ("keys.rewrap_pause_ms", self.keys.rewrap_pause_ms, 60_000),
         ] {
             if value > max {
-                return Err(format!("{name} must be at most {max}"));
+                return Err(ConfigError::invalid(name, format!("must be at most {max}")));
             }
         }
         Ok(())
     }
 
     /// The vault tunables this configuration implies (opens the SIEM file).
-    pub fn vault_config(&self) -> Result<VaultConfig, String> {
+    pub fn vault_config(&self) -> Result<VaultConfig, ConfigError> {
         let audit_sink = match &self.audit.siem_file {
             None => None,
             Some(p) if p.as_os_str() == "-" => {
@@ -577,7 +723,11 @@ impl Config {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| format!("cannot open audit SIEM file {}: {e}", p.display()))?;
+                    .map_err(|e| ConfigError::File {
+                        setting: "audit.siem_file".into(),
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })?;
                 Some(Arc::new(AuditSink::new(Box::new(f))))
             }
         };
@@ -682,7 +832,10 @@ mod tests {
             let mut c = Config::default();
             edit(&mut c);
             let err = c.validate().unwrap_err();
-            assert!(err.starts_with(field), "{err}");
+            assert!(
+                matches!(&err, ConfigError::Invalid { setting, .. } if setting.starts_with(field)),
+                "{err}"
+            );
         }
         // The guard and the quotas take their settings from the file and
         // the environment, and pass them to the vault.

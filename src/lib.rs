@@ -62,6 +62,7 @@ pub mod config;
 
 pub mod crypto;
 pub mod error;
+pub mod fields;
 pub mod grpc;
 pub mod hardening;
 pub mod metrics;

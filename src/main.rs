@@ -221,6 +221,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 server::shutdown_signal(),
             )
             .await
+            .map_err(String::from)
         }
         Command::Serve { config } => {
             let cfg = Config::load(config.as_deref())?;
@@ -234,6 +235,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 server::shutdown_signal(),
             )
             .await
+            .map_err(String::from)
         }
         Command::Tokenize(cmd) => cli::token::tokenize(&cli.client, cmd).await,
         Command::Detokenize(cmd) => cli::token::detokenize(&cli.client, cmd).await,

@@ -10,8 +10,7 @@ use std::time::Duration;
 use tonic::transport::Server;
 
 use crate::auth::Authorizer;
-use crate::config::Backend;
-use crate::config::Config;
+use crate::config::{Backend, Config, ConfigError};
 use crate::crypto::keys::SecretKey;
 use crate::grpc::audit_service::AuditServiceImpl;
 use crate::grpc::key_service::KeyServiceImpl;
@@ -26,6 +25,56 @@ use crate::vault::Vault;
 
 /// How long shutdown waits for in-flight calls before closing connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the vault could not start, or stopped serving. The message says what
+/// is wrong and which setting or file to fix; the variant says where.
+#[derive(Debug)]
+pub enum StartError {
+    /// The configuration is unusable.
+    Config(ConfigError),
+    /// The access policy is missing or unusable.
+    Policy(String),
+    /// The server's TLS files are missing or unusable.
+    Tls(String),
+    /// The key-encrypting key cannot be read, or unsealing with it failed.
+    Keys(String),
+    /// The store cannot be opened.
+    Store(String),
+    /// Process hardening that was asked for failed, or swap is on while
+    /// memory is not locked (production).
+    Hardening(String),
+    /// A listener could not be bound, or the server failed.
+    Serve(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Policy(m)
+            | StartError::Tls(m)
+            | StartError::Keys(m)
+            | StartError::Store(m)
+            | StartError::Hardening(m)
+            | StartError::Serve(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError::Config(e)
+    }
+}
+
+/// The command line prints errors as text.
+impl From<StartError> for String {
+    fn from(e: StartError) -> String {
+        e.to_string()
+    }
+}
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
@@ -54,13 +103,14 @@ impl KeySource {
 
 /// Reads the KEK as configured: `keys.kek_file`, else `CARDVAULT_KEK`, else
 /// none (Shamir mode: start sealed).
-pub fn load_kek(cfg: &Config) -> Result<KeySource, String> {
+pub fn load_kek(cfg: &Config) -> Result<KeySource, StartError> {
     let text = match &cfg.keys.kek_file {
         Some(p) => {
             warn_if_shared(p, "keys.kek_file");
             zeroize::Zeroizing::new(
-                String::from_utf8(read(p, "KEK file")?)
-                    .map_err(|_| format!("KEK file {} is not text", p.display()))?,
+                String::from_utf8(read(p, "KEK file").map_err(StartError::Keys)?).map_err(
+                    |_| StartError::Keys(format!("KEK file {} is not text", p.display())),
+                )?,
             )
         }
         None => match std::env::var("CARDVAULT_KEK") {
@@ -70,7 +120,9 @@ pub fn load_kek(cfg: &Config) -> Result<KeySource, String> {
     };
     SecretKey::from_hex(&text)
         .map(KeySource::KekFile)
-        .ok_or_else(|| "the KEK must be exactly 64 hex characters (256 bits)".to_string())
+        .ok_or_else(|| {
+            StartError::Keys("the KEK must be exactly 64 hex characters (256 bits)".into())
+        })
 }
 
 /// Logs a warning if the file at `path` (a secret) can be read by its
@@ -93,7 +145,11 @@ fn warn_if_shared(path: &Path, what: &str) {
 /// Dev mode only: the KEK kept in `dev-kek.hex` in the data directory,
 /// created on first start. Anyone who can read the data directory can
 /// decrypt every card, which is why production never does this.
-pub fn dev_kek(data_dir: &Path) -> Result<SecretKey, String> {
+pub fn dev_kek(data_dir: &Path) -> Result<SecretKey, StartError> {
+    dev_kek_file(data_dir).map_err(StartError::Keys)
+}
+
+fn dev_kek_file(data_dir: &Path) -> Result<SecretKey, String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("dev-kek.hex");
@@ -117,7 +173,11 @@ pub fn dev_kek(data_dir: &Path) -> Result<SecretKey, String> {
 }
 
 /// Opens the configured store (and, for PostgreSQL, applies migrations).
-pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
+pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, StartError> {
+    open_configured_store(cfg).await.map_err(StartError::Store)
+}
+
+async fn open_configured_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
     match cfg.store.backend {
         Backend::Sled => {
             let path = cfg.data_dir.join("sled");
@@ -150,30 +210,35 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
     }
 }
 
-fn tls_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
+fn tls_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> {
     let missing = |name: &str| {
         format!(
             "tls.{name} is required (or CARDVAULT_TLS_{})",
             name.to_uppercase()
         )
     };
-    let cert = cfg.tls.cert.as_deref().ok_or_else(|| missing("cert"))?;
-    let key = cfg.tls.key.as_deref().ok_or_else(|| missing("key"))?;
+    let cert = cfg.tls.cert.as_deref().ok_or_else(|| missing("cert"));
+    let key = cfg.tls.key.as_deref().ok_or_else(|| missing("key"));
     let ca = cfg
         .tls
         .client_ca
         .as_deref()
-        .ok_or_else(|| missing("client_ca"))?;
-    crate::tls::server_config(cert, key, ca)
+        .ok_or_else(|| missing("client_ca"));
+    (|| crate::tls::server_config(cert?, key?, ca?))().map_err(StartError::Tls)
 }
 
-fn authorizer(cfg: &Config) -> Result<Arc<Authorizer>, String> {
+fn authorizer(cfg: &Config) -> Result<Arc<Authorizer>, StartError> {
     // Fail closed: without a policy nobody would be authorised, and an
     // "allow all" default is exactly what the threat model rules out.
-    let path = cfg.policy.clone().ok_or(
-        "policy is required (or CARDVAULT_POLICY): the file mapping principals to roles and tenants",
-    )?;
-    Ok(Arc::new(Authorizer::from_file(path)?))
+    let path = cfg.policy.clone().ok_or_else(|| {
+        StartError::Policy(
+            "policy is required (or CARDVAULT_POLICY): the file mapping principals to roles and tenants"
+                .into(),
+        )
+    })?;
+    Ok(Arc::new(
+        Authorizer::from_file(path).map_err(StartError::Policy)?,
+    ))
 }
 
 /// Reloads the policy on every SIGHUP; a bad file keeps the old policy.
@@ -220,12 +285,12 @@ pub fn grpc_server() -> Server {
 /// (`production`: `serve`) refuses to start unless `keys.allow_swap` says
 /// otherwise; dev mode warns. Other warnings
 /// are logged: the vault still runs, but ops should know.
-pub fn harden(cfg: &Config, production: bool) -> Result<(), String> {
+pub fn harden(cfg: &Config, production: bool) -> Result<(), StartError> {
     for w in crate::hardening::harden_process() {
         tracing::warn!("{w}");
     }
     if cfg.keys.mlock {
-        crate::hardening::lock_memory()?;
+        crate::hardening::lock_memory().map_err(StartError::Hardening)?;
     }
     // The swaps table can be replaced by a stand-in (tests), which is then
     // taken as the swap this process can use, whatever its cgroup says:
@@ -246,7 +311,8 @@ pub fn harden(cfg: &Config, production: bool) -> Result<(), String> {
         Err(e) => vec![format!("unknown: cannot read {path}: {e}")],
     };
     if let Some(w) =
-        crate::hardening::swap_verdict(&swaps, cfg.keys.mlock, cfg.keys.allow_swap, production)?
+        crate::hardening::swap_verdict(&swaps, cfg.keys.mlock, cfg.keys.allow_swap, production)
+            .map_err(StartError::Hardening)?
     {
         tracing::warn!("{w}");
     }
@@ -268,26 +334,32 @@ pub async fn serve(
     keys: KeySource,
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let tls = tls_config(cfg)?;
     let auth = authorizer(cfg)?;
     let store = open_store(cfg).await?;
     let mut vcfg = cfg.vault_config()?;
     vcfg.seal_mode = keys.mode().to_owned();
     let vault = Arc::new(Vault::new(store.clone(), vcfg));
-    unseal_at_start(&vault, keys).await?;
+    unseal_at_start(&vault, keys)
+        .await
+        .map_err(StartError::Keys)?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|e| StartError::Serve(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Serve(e.to_string()))?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
     metrics.tenant_labels.store(
         cfg.metrics.tenant_labels,
         std::sync::atomic::Ordering::Relaxed,
     );
     let (health, health_service) = tonic_health::server::health_reporter();
-    let background = Background::start(cfg, &vault, &auth, &metrics, health).await?;
+    let background = Background::start(cfg, &vault, &auth, &metrics, health)
+        .await
+        .map_err(StartError::Serve)?;
 
     tracing::info!(%addr, store = store.backend(), "cardvault listening");
     on_ready(addr);
@@ -305,7 +377,7 @@ pub async fn serve(
             .limits()
             .fitted(crate::hardening::raise_open_files()),
     };
-    let result = listener.run(shutdown).await;
+    let result = listener.run(shutdown).await.map_err(StartError::Serve);
     background.stop();
     wipe_on_exit(&vault).await;
     result

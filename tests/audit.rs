@@ -10,13 +10,14 @@ use cardvault::Error;
 use cardvault::audit::{AuditBody, AuditRecord};
 use cardvault::card::{Brand, Cvv};
 use cardvault::crypto::keys::SecretKey;
+use cardvault::fields::{Purpose, Tenant};
 use cardvault::proto::audit_service_client::AuditServiceClient;
 use cardvault::proto::{
     AuditQueryRequest, BlastRadiusRequest, DetokenizeRequest, TokenizeRequest, VerifyAuditRequest,
 };
 use cardvault::store::Store;
 use cardvault::store::sled::{RawAudit, SledStore};
-use cardvault::token::{Purpose, Tenant, Token};
+use cardvault::token::Token;
 use cardvault::vault::keyring::AUDIT_KEY_NAME;
 use cardvault::vault::{
     CallContext, CvvOutcome, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use cardvault::Error;
 use cardvault::crypto::keys::SecretKey;
+use cardvault::fields::{Purpose, Tenant};
 use cardvault::proto::key_service_client::KeyServiceClient;
 use cardvault::proto::{
     DetokenizeRequest, RetireKeyRequest, RewrapRequest, RotateDataKeyRequest, StatusRequest,
@@ -15,7 +16,7 @@ use cardvault::proto::{
 };
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
-use cardvault::token::{Purpose, Tenant, Token};
+use cardvault::token::Token;
 use cardvault::vault::keys::SealConfig;
 use cardvault::vault::{
     CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig, custody,

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use cardvault::crypto::keys::SecretKey;
 use cardvault::error::Error;
+use cardvault::fields::Tenant;
 use cardvault::store::postgres::PostgresStore;
 use cardvault::store::{Store, StoredRecord};
-use cardvault::token::{Tenant, Token};
+use cardvault::token::Token;
 use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig};
 use prost::Message;
 
@@ -130,7 +131,7 @@ async fn metadata_does_not_show_a_changed_expiry() {
         Err(e) => assert!(matches!(e, Error::DataLoss(_)), "{e}"),
     }
     // Detokenize refuses the record as well (its envelope no longer fits).
-    let purpose = cardvault::token::Purpose::parse("test").unwrap();
+    let purpose = cardvault::fields::Purpose::parse("test").unwrap();
     assert!(matches!(
         v.detokenize(&ctx, &tenant(), &token, &purpose, false).await,
         Err(Error::DataLoss(_))

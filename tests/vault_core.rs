@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use cardvault::crypto::keys::SecretKey;
+use cardvault::fields::{Purpose, Tenant};
 use cardvault::store::Store;
 use cardvault::store::sled::SledStore;
-use cardvault::token::{Purpose, Tenant, Token};
+use cardvault::token::Token;
 use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Unmetered, Vault, VaultConfig};
 use cardvault::{Error, card::Cvv};
 

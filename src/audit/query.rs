@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use super::{AuditAction, AuditBody};
 use crate::error::{Error, Result};
-use crate::token::{Tenant, Token, check_free_text};
+use crate::fields::{Tenant, check_free_text};
+use crate::token::Token;
 
 /// Longest principal a filter accepts (certificate names are far shorter).
 const MAX_PRINCIPAL_CHARS: usize = 256;

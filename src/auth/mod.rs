@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 use crate::audit::AuditAction;
 use crate::error::{Error, Result};
+use crate::fields::Tenant;
 use crate::sync::Recover;
-use crate::token::Tenant;
 use policy::{Grant, Policy};
 use rate::RateLimiter;
 

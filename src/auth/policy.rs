@@ -190,7 +190,7 @@ impl Policy {
                 None
             } else {
                 for t in &e.tenants {
-                    crate::token::Tenant::parse(t).map_err(|err| format!("{at}: {err}"))?;
+                    crate::fields::Tenant::parse(t).map_err(|err| format!("{at}: {err}"))?;
                 }
                 Some(e.tenants.into_iter().collect())
             };

@@ -54,7 +54,7 @@ fn request_id<T>(req: &Request<T>) -> String {
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         // It is logged and audited: not a card number sent by mistake.
-        && !crate::token::contains_card_number(v)
+        && !crate::fields::contains_card_number(v)
     {
         return v.to_owned();
     }

@@ -13,8 +13,9 @@ use crate::auth::policy::Grant;
 use crate::auth::{Action, Authorized, Authorizer, Caller};
 use crate::card::YearMonth;
 use crate::error::Result;
+use crate::fields::{Purpose, Tenant};
 use crate::proto::{self, token_service_server::TokenService};
-use crate::token::{Purpose, Tenant, Token, TokenFormat};
+use crate::token::{Token, TokenFormat};
 use crate::vault::{
     CallContext, Card, CardMetadata, CvvOutcome, NewCard, TokenizeBudget, TokenizeOptions, Vault,
     check_batch_size,

@@ -22,8 +22,8 @@ use super::{CallContext, NewCard, Vault, audit_body, now_ms};
 use crate::card::YearMonth;
 use crate::crypto::sealed::{self, SessionKey};
 use crate::error::{Error, Result};
+use crate::fields::Tenant;
 use crate::sync::Recover;
-use crate::token::Tenant;
 
 /// Longest session life: a checkout page is filled in within minutes.
 pub const MAX_SESSION_TTL: Duration = Duration::from_secs(30 * 60);

@@ -35,7 +35,7 @@ use super::{CallContext, TokenizeBudget, Vault, audit_body, now_ms};
 use crate::card::Pan;
 use crate::crypto::fingerprint::FingerprintKey;
 use crate::error::{Error, Result};
-use crate::token::Tenant;
+use crate::fields::Tenant;
 
 /// Default [`GuardConfig::window`]: one hour.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);

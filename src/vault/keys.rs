@@ -16,8 +16,8 @@ use super::keyring::{
 use super::{CallContext, Vault, audit_body, now_ms};
 use crate::crypto::envelope;
 use crate::error::{Error, Result};
+use crate::fields::Tenant;
 use crate::store::StoredRecord;
-use crate::token::Tenant;
 
 /// What [`Vault::maybe_auto_rotate`] found for a request about to encrypt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

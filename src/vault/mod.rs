@@ -28,9 +28,10 @@ use crate::card::{Brand, CardholderName, Cvv, Expiry, Pan};
 use crate::crypto::envelope::{self, CardSecret};
 use crate::crypto::keys::{Aead, SecretKey, kek_check_value, kek_matches, unwrap_key, wrap_key};
 use crate::error::{Error, Result};
+use crate::fields::{Purpose, Tenant};
 use crate::store::{AuditLink, InsertOutcome, Store, StoredRecord};
 use crate::sync::Recover;
-use crate::token::{Purpose, Tenant, Token, TokenFormat};
+use crate::token::{Token, TokenFormat};
 use audit_log::AuditSink;
 use keyring::{AUDIT_KEY_NAME, KEK_CHECK_NAME, Keyring};
 use keys::Rotation;
@@ -1176,7 +1177,7 @@ mod tests {
         let mut legacy = rec.clone();
         legacy.envelope = envelope::seal_legacy(dek, rec.key_version, "a", &m.token, &secret);
         assert!(v.store.update(&rec, &legacy).await.unwrap());
-        let purpose = crate::token::Purpose::parse("test").unwrap();
+        let purpose = crate::fields::Purpose::parse("test").unwrap();
         let card = v
             .detokenize(&ctx, &tenant, &token, &purpose, false)
             .await
