@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use cardvault::card::YearMonth;
 use cardvault::cli::{self, ClientOpts};
@@ -27,8 +27,45 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// A client command's own arguments, and how to reach the vault. The
+/// server commands (`dev`, `serve`) take none of the latter.
+#[derive(Args)]
+struct Client<T: Args> {
+    #[command(flatten)]
+    cmd: T,
     #[command(flatten)]
     client: ClientOpts,
+}
+
+/// A client command with subcommands, and how to reach the vault.
+#[derive(Args)]
+struct ClientGroup<T: Subcommand> {
+    #[command(subcommand)]
+    cmd: T,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+/// No arguments of its own.
+#[derive(Args)]
+struct NoArgs {}
+
+/// Arguments of `health`.
+#[derive(Args)]
+struct HealthArgs {
+    /// Service name; TokenService is not serving while sealed.
+    #[arg(long, default_value = "cardvault.v1.TokenService")]
+    service: String,
+}
+
+/// Arguments of `shares`.
+#[derive(Args)]
+struct SharesArgs {
+    /// Directory to write them to.
+    #[arg(long, default_value = "./cardvault-shares")]
+    out_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -53,47 +90,92 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Tokenize a card (role: merchant).
-    Tokenize(cli::token::TokenizeCmd),
+    Tokenize(Client<cli::token::TokenizeCmd>),
     /// Detokenize a token (role: processor).
-    Detokenize(cli::token::DetokenizeCmd),
+    Detokenize(Client<cli::token::DetokenizeCmd>),
     /// Show a token's non-sensitive metadata.
-    Metadata(cli::token::TokenCmd),
+    Metadata(Client<cli::token::TokenCmd>),
     /// Delete (redact) a token.
-    Delete(cli::token::TokenCmd),
+    Delete(Client<cli::token::TokenCmd>),
     /// Query and verify the audit log (role: auditor).
-    #[command(subcommand)]
-    Audit(cli::audit::AuditCmd),
+    Audit(ClientGroup<cli::audit::AuditCmd>),
     /// Seal state and key versions (role: admin).
-    Status,
+    Status(Client<NoArgs>),
     /// gRPC health of a service; exits non-zero unless SERVING (probes).
-    Health {
-        /// Service name; TokenService is not serving while sealed.
-        #[arg(long, default_value = "cardvault.v1.TokenService")]
-        service: String,
-    },
+    Health(Client<HealthArgs>),
     /// Create the master key and split it into key shares, one per named
     /// custodian, each encrypted to the custodian's age key (role: admin).
-    Init(cli::keys::InitCmd),
+    Init(Client<cli::keys::InitCmd>),
     /// Enter your key share (role: custodian).
-    Unseal(cli::keys::UnsealCmd),
+    Unseal(Client<cli::keys::UnsealCmd>),
     /// Master key rotation with a quorum of custodians: start (admin),
     /// submit (custodian), cancel.
-    #[command(subcommand)]
-    Rekey(cli::keys::RekeyCmd),
+    Rekey(ClientGroup<cli::keys::RekeyCmd>),
     /// Write the current encrypted key shares out again (role: admin).
-    Shares {
-        /// Directory to write them to.
-        #[arg(long, default_value = "./cardvault-shares")]
-        out_dir: PathBuf,
-    },
+    Shares(Client<SharesArgs>),
     /// Wipe all keys from memory (role: admin).
-    Seal,
+    Seal(Client<NoArgs>),
     /// Rotate, rewrap and retire keys (role: admin).
-    #[command(subcommand)]
-    Keys(cli::keys::KeysCmd),
+    Keys(ClientGroup<cli::keys::KeysCmd>),
     /// Load-test a running vault over gRPC + mTLS (optionally against a
     /// no-op baseline server in the same run).
-    Bench(cli::bench::BenchCmd),
+    Bench(Client<cli::bench::BenchCmd>),
+}
+
+/// The flags of [`ClientOpts`], which take a value.
+const CLIENT_FLAGS: [&str; 7] = [
+    "--addr",
+    "--ca",
+    "--cert",
+    "--key",
+    "--dev-dir",
+    "--server-name",
+    "--as",
+];
+
+/// Moves client flags written before the command (`cardvault --addr A
+/// tokenize ...`, as scripts and the docs have long done) to just after
+/// it, where the command takes them. Before `dev` or `serve` they are
+/// refused: the server commands take none.
+fn hoist_client_flags(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    let mut hoisted = Vec::new();
+    let mut i = 1;
+    while let Some(arg) = args.get(i).and_then(|a| a.to_str()) {
+        let name = arg.split_once('=').map_or(arg, |(n, _)| n);
+        if !CLIENT_FLAGS.contains(&name) {
+            break;
+        }
+        hoisted.push(args[i].clone());
+        if !arg.contains('=')
+            && let Some(value) = args.get(i + 1)
+        {
+            hoisted.push(value.clone());
+            i += 1;
+        }
+        i += 1;
+    }
+    let Some(command) = args.get(i) else {
+        return Ok(args);
+    };
+    if hoisted.is_empty() {
+        return Ok(args);
+    }
+    if let Some(server @ ("dev" | "serve")) = command.to_str() {
+        let flag = hoisted[0].to_string_lossy();
+        let flag = flag.split_once('=').map_or(&*flag, |(n, _)| n);
+        return Err(format!(
+            "{flag} is a client flag; `cardvault {server}` takes its own (see `cardvault {server} --help`{})",
+            if flag == "--dev-dir" && server == "dev" {
+                ": it names its directory with --data-dir"
+            } else {
+                ""
+            }
+        ));
+    }
+    let mut out = vec![args[0].clone(), command.clone()];
+    out.extend(hoisted);
+    out.extend(args[i + 1..].iter().cloned());
+    Ok(out)
 }
 
 fn init_logging(cfg: &Config) {
@@ -159,11 +241,11 @@ fn print_dev_banner(data_dir: &std::path::Path, addr: SocketAddr) {
     }
     println!(
         "\nTry it from another terminal in this directory (the token is in the first command's output):\n\
-         \x20 {exe}{flags} tokenize --pan-stdin --exp 12/{exp_year}   (then type a test card number, e.g. Visa's)\n\
-         \x20 {exe}{flags} metadata <token>\n\
-         \x20 {exe}{flags} detokenize <token> --purpose authorization --include-cvv\n\
-         \x20 {exe}{flags} audit query --action Detokenize\n\
-         \x20 {exe}{flags} status\n\
+         \x20 {exe} tokenize{flags} --pan-stdin --exp 12/{exp_year}   (then type a test card number, e.g. Visa's)\n\
+         \x20 {exe} metadata{flags} <token>\n\
+         \x20 {exe} detokenize{flags} <token> --purpose authorization --include-cvv\n\
+         \x20 {exe} audit query{flags} --action Detokenize\n\
+         \x20 {exe} status{flags}\n\
          (`cargo run --release --` works in place of {exe} too)\n\n\
          With grpcurl:\n\
          \x20 grpcurl -cacert {c}/ca.pem -cert {c}/merchant.pem -key {c}/merchant.key \\\n\
@@ -183,14 +265,6 @@ async fn run(cli: Cli) -> Result<(), String> {
             listen,
             config,
         } => {
-            // --dev-dir is the client commands' name for this directory; on
-            // `dev` it used to be accepted and ignored.
-            if cli.client.dev_dir != std::path::Path::new(cli::DEFAULT_DEV_DIR) {
-                return Err(format!(
-                    "`cardvault dev` names its directory with --data-dir (--dev-dir is for the client commands): cardvault dev --data-dir {}",
-                    cli.client.dev_dir.display()
-                ));
-            }
             let mut cfg = Config::load(config.as_deref())?;
             cfg.data_dir = data_dir.clone();
             cfg.listen = listen;
@@ -237,26 +311,33 @@ async fn run(cli: Cli) -> Result<(), String> {
             .await
             .map_err(String::from)
         }
-        Command::Tokenize(cmd) => cli::token::tokenize(&cli.client, cmd).await,
-        Command::Detokenize(cmd) => cli::token::detokenize(&cli.client, cmd).await,
-        Command::Metadata(cmd) => cli::token::metadata(&cli.client, cmd).await,
-        Command::Delete(cmd) => cli::token::delete(&cli.client, cmd).await,
-        Command::Audit(cmd) => cli::audit::run(&cli.client, cmd).await,
-        Command::Status => cli::keys::status(&cli.client).await,
-        Command::Health { service } => cli::health(&cli.client, service).await,
-        Command::Init(cmd) => cli::keys::init(&cli.client, cmd).await,
-        Command::Unseal(cmd) => cli::keys::unseal(&cli.client, cmd).await,
-        Command::Rekey(cmd) => cli::keys::rekey(&cli.client, cmd).await,
-        Command::Shares { out_dir } => cli::keys::shares(&cli.client, &out_dir).await,
-        Command::Seal => cli::keys::seal(&cli.client).await,
-        Command::Keys(cmd) => cli::keys::keys(&cli.client, cmd).await,
-        Command::Bench(cmd) => cli::bench::run(&cli.client, cmd).await,
+        Command::Tokenize(c) => cli::token::tokenize(&c.client, c.cmd).await,
+        Command::Detokenize(c) => cli::token::detokenize(&c.client, c.cmd).await,
+        Command::Metadata(c) => cli::token::metadata(&c.client, c.cmd).await,
+        Command::Delete(c) => cli::token::delete(&c.client, c.cmd).await,
+        Command::Audit(c) => cli::audit::run(&c.client, c.cmd).await,
+        Command::Status(c) => cli::keys::status(&c.client).await,
+        Command::Health(c) => cli::health(&c.client, c.cmd.service).await,
+        Command::Init(c) => cli::keys::init(&c.client, c.cmd).await,
+        Command::Unseal(c) => cli::keys::unseal(&c.client, c.cmd).await,
+        Command::Rekey(c) => cli::keys::rekey(&c.client, c.cmd).await,
+        Command::Shares(c) => cli::keys::shares(&c.client, &c.cmd.out_dir).await,
+        Command::Seal(c) => cli::keys::seal(&c.client).await,
+        Command::Keys(c) => cli::keys::keys(&c.client, c.cmd).await,
+        Command::Bench(c) => cli::bench::run(&c.client, c.cmd).await,
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match hoist_client_flags(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("cardvault: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

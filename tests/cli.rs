@@ -266,3 +266,52 @@ async fn mistakes_get_answers_that_say_what_to_type() {
     // The vault's stderr here is a file: no ANSI escape codes in it.
     assert!(!v.logs().contains('\u{1b}'), "colour codes in a log file");
 }
+
+/// The server commands take only their own flags: `dev --help` lists no
+/// client flag, and a client flag given to `dev` or `serve` is refused,
+/// before or after the command. Client commands take them after the
+/// command as well as before it.
+#[test]
+fn server_and_client_commands_take_only_their_own_flags() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for server in ["dev", "serve"] {
+        let (ok, help, _) = run(&[server, "--help"]);
+        assert!(ok);
+        for flag in [
+            "--addr",
+            "--ca ",
+            "--cert",
+            "--as ",
+            "--dev-dir",
+            "--server-name",
+        ] {
+            assert!(
+                !help.contains(flag),
+                "{server} --help lists {flag}:\n{help}"
+            );
+        }
+        let (ok, _, err) = run(&["--addr", "https://localhost:1", server]);
+        assert!(!ok && err.contains("--addr is a client flag"), "{err}");
+        let (ok, _, err) = run(&[server, "--as", "merchant"]);
+        assert!(!ok && err.contains("--as"), "{err}");
+    }
+    let (ok, help, _) = run(&["tokenize", "--help"]);
+    assert!(
+        ok && help.contains("--addr") && help.contains("--dev-dir"),
+        "{help}"
+    );
+    let (_, _, err) = run(&["--dev-dir", "/nonexistent-dir", "status"]);
+    assert!(err.contains("/nonexistent-dir/certs"), "{err}");
+    let (_, _, err) = run(&["audit", "query", "--dev-dir", "/nonexistent-dir"]);
+    assert!(err.contains("/nonexistent-dir/certs"), "{err}");
+}
