@@ -42,7 +42,7 @@
 //!   is available.
 //!
 //! ## Design
-//! Requests flow one way: [`grpc`] (protobuf <-> domain types, errors ->
+//! Requests flow one way: `grpc` (protobuf <-> domain types, errors ->
 //! status codes) -> [`auth`] (who may do what, for which tenant) ->
 //! [`vault::Vault`] (the domain core, no I/O types) -> [`crypto`], [`store`],
 //! [`vault::cvv`], [`audit`]. Nothing below `grpc` knows about tonic.
@@ -53,6 +53,9 @@
 // Process hardening (src/hardening.rs) uses rustix's safe syscall wrappers,
 // so not even that needs `unsafe`.
 #![warn(missing_docs)]
+// A `pub` item that no one outside the crate can reach says more than it
+// means: such items are `pub(crate)`.
+#![warn(unreachable_pub)]
 
 pub mod audit;
 pub mod auth;
@@ -63,9 +66,9 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fields;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod hardening;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod pki;
 pub mod server;
 

@@ -68,9 +68,9 @@ struct StoreGauges {
 }
 
 /// How often the store-read gauges are refreshed.
-pub const STORE_GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const STORE_GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 /// Scrapes served at once; more get 503 at once.
-pub const MAX_CONCURRENT_SCRAPES: usize = 4;
+pub(crate) const MAX_CONCURRENT_SCRAPES: usize = 4;
 
 /// Every method the server serves, as `package.Service/Method`, read once
 /// from the services' descriptor sets (so the list follows the protos).
@@ -340,7 +340,7 @@ impl Metrics {
 /// in the background, so a scrape costs the store nothing (scrapes used to
 /// wait on its commit barrier); at most [`MAX_CONCURRENT_SCRAPES`] run at
 /// once.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     vault: Arc<Vault>,
@@ -439,7 +439,7 @@ async fn serve_scrapes(
 
 /// Tower layer that counts and times every gRPC request.
 #[derive(Clone)]
-pub struct MetricsLayer {
+pub(crate) struct MetricsLayer {
     /// Where observations go.
     pub metrics: Arc<Metrics>,
     /// To turn the caller's certificate into a role label.
@@ -458,7 +458,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
 
 /// The service produced by [`MetricsLayer`].
 #[derive(Clone)]
-pub struct MetricsService<S> {
+pub(crate) struct MetricsService<S> {
     inner: S,
     layer: MetricsLayer,
 }

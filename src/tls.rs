@@ -152,7 +152,7 @@ pub struct Peer(Arc<PeerDetails>);
 #[derive(Debug)]
 struct PeerDetails {
     /// Principal named by the verified client certificate (see
-    /// [`crate::grpc::identity::principal_from_cert`]); `None` if it names
+    /// `grpc::identity::principal_from_cert`); `None` if it names
     /// none.
     principal: Option<String>,
     /// SHA-256 of the client certificate (DER), which the policy can revoke.

@@ -15,7 +15,7 @@ use crate::vault::Vault;
 use crate::vault::audit_log::AuditHit;
 
 /// The service, holding the shared vault and the authorizer.
-pub struct AuditServiceImpl {
+pub(crate) struct AuditServiceImpl {
     /// The domain core (owns the log).
     vault: Arc<Vault>,
     /// Decides who may read the log.
@@ -24,7 +24,7 @@ pub struct AuditServiceImpl {
 
 impl AuditServiceImpl {
     /// Serves the audit log of `vault`.
-    pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
+    pub(crate) fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
         AuditServiceImpl { vault, auth }
     }
 

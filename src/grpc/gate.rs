@@ -34,16 +34,16 @@ use crate::vault::Vault;
 
 /// Largest request the key and audit services take (a 255-custodian init
 /// is under 200 KiB).
-pub const SMALL_MESSAGE_LIMIT: usize = 256 << 10;
+pub(crate) const SMALL_MESSAGE_LIMIT: usize = 256 << 10;
 /// Largest request the token service takes: a batch of 1,000 cards, each
 /// at most a few hundred bytes.
-pub const TOKEN_MESSAGE_LIMIT: usize = 1 << 20;
+pub(crate) const TOKEN_MESSAGE_LIMIT: usize = 1 << 20;
 
 /// The most bytes a method's request body may hold (gRPC framing
 /// included), sized to its largest real request with room to spare:
 /// names are at most 100 characters, tokens 26, purposes 200, batches
 /// 1,000 items, an init 255 custodians.
-pub fn method_limit(path: &str) -> usize {
+pub(crate) fn method_limit(path: &str) -> usize {
     const KIB: usize = 1 << 10;
     match Action::of_path(path) {
         Some(Action::TokenizeBatch) => TOKEN_MESSAGE_LIMIT,
@@ -81,7 +81,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body that fails once it has carried more than its method's
 /// limit, and says so in `over`.
-pub struct Limited<B> {
+pub(crate) struct Limited<B> {
     inner: B,
     left: usize,
     over: Arc<AtomicBool>,
@@ -130,7 +130,7 @@ where
 
 /// Wraps the services in a [`Gate`].
 #[derive(Clone)]
-pub struct GateLayer {
+pub(crate) struct GateLayer {
     /// Where refusals are audited.
     pub vault: Arc<Vault>,
     /// Who is known (and not revoked).
@@ -149,7 +149,7 @@ impl<S> tower::Layer<S> for GateLayer {
 
 /// The service produced by [`GateLayer`].
 #[derive(Clone)]
-pub struct Gate<S> {
+pub(crate) struct Gate<S> {
     inner: S,
     layer: GateLayer,
 }

@@ -18,7 +18,7 @@ use crate::vault::CallContext;
 /// * a common name shaped like a URI (with `:`): the CN is the field CAs
 ///   check least, and it must not pass for a SAN URI principal such as a
 ///   processor's SPIFFE ID.
-pub fn principal_from_cert(der: &[u8]) -> Option<String> {
+pub(crate) fn principal_from_cert(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()?;
     let mut uris = san
@@ -62,7 +62,7 @@ fn request_id<T>(req: &Request<T>) -> String {
 }
 
 /// A fresh request id: a per-process random prefix and a counter.
-pub fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     // Unique, and no `getrandom` system call per request (it showed in
     // profiles).
     static PREFIX: std::sync::LazyLock<String> =
@@ -74,21 +74,24 @@ pub fn new_request_id() -> String {
 
 /// The peer of the request's connection (see [`crate::tls::Peer`]);
 /// `None` for a request that did not come through [`crate::tls::incoming`].
-pub fn peer_of<T>(req: &Request<T>) -> Option<&crate::tls::Peer> {
+pub(crate) fn peer_of<T>(req: &Request<T>) -> Option<&crate::tls::Peer> {
     req.extensions().get::<crate::tls::Peer>()
 }
 
 /// Builds the call context of a request: request id and the caller from
 /// the verified peer certificate (principal `anonymous` without one;
 /// authorisation refuses such calls).
-pub fn context_of<T>(req: &Request<T>) -> (CallContext, Caller) {
+pub(crate) fn context_of<T>(req: &Request<T>) -> (CallContext, Caller) {
     context_for(peer_of(req), request_id(req))
 }
 
 /// The caller and call context of a connection's peer (`None`: no TLS
 /// peer), with the request id to use; shared by the services and the gate
 /// in front of them.
-pub fn context_for(peer: Option<&crate::tls::Peer>, request_id: String) -> (CallContext, Caller) {
+pub(crate) fn context_for(
+    peer: Option<&crate::tls::Peer>,
+    request_id: String,
+) -> (CallContext, Caller) {
     let caller = Caller {
         principal: peer.and_then(|p| p.principal()).map(str::to_owned),
         cert_sha256: peer.and_then(|p| p.cert_sha256().copied()),

@@ -17,7 +17,7 @@ use crate::vault::keys::SealConfig;
 use crate::vault::{CallContext, Vault};
 
 /// The service, holding the shared vault and the authorizer.
-pub struct KeyServiceImpl {
+pub(crate) struct KeyServiceImpl {
     /// The domain core (owns the keys).
     vault: Arc<Vault>,
     /// Decides who may manage keys.
@@ -26,7 +26,7 @@ pub struct KeyServiceImpl {
 
 impl KeyServiceImpl {
     /// Serves key management for `vault`.
-    pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
+    pub(crate) fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
         KeyServiceImpl { vault, auth }
     }
 

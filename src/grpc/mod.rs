@@ -2,12 +2,12 @@
 //! and the caller's identity from its TLS client certificate. All policy and
 //! crypto live below, in [`crate::vault`].
 
-pub mod audit_service;
-pub mod gate;
-pub mod identity;
-pub mod key_service;
+pub(crate) mod audit_service;
+pub(crate) mod gate;
+pub(crate) mod identity;
+pub(crate) mod key_service;
 mod redact;
-pub mod token_service;
+pub(crate) mod token_service;
 
 use tonic::Status;
 
@@ -15,7 +15,7 @@ use crate::error::Error;
 
 /// Maps a domain error to the one gRPC status the API contract promises.
 /// Messages come from [`Error`]'s `Display`, which never holds a secret.
-pub fn status_of(err: &Error) -> Status {
+pub(crate) fn status_of(err: &Error) -> Status {
     let msg = err.to_string();
     match err {
         Error::InvalidArgument { .. } => Status::invalid_argument(msg),
@@ -83,7 +83,7 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
 }
 
 /// A batch item's error in protobuf form.
-pub fn item_error(err: &Error) -> crate::proto::ItemError {
+pub(crate) fn item_error(err: &Error) -> crate::proto::ItemError {
     crate::proto::ItemError {
         code: err.code_name().to_owned(),
         field: match err {

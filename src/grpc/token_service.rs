@@ -22,7 +22,7 @@ use crate::vault::{
 };
 
 /// The service, holding the shared vault and the authorizer.
-pub struct TokenServiceImpl {
+pub(crate) struct TokenServiceImpl {
     /// The domain core.
     vault: Arc<Vault>,
     /// Decides who may call what, for which tenant.
@@ -31,7 +31,7 @@ pub struct TokenServiceImpl {
 
 impl TokenServiceImpl {
     /// Serves `vault`, checking every call with `auth`.
-    pub fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
+    pub(crate) fn new(vault: Arc<Vault>, auth: Arc<Authorizer>) -> Self {
         TokenServiceImpl { vault, auth }
     }
 

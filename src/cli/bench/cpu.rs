@@ -9,11 +9,11 @@ use std::time::Duration;
 
 /// Thread name of the in-process baseline server's runtime, which tells its
 /// threads apart from the bench client's.
-pub const BASELINE_THREAD: &str = "bench-baseline";
+pub(super) const BASELINE_THREAD: &str = "bench-baseline";
 
 /// Whose CPU a run charges to the server.
 #[derive(Debug, Clone, Copy)]
-pub enum Server {
+pub(super) enum Server {
     /// The vault process with this pid (`--vault-pid`), if known.
     Vault(Option<u32>),
     /// The baseline server's threads in this process.
@@ -23,14 +23,14 @@ pub enum Server {
 /// CPU time used so far by the server and by the client (this process,
 /// without the baseline server's threads).
 #[derive(Debug, Clone, Copy)]
-pub struct Sample {
+pub(super) struct Sample {
     server: Option<Duration>,
     client: Option<Duration>,
 }
 
 impl Sample {
     /// Reads the counters now.
-    pub fn take(server: Server) -> Sample {
+    pub(super) fn take(server: Server) -> Sample {
         let own = process("self");
         let baseline = baseline_threads();
         Sample {
@@ -46,7 +46,7 @@ impl Sample {
 
     /// Microseconds of server and client CPU per request between `self` and
     /// `later`, for a run that completed `ops` requests.
-    pub fn per_op(&self, later: &Sample, ops: u64) -> (Option<f64>, Option<f64>) {
+    pub(super) fn per_op(&self, later: &Sample, ops: u64) -> (Option<f64>, Option<f64>) {
         let per = |a: Option<Duration>, b: Option<Duration>| {
             let used = b?.checked_sub(a?)?;
             (ops > 0).then(|| used.as_secs_f64() * 1e6 / ops as f64)
@@ -59,7 +59,7 @@ impl Sample {
 }
 
 /// Whether process `pid` exists and its CPU time can be read.
-pub fn readable(pid: u32) -> bool {
+pub(super) fn readable(pid: u32) -> bool {
     process(&pid.to_string()).is_some()
 }
 

@@ -29,7 +29,7 @@ use crate::sync::Recover;
 /// Bytes each waiting request adds to a commit: about a detokenize's
 /// audit record as the vault logs it (a tokenize's record is a little
 /// larger; direct writes are whole 4 KiB blocks either way).
-pub const FRAME_BYTES: usize = 256;
+pub(super) const FRAME_BYTES: usize = 256;
 /// Size of the preallocated scratch log; writes wrap around within it.
 const LOG_BYTES: u64 = 64 << 20;
 
@@ -47,7 +47,7 @@ struct State {
 }
 
 /// Group commit of fixed-size frames to a scratch log.
-pub struct Committer {
+pub(super) struct Committer {
     state: Mutex<State>,
     work: Condvar,
     /// Writes made so far (commits share them).
@@ -55,7 +55,7 @@ pub struct Committer {
 }
 
 /// The running committer: its thread and directory, cleaned up on drop.
-pub struct Running {
+pub(super) struct Running {
     /// Shared with the baseline's handlers.
     pub committer: Arc<Committer>,
     thread: Option<JoinHandle<()>>,
@@ -67,7 +67,7 @@ impl Committer {
     /// log there (before any measured run) and starts the commit thread,
     /// named like the baseline's workers so that its CPU counts as the
     /// baseline server's.
-    pub fn start(parent: &Path, thread_name: &str) -> Result<Running, String> {
+    pub(super) fn start(parent: &Path, thread_name: &str) -> Result<Running, String> {
         Self::start_with(parent, thread_name, LOG_BYTES)
     }
 
@@ -108,12 +108,12 @@ impl Committer {
 
     /// Writes made so far.
     #[cfg(test)]
-    pub fn writes(&self) -> u64 {
+    pub(crate) fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
     }
 
     /// Queues one frame and waits until a commit has written it.
-    pub async fn commit(&self) -> Result<(), String> {
+    pub(super) async fn commit(&self) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = self.lock();

@@ -17,13 +17,14 @@ use super::{BenchOp, Report};
 
 /// Most milliseconds a tokenize or detokenize may take at the 99th
 /// percentile.
-pub const P99_MAX_MS: f64 = 5.0;
+pub(super) const P99_MAX_MS: f64 = 5.0;
 /// Least throughput, as a share of the no-op baseline's, per operation.
-pub const MIN_RATIO: [(BenchOp, f64); 2] = [(BenchOp::Tokenize, 0.5), (BenchOp::Detokenize, 0.8)];
+pub(super) const MIN_RATIO: [(BenchOp, f64); 2] =
+    [(BenchOp::Tokenize, 0.5), (BenchOp::Detokenize, 0.8)];
 /// Concurrent clients the targets are defined for.
-pub const CONCURRENCY: usize = 64;
+pub(super) const CONCURRENCY: usize = 64;
 /// Cores of the machine the targets are defined for.
-pub const CORES: usize = 2;
+pub(super) const CORES: usize = 2;
 
 /// What a check compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -16,10 +16,10 @@ use crate::error::{Error, Result};
 /// node larger than a quarter segment (128 KiB) as a separate blob file,
 /// so 17 buckets must stay well under that: 16 records of a few hundred
 /// bytes each do.
-pub const BUCKET: u64 = 16;
+pub(super) const BUCKET: u64 = 16;
 
 /// The key of the bucket holding `seq`.
-pub fn key(seq: u64) -> [u8; 8] {
+pub(super) fn key(seq: u64) -> [u8; 8] {
     (seq - seq % BUCKET).to_be_bytes()
 }
 
@@ -28,7 +28,7 @@ fn corrupt() -> Error {
 }
 
 /// The `(seq, record bytes)` pairs of a bucket value.
-pub fn decode(mut v: &[u8]) -> Result<Vec<(u64, &[u8])>> {
+pub(super) fn decode(mut v: &[u8]) -> Result<Vec<(u64, &[u8])>> {
     let mut out = Vec::new();
     while !v.is_empty() {
         let seq = u64::from_be_bytes(v.get(..8).ok_or_else(corrupt)?.try_into().expect("8"));
@@ -54,7 +54,7 @@ fn encode<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
 type Gathered = ([u8; 8], Vec<(u64, Vec<u8>)>);
 
 /// Tree holding the buckets (format 2).
-pub const TREE: &str = "audit_buckets";
+pub(super) const TREE: &str = "audit_buckets";
 /// Tree of format 1 (one record per key), read only to migrate it.
 const OLD_TREE: &str = "audit";
 /// Key, in the `meta` tree, of the storage format number.
@@ -67,7 +67,7 @@ const FORMAT: &[u8] = b"2";
 /// The migration fills a fresh bucket tree, flushes, then records the new
 /// format and drops the old tree; a crash before the format is recorded
 /// leaves the old tree intact and the migration starts over.
-pub fn open(db: &sled::Db) -> Result<sled::Tree> {
+pub(super) fn open(db: &sled::Db) -> Result<sled::Tree> {
     let meta = db.open_tree("meta").map_err(unavailable)?;
     let tree = db.open_tree(TREE).map_err(unavailable)?;
     if meta.get(FORMAT_KEY).map_err(unavailable)?.as_deref() == Some(FORMAT) {

@@ -48,7 +48,7 @@ const HEADER: usize = 16;
 /// Largest record a frame may hold; a longer length means a corrupt frame.
 const MAX_RECORD: usize = 1 << 20;
 /// One index entry per this many seqs.
-pub const INDEX_EVERY: u64 = 64;
+pub(super) const INDEX_EVERY: u64 = 64;
 /// sled tree of the index: seq (u64 BE) -> offset (u64 LE).
 const INDEX_TREE: &str = "audit_index";
 /// Keys in the `meta` tree.
@@ -57,7 +57,7 @@ const FORMAT: &[u8] = b"3";
 const SYNCED_KEY: &[u8] = b"audit-synced-len";
 
 /// Appends the frame of record `rec` at position `seq` to `out`.
-pub fn encode_frame(seq: u64, rec: &[u8], out: &mut Vec<u8>) {
+pub(super) fn encode_frame(seq: u64, rec: &[u8], out: &mut Vec<u8>) {
     let (seq_b, len_b) = (seq.to_le_bytes(), (rec.len() as u32).to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&seq_b);
@@ -190,7 +190,7 @@ struct Tail {
 }
 
 /// The audit journal: file, index and tail.
-pub struct Journal {
+pub(super) struct Journal {
     file: Arc<dyn DiskFile>,
     index: sled::Tree,
     /// Holds the head and the synced length.
@@ -208,7 +208,7 @@ fn le_u64(v: &[u8]) -> Result<u64> {
 impl Journal {
     /// Opens the journal in `dir`, first migrating audit records of storage
     /// format 1 or 2 out of sled, and cuts a torn tail (see the module doc).
-    pub fn open(db: &sled::Db, dir: &Path, disk: &dyn Disk) -> Result<Journal> {
+    pub(super) fn open(db: &sled::Db, dir: &Path, disk: &dyn Disk) -> Result<Journal> {
         let meta = db.open_tree("meta").map_err(unavailable)?;
         let index = db.open_tree(INDEX_TREE).map_err(unavailable)?;
         let path = dir.join(FILE);
@@ -283,7 +283,7 @@ impl Journal {
     /// Appends records `(seq, bytes)` in seq order with one write. Records
     /// at or below the last stored seq are skipped (a log replay after the
     /// file already had them); a gap is refused.
-    pub fn append(&self, recs: &[(u64, &[u8])]) -> Result<()> {
+    pub(super) fn append(&self, recs: &[(u64, &[u8])]) -> Result<()> {
         let mut tail = self.lock();
         let mut frames = Frames::at(tail.len);
         let mut last = tail.last_seq;
@@ -311,7 +311,7 @@ impl Journal {
     /// Makes the appended records durable in the file and records how much
     /// of it is; call before deleting the write-ahead log that held them,
     /// then flush sled.
-    pub fn sync(&self) -> Result<()> {
+    pub(super) fn sync(&self) -> Result<()> {
         let len = self.lock().len;
         self.file.sync().map_err(unavailable)?;
         self.meta
@@ -321,7 +321,7 @@ impl Journal {
     }
 
     /// The stored chain head `(seq, hash)`.
-    pub fn head(&self) -> Result<Option<(u64, Vec<u8>)>> {
+    pub(super) fn head(&self) -> Result<Option<(u64, Vec<u8>)>> {
         match self.meta.get(AUDIT_HEAD).map_err(unavailable)? {
             Some(v) => {
                 Ok(Some(decode_head(&v).ok_or_else(|| {
@@ -333,14 +333,14 @@ impl Journal {
     }
 
     /// Writes the chain head (as encoded in the log).
-    pub fn set_head(&self, value: &[u8]) -> Result<()> {
+    pub(super) fn set_head(&self, value: &[u8]) -> Result<()> {
         self.meta.insert(AUDIT_HEAD, value).map_err(unavailable)?;
         Ok(())
     }
 
     /// Up to `limit` records with seq above `after`, in order. A record that
     /// does not decode comes back empty, so verification can name it.
-    pub fn records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
+    pub(super) fn records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>> {
         Ok(self
             .frames(after, limit)?
             .into_iter()
@@ -350,7 +350,7 @@ impl Journal {
 
     /// Like [`Journal::records`], with each frame's offset in the file, so
     /// that an index can read a record back with [`Journal::read_at`].
-    pub fn frames(&self, after: u64, limit: usize) -> Result<Vec<(u64, u64, AuditRecord)>> {
+    pub(super) fn frames(&self, after: u64, limit: usize) -> Result<Vec<(u64, u64, AuditRecord)>> {
         let end = self.lock().len;
         let first = after.saturating_add(1);
         let start = match self
@@ -385,7 +385,7 @@ impl Journal {
     /// Record `seq`, read from the frame at `offset` if it is there, else
     /// found by seq (the file was rewritten since the offset was taken);
     /// `None` if no record has that seq.
-    pub fn read_at(&self, offset: u64, seq: u64) -> Result<Option<AuditRecord>> {
+    pub(super) fn read_at(&self, offset: u64, seq: u64) -> Result<Option<AuditRecord>> {
         let end = self.lock().len;
         let mut found = None;
         let mut header = [0u8; HEADER];
@@ -415,7 +415,7 @@ impl Journal {
     }
 
     /// The highest stored seq (0 if none).
-    pub fn last_seq(&self) -> u64 {
+    pub(super) fn last_seq(&self) -> u64 {
         self.lock().last_seq
     }
 

@@ -45,12 +45,12 @@ const UPTO: &[u8] = b"u";
 /// Records indexed per sled batch.
 const BATCH: usize = 8192;
 /// Entries per bucket value (2 KiB).
-pub const BUCKET: u64 = 128;
+pub(super) const BUCKET: u64 = 128;
 /// Bytes per entry: seq and offset.
 const ENTRY: usize = 16;
 
 /// The index, and the lock that lets one catch-up run at a time.
-pub struct TenantIndex {
+pub(super) struct TenantIndex {
     tree: sled::Tree,
     running: Mutex<()>,
 }
@@ -83,7 +83,7 @@ fn corrupt() -> Error {
 
 impl TenantIndex {
     /// Opens the index tree of `db`.
-    pub fn open(db: &sled::Db) -> Result<TenantIndex> {
+    pub(super) fn open(db: &sled::Db) -> Result<TenantIndex> {
         Ok(TenantIndex {
             tree: db.open_tree(TREE).map_err(unavailable)?,
             running: Mutex::new(()),
@@ -99,7 +99,7 @@ impl TenantIndex {
 
     /// Indexes every journal record not yet indexed. `stop` is asked
     /// between batches whether to give up (the store is closing).
-    pub fn catch_up(&self, journal: &Journal, stop: impl Fn() -> bool) -> Result<u64> {
+    pub(super) fn catch_up(&self, journal: &Journal, stop: impl Fn() -> bool) -> Result<u64> {
         let _one = self.running.lock().recover();
         let mut upto = self.upto()?;
         let mut indexed = 0;
@@ -170,7 +170,7 @@ impl TenantIndex {
 
     /// Up to `limit` of `tenant`'s records numbered above `after`, as
     /// `(tenant seq, record)`. Call [`TenantIndex::catch_up`] first.
-    pub fn records(
+    pub(super) fn records(
         &self,
         journal: &Journal,
         tenant: &str,
