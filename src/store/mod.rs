@@ -8,7 +8,8 @@ pub mod conformance;
 pub mod disk;
 pub mod postgres;
 pub mod sled;
-pub mod wal;
+/// The embedded store's write-ahead log (lives beside it, its only user).
+pub use sled::wal;
 
 use async_trait::async_trait;
 

@@ -52,7 +52,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::disk::{Disk, DiskFile, OpenMode, OsDisk};
+use crate::store::disk::{Disk, DiskFile, OpenMode, OsDisk};
 
 /// A segment is closed (and deleted once sled is flushed) past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
