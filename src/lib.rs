@@ -50,7 +50,7 @@
 //! for operations.
 
 #![forbid(unsafe_code)]
-// Process hardening (src/hardening.rs) uses rustix's safe syscall wrappers,
+// Process hardening (src/server/hardening.rs) uses rustix's safe syscall wrappers,
 // so not even that needs `unsafe`.
 #![warn(missing_docs)]
 // A `pub` item that no one outside the crate can reach says more than it
@@ -61,21 +61,16 @@ pub mod audit;
 pub mod auth;
 pub mod card;
 pub mod cli;
-pub mod config;
 
 pub mod crypto;
 pub mod error;
 pub mod fields;
 pub(crate) mod grpc;
-pub mod hardening;
-pub(crate) mod metrics;
-pub mod pki;
 pub mod server;
 
 pub mod store;
 mod sync;
 pub mod time;
-pub mod tls;
 pub mod token;
 pub mod vault;
 

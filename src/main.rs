@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 
 use cardvault::card::YearMonth;
 use cardvault::cli::{self, ClientOpts};
-use cardvault::config::{Config, LogFormat};
-use cardvault::pki::{DEV_CLIENTS, dev_principal, ensure_dev_pki};
 use cardvault::server;
+use cardvault::server::config::{Config, LogFormat};
+use cardvault::server::pki::{DEV_CLIENTS, dev_principal, ensure_dev_pki};
 
 /// mimalloc instead of glibc malloc: the request path makes many small,
 /// short-lived allocations across threads, and profiling detokenize showed
@@ -274,7 +274,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             cfg.tls.client_ca = Some(pki.ca());
             let policy = data_dir.join("policy.toml");
             if !policy.exists() {
-                std::fs::write(&policy, cardvault::pki::dev_policy_toml())
+                std::fs::write(&policy, cardvault::server::pki::dev_policy_toml())
                     .map_err(|e| format!("cannot write {}: {e}", policy.display()))?;
             }
             cfg.policy = Some(policy);

@@ -15,7 +15,7 @@ use common::{Opts, VaultProcess, exp_year};
 #[tokio::test]
 async fn two_thousand_idle_connects_do_not_stop_a_legitimate_client() {
     // The test itself holds thousands of sockets.
-    cardvault::hardening::raise_open_files();
+    cardvault::server::hardening::raise_open_files();
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {
         nofile: Some(1024),

@@ -377,7 +377,7 @@ fn start_with_defaults(
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     // Each line replaces the dev policy's own value of that setting.
-    let mut policy: String = cardvault::pki::dev_policy_toml()
+    let mut policy: String = cardvault::server::pki::dev_policy_toml()
         .lines()
         .filter(|l| {
             !defaults

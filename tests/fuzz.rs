@@ -9,11 +9,11 @@
 
 use cardvault::auth::policy::Policy;
 use cardvault::card::{Brand, CardholderName, Cvv, Expiry, Pan, YearMonth};
-use cardvault::config::Config;
 use cardvault::crypto::custody::Recipient;
 use cardvault::crypto::sealed::{self, SessionKey};
 use cardvault::crypto::shamir;
 use cardvault::fields::{Purpose, Tenant};
+use cardvault::server::config::Config;
 use cardvault::store::wal::{self, Mutation};
 use cardvault::token::Token;
 use cardvault::vault::collect::parse_payload;

@@ -159,7 +159,7 @@ async fn a_configured_database_ca_makes_tls_required() {
         .self_signed(&rcgen::KeyPair::generate().unwrap())
         .unwrap();
     std::fs::write(&ca, cert.pem()).unwrap();
-    let tls = cardvault::tls::client_config(&ca).unwrap();
+    let tls = cardvault::server::tls::client_config(&ca).unwrap();
     match PostgresStore::connect(&url, 2, Some(tls)).await {
         Err(Error::Unavailable(m)) => assert!(m.to_lowercase().contains("tls"), "{m}"),
         Err(e) => panic!("expected UNAVAILABLE, got {e}"),

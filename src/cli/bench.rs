@@ -753,7 +753,7 @@ impl Baseline {
             .clone()
             .or_else(|| opts.ca.clone())
             .unwrap_or_else(|| certs.join("ca.pem"));
-        let tls = crate::tls::server_config(&cert, &key, &client_ca)?;
+        let tls = crate::server::tls::server_config(&cert, &key, &client_ca)?;
         // Its own worker threads, as many as a vault process gets by default,
         // so the client's runtime is shared with neither server.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -783,11 +783,11 @@ impl Baseline {
                     durable: committer,
                 }))
                 .serve_with_incoming_shutdown(
-                    crate::tls::incoming(
+                    crate::server::tls::incoming(
                         listener,
                         tls,
                         Default::default(),
-                        crate::tls::Limits::default(),
+                        crate::server::tls::Limits::default(),
                         tokio_util::sync::CancellationToken::new(),
                     ),
                     async move {

@@ -29,7 +29,7 @@ use tonic::{Code, Status};
 use crate::audit::AuditAction;
 use crate::auth::{Action, Authorizer};
 use crate::error::Error;
-use crate::tls::Peer;
+use crate::server::tls::Peer;
 use crate::vault::Vault;
 
 /// Largest request the key and audit services take (a 255-custodian init

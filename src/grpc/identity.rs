@@ -72,10 +72,10 @@ pub(crate) fn new_request_id() -> String {
     format!("{}{n:08x}", *PREFIX)
 }
 
-/// The peer of the request's connection (see [`crate::tls::Peer`]);
-/// `None` for a request that did not come through [`crate::tls::incoming`].
-pub(crate) fn peer_of<T>(req: &Request<T>) -> Option<&crate::tls::Peer> {
-    req.extensions().get::<crate::tls::Peer>()
+/// The peer of the request's connection (see [`crate::server::tls::Peer`]);
+/// `None` for a request that did not come through [`crate::server::tls::incoming`].
+pub(crate) fn peer_of<T>(req: &Request<T>) -> Option<&crate::server::tls::Peer> {
+    req.extensions().get::<crate::server::tls::Peer>()
 }
 
 /// Builds the call context of a request: request id and the caller from
@@ -89,7 +89,7 @@ pub(crate) fn context_of<T>(req: &Request<T>) -> (CallContext, Caller) {
 /// peer), with the request id to use; shared by the services and the gate
 /// in front of them.
 pub(crate) fn context_for(
-    peer: Option<&crate::tls::Peer>,
+    peer: Option<&crate::server::tls::Peer>,
     request_id: String,
 ) -> (CallContext, Caller) {
     let caller = Caller {

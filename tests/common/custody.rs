@@ -75,7 +75,7 @@ impl Custodian {
 /// are issued once it runs.
 pub fn start(data: &Path, n: usize, extra: usize, opts: &Opts) -> (VaultProcess, Vec<Custodian>) {
     std::fs::create_dir_all(data).unwrap();
-    cardvault::pki::ensure_dev_pki(&data.join("certs")).unwrap();
+    cardvault::server::pki::ensure_dev_pki(&data.join("certs")).unwrap();
     let mut custodians: Vec<Custodian> = (1..=n + extra)
         .map(|i| Custodian {
             principal: format!("spiffe://cardvault.test/custodian-{i}"),
@@ -83,7 +83,7 @@ pub fn start(data: &Path, n: usize, extra: usize, opts: &Opts) -> (VaultProcess,
             cert: None,
         })
         .collect();
-    let mut policy = cardvault::pki::dev_policy_toml();
+    let mut policy = cardvault::server::pki::dev_policy_toml();
     for c in &custodians {
         policy.push_str(&format!(
             "\n[[principal]]\nname = \"{}\"\nroles = [\"custodian\"]\ntenants = [\"*\"]\n",

@@ -63,10 +63,10 @@ impl VaultProcess {
     /// certificates and policy in `data_dir`) and returns its path.
     pub fn serve_config(data_dir: &Path) -> PathBuf {
         std::fs::create_dir_all(data_dir).unwrap();
-        let pki = cardvault::pki::ensure_dev_pki(&data_dir.join("certs")).unwrap();
+        let pki = cardvault::server::pki::ensure_dev_pki(&data_dir.join("certs")).unwrap();
         let policy = data_dir.join("policy.toml");
         if !policy.exists() {
-            std::fs::write(&policy, cardvault::pki::dev_policy_toml()).unwrap();
+            std::fs::write(&policy, cardvault::server::pki::dev_policy_toml()).unwrap();
         }
         let config = data_dir.join("cardvault.toml");
         std::fs::write(

@@ -153,7 +153,7 @@ pub struct ConnectionSettings {
 
 impl Default for ConnectionSettings {
     fn default() -> Self {
-        let d = crate::tls::Limits::default();
+        let d = crate::server::tls::Limits::default();
         ConnectionSettings {
             max: d.max_connections,
             max_handshakes: d.max_handshakes,
@@ -165,8 +165,8 @@ impl Default for ConnectionSettings {
 impl ConnectionSettings {
     /// The limits these settings name (before fitting them to the
     /// open-file limit).
-    pub fn limits(&self) -> crate::tls::Limits {
-        crate::tls::Limits {
+    pub fn limits(&self) -> crate::server::tls::Limits {
+        crate::server::tls::Limits {
             max_connections: self.max,
             max_handshakes: self.max_handshakes,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::auth::Authorizer;
+use crate::server::tls::Peer;
 use crate::sync::Recover;
-use crate::tls::Peer;
 use crate::vault::Vault;
 
 /// Latency histogram bucket bounds, seconds.

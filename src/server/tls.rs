@@ -217,7 +217,7 @@ pub struct PeerStream {
 
 /// A place among the established connections (counted in the metrics'
 /// `connections_open`), given back on drop.
-struct Slot(Arc<crate::metrics::Metrics>);
+struct Slot(Arc<crate::server::metrics::Metrics>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -336,7 +336,7 @@ struct Handshakes {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::server::metrics::Metrics>,
     limits: Limits,
     close_all: CancellationToken,
 ) -> ReceiverStream<Result<PeerStream, std::io::Error>> {

@@ -1,6 +1,12 @@
 //! Wiring: storage, vault, TLS, gRPC services, background tasks and
 //! graceful shutdown. The only module that knows about all the others.
 
+pub mod config;
+pub mod hardening;
+pub(crate) mod metrics;
+pub mod pki;
+pub mod tls;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,7 +16,6 @@ use std::time::Duration;
 use tonic::transport::Server;
 
 use crate::auth::Authorizer;
-use crate::config::{Backend, Config, ConfigError};
 use crate::crypto::keys::SecretKey;
 use crate::grpc::audit_service::AuditServiceImpl;
 use crate::grpc::key_service::KeyServiceImpl;
@@ -18,6 +23,7 @@ use crate::grpc::token_service::TokenServiceImpl;
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
+use crate::server::config::{Backend, Config, ConfigError};
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sled::SledStore;
@@ -200,7 +206,7 @@ async fn open_configured_store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
                     );
                     None
                 }
-                Some(ca) => Some(crate::tls::client_config(ca)?),
+                Some(ca) => Some(crate::server::tls::client_config(ca)?),
             };
             let store = PostgresStore::connect(url, cfg.store.pool_size, tls)
                 .await
@@ -224,7 +230,7 @@ fn tls_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> {
         .client_ca
         .as_deref()
         .ok_or_else(|| missing("client_ca"));
-    (|| crate::tls::server_config(cert?, key?, ca?))().map_err(StartError::Tls)
+    (|| crate::server::tls::server_config(cert?, key?, ca?))().map_err(StartError::Tls)
 }
 
 fn authorizer(cfg: &Config) -> Result<Arc<Authorizer>, StartError> {
@@ -269,7 +275,7 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The gRPC server builder of the vault: per-call timeout and a bound on
 /// concurrent calls per connection. Shared with the benchmark's baseline
 /// server so both are set up alike; TLS, and the connection bounds and
-/// idle timeout, are applied by [`crate::tls::incoming`]. No server
+/// idle timeout, are applied by [`crate::server::tls::incoming`]. No server
 /// keepalive pings: a peer's answer to a ping would count as activity and
 /// keep an idle connection open; a peer that is gone sends nothing, and
 /// the idle timeout closes its connection.
@@ -286,11 +292,11 @@ pub fn grpc_server() -> Server {
 /// otherwise; dev mode warns. Other warnings
 /// are logged: the vault still runs, but ops should know.
 pub fn harden(cfg: &Config, production: bool) -> Result<(), StartError> {
-    for w in crate::hardening::harden_process() {
+    for w in crate::server::hardening::harden_process() {
         tracing::warn!("{w}");
     }
     if cfg.keys.mlock {
-        crate::hardening::lock_memory().map_err(StartError::Hardening)?;
+        crate::server::hardening::lock_memory().map_err(StartError::Hardening)?;
     }
     // The swaps table can be replaced by a stand-in (tests), which is then
     // taken as the swap this process can use, whatever its cgroup says:
@@ -298,21 +304,27 @@ pub fn harden(cfg: &Config, production: bool) -> Result<(), StartError> {
     let stand_in = std::env::var("CARDVAULT_PROC_SWAPS").ok();
     let path = stand_in
         .clone()
-        .unwrap_or_else(|| crate::hardening::PROC_SWAPS.to_owned());
+        .unwrap_or_else(|| crate::server::hardening::PROC_SWAPS.to_owned());
     // Without the table (not Linux, or /proc not mounted) swap cannot be
     // checked: production refuses unless memory is locked or swap allowed.
     let swaps = match std::fs::read_to_string(&path) {
         // Swap the kernel keeps this process out of (cgroup v2
         // memory.swap.max = 0) is no swap for it.
-        Ok(_) if stand_in.is_none() && crate::hardening::this_cgroup_keeps_out_of_swap() => {
+        Ok(_)
+            if stand_in.is_none() && crate::server::hardening::this_cgroup_keeps_out_of_swap() =>
+        {
             Vec::new()
         }
-        Ok(t) => crate::hardening::active_swaps(&t),
+        Ok(t) => crate::server::hardening::active_swaps(&t),
         Err(e) => vec![format!("unknown: cannot read {path}: {e}")],
     };
-    if let Some(w) =
-        crate::hardening::swap_verdict(&swaps, cfg.keys.mlock, cfg.keys.allow_swap, production)
-            .map_err(StartError::Hardening)?
+    if let Some(w) = crate::server::hardening::swap_verdict(
+        &swaps,
+        cfg.keys.mlock,
+        cfg.keys.allow_swap,
+        production,
+    )
+    .map_err(StartError::Hardening)?
     {
         tracing::warn!("{w}");
     }
@@ -351,7 +363,7 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Serve(e.to_string()))?;
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = Arc::new(crate::server::metrics::Metrics::default());
     metrics.tenant_labels.store(
         cfg.metrics.tenant_labels,
         std::sync::atomic::Ordering::Relaxed,
@@ -375,7 +387,7 @@ pub async fn serve(
         limits: cfg
             .connections
             .limits()
-            .fitted(crate::hardening::raise_open_files()),
+            .fitted(crate::server::hardening::raise_open_files()),
     };
     let result = listener.run(shutdown).await.map_err(StartError::Serve);
     background.stop();
@@ -417,7 +429,7 @@ impl Background {
         cfg: &Config,
         vault: &Arc<Vault>,
         auth: &Arc<Authorizer>,
-        metrics: &Arc<crate::metrics::Metrics>,
+        metrics: &Arc<crate::server::metrics::Metrics>,
         health: tonic_health::server::HealthReporter,
     ) -> Result<Background, String> {
         health
@@ -439,7 +451,7 @@ impl Background {
             let bound = l.local_addr().map_err(|e| e.to_string())?;
             tracing::info!(addr = %bound, "metrics endpoint listening");
             println!("cardvault metrics on {bound}");
-            tasks.push(tokio::spawn(crate::metrics::serve(
+            tasks.push(tokio::spawn(crate::server::metrics::serve(
                 l,
                 metrics.clone(),
                 vault.clone(),
@@ -514,9 +526,9 @@ struct Listener<H> {
     tls: Arc<rustls::ServerConfig>,
     vault: Arc<Vault>,
     auth: Arc<Authorizer>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::server::metrics::Metrics>,
     health_service: tonic_health::pb::health_server::HealthServer<H>,
-    limits: crate::tls::Limits,
+    limits: crate::server::tls::Limits,
 }
 
 impl<H: tonic_health::pb::health_server::Health> Listener<H> {
@@ -565,7 +577,7 @@ impl<H: tonic_health::pb::health_server::Health> Listener<H> {
             }
         };
         let server = grpc_server()
-            .layer(crate::metrics::MetricsLayer {
+            .layer(crate::server::metrics::MetricsLayer {
                 metrics: metrics.clone(),
                 auth: auth.clone(),
             })
@@ -590,7 +602,7 @@ impl<H: tonic_health::pb::health_server::Health> Listener<H> {
                     .max_decoding_message_size(crate::grpc::gate::SMALL_MESSAGE_LIMIT),
             )
             .serve_with_incoming_shutdown(
-                crate::tls::incoming(listener, tls, metrics, limits, close_all.clone()),
+                crate::server::tls::incoming(listener, tls, metrics, limits, close_all.clone()),
                 signal,
             );
         let result = tokio::select! {
