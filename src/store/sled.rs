@@ -133,7 +133,7 @@ impl Trees {
     fn write_one(&self, m: &Mutation) -> Result<()> {
         let tree = self
             .get(m.tree)
-            .ok_or_else(|| Error::DataLoss(format!("log names unknown tree {}", m.tree)))?;
+            .ok_or_else(|| corrupt(format!("log names unknown tree {}", m.tree)))?;
         match &m.value {
             Some(v) => tree.insert(m.key.as_slice(), v.as_slice()),
             None => tree.remove(m.key.as_slice()),
@@ -160,9 +160,9 @@ impl Trees {
                     .as_slice()
                     .try_into()
                     .map(u64::from_be_bytes)
-                    .map_err(|_| Error::DataLoss("log holds a malformed audit key".into()))?;
+                    .map_err(|_| corrupt("log holds a malformed audit key".into()))?;
                 let rec = m.value.as_deref().ok_or_else(|| {
-                    Error::DataLoss("log removes an audit record (never written so)".into())
+                    corrupt("log removes an audit record (never written so)".into())
                 })?;
                 audit.push((seq, rec));
             }
@@ -320,8 +320,51 @@ pub struct SledStore {
     prepare_thread: Option<JoinHandle<()>>,
 }
 
+/// Why the embedded store failed. It converts into the crate's [`Error`]:
+/// storage that cannot be used now is `UNAVAILABLE`, stored data that does
+/// not decode or fit together is `DATA_LOSS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SledError {
+    /// sled, the write-ahead log or the audit journal could not be read or
+    /// written.
+    Io(String),
+    /// Stored data does not decode, or does not fit together (damage to
+    /// acknowledged writes, never a torn last write).
+    Corrupt(String),
+    /// An earlier write, apply or sync failed: the store refuses writes
+    /// (and, after a failed apply or sync, reads) until it is reopened and
+    /// replays its log.
+    Failed(String),
+}
+
+impl std::fmt::Display for SledError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SledError::Io(m) => write!(f, "storage (sled): {m}"),
+            SledError::Corrupt(m) | SledError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for SledError {}
+
+impl From<SledError> for Error {
+    fn from(e: SledError) -> Error {
+        match e {
+            SledError::Io(_) | SledError::Failed(_) => Error::Unavailable(e.to_string()),
+            SledError::Corrupt(_) => Error::DataLoss(e.to_string()),
+        }
+    }
+}
+
+/// A read or write of the store's files or of sled failed.
 fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::Unavailable(format!("storage (sled): {e}"))
+    SledError::Io(e.to_string()).into()
+}
+
+/// Stored data is damaged.
+fn corrupt(why: String) -> Error {
+    SledError::Corrupt(why).into()
 }
 
 fn record_key(tenant: &str, token: &str) -> Vec<u8> {
@@ -350,8 +393,7 @@ fn fingerprint_key(tenant: &str, fp: &[u8]) -> Vec<u8> {
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredRecord> {
-    StoredRecord::decode(bytes)
-        .map_err(|_| Error::DataLoss("stored record could not be decoded".into()))
+    StoredRecord::decode(bytes).map_err(|_| corrupt("stored record could not be decoded".into()))
 }
 
 fn encode_head(seq: u64, hash: &[u8]) -> Vec<u8> {
@@ -425,7 +467,7 @@ impl SledStore {
         // files as they are.
         let last = trees.journal.last_seq();
         if last != head.0 {
-            return Err(Error::DataLoss(format!(
+            return Err(corrupt(format!(
                 "audit journal {} ends at record {last} but the audit chain head is record {}: {}",
                 journal::FILE,
                 head.0,
@@ -627,7 +669,7 @@ impl SledStore {
     /// once everything before it is applied).
     fn enqueue(&self, st: &mut State, muts: Vec<Mutation>, wait: bool) -> Result<Option<ReplyRx>> {
         if let Some(why) = &st.failed {
-            return Err(unavailable(why));
+            return Err(SledError::Failed(format!("storage (sled): {why}")).into());
         }
         if st.closing {
             return Err(unavailable("store is closing"));
@@ -715,9 +757,10 @@ impl SledStore {
     /// acknowledged writes.
     fn check_readable(&self) -> Result<()> {
         if self.shared.apply_failed.load(Ordering::Acquire) {
-            return Err(Error::Unavailable(
+            return Err(SledError::Failed(
                 "storage: acknowledged writes may be missing from reads after a storage failure; reopen the store (restart) to replay them from the log".into(),
-            ));
+            )
+            .into());
         }
         Ok(())
     }
@@ -1156,8 +1199,27 @@ impl Store for SledStore {
             .map(|v| {
                 let v = v.map_err(unavailable)?;
                 Checkpoint::decode(v.as_ref())
-                    .map_err(|_| Error::DataLoss("audit checkpoint is corrupt".into()))
+                    .map_err(|_| corrupt("audit checkpoint is corrupt".into()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn sled_errors_convert_to_the_codes_callers_act_on() {
+        let io: Error = SledError::Io("disk full".into()).into();
+        assert_eq!(io, Error::Unavailable("storage (sled): disk full".into()));
+        let failed: Error = SledError::Failed("log write failed".into()).into();
+        assert!(matches!(failed, Error::Unavailable(_)));
+        let damaged: Error = SledError::Corrupt("segment 3 is corrupt".into()).into();
+        assert_eq!(damaged, Error::DataLoss("segment 3 is corrupt".into()));
+        assert_eq!(
+            unavailable("x"),
+            Error::Unavailable("storage (sled): x".into())
+        );
     }
 }

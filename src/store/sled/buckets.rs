@@ -24,7 +24,7 @@ pub(super) fn key(seq: u64) -> [u8; 8] {
 }
 
 fn corrupt() -> Error {
-    Error::DataLoss("audit storage bucket is corrupt".into())
+    super::corrupt("audit storage bucket is corrupt".into())
 }
 
 /// The `(seq, record bytes)` pairs of a bucket value.
@@ -93,7 +93,7 @@ pub(super) fn open(db: &sled::Db) -> Result<sled::Tree> {
         let seq = u64::from_be_bytes(
             k.as_ref()
                 .try_into()
-                .map_err(|_| Error::DataLoss("format 1 audit key is corrupt".into()))?,
+                .map_err(|_| super::corrupt("format 1 audit key is corrupt".into()))?,
         );
         match &mut bucket {
             Some((base, recs)) if *base == key(seq) => recs.push((seq, v.to_vec())),

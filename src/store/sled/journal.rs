@@ -35,9 +35,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use prost::Message;
 
-use super::{AUDIT_HEAD, buckets, decode_head, unavailable};
+use super::{AUDIT_HEAD, buckets, corrupt, decode_head, unavailable};
 use crate::audit::AuditRecord;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::store::disk::{Disk, DiskFile, OpenMode};
 use crate::sync::Recover;
 
@@ -202,7 +202,7 @@ pub(super) struct Journal {
 fn le_u64(v: &[u8]) -> Result<u64> {
     v.try_into()
         .map(u64::from_le_bytes)
-        .map_err(|_| Error::DataLoss("audit index value is corrupt".into()))
+        .map_err(|_| corrupt("audit index value is corrupt".into()))
 }
 
 impl Journal {
@@ -225,7 +225,7 @@ impl Journal {
             None => 0,
         };
         if file_len < synced {
-            return Err(Error::DataLoss(format!(
+            return Err(corrupt(format!(
                 "audit journal {FILE} is {file_len} bytes, shorter than the {synced} bytes synced to disk: it was cut short"
             )));
         }
@@ -251,7 +251,7 @@ impl Journal {
         // there is damage, and cutting the file at it would throw away the
         // records after it (which the write-ahead log no longer holds).
         if end < synced {
-            return Err(Error::DataLoss(format!(
+            return Err(corrupt(format!(
                 "audit journal {FILE} is corrupt at byte {end}, inside the {synced} bytes synced to disk"
             )));
         }
@@ -292,7 +292,7 @@ impl Journal {
                 continue;
             }
             if seq != last + 1 {
-                return Err(Error::DataLoss(format!(
+                return Err(corrupt(format!(
                     "audit journal: record {seq} would follow {last} (gap)"
                 )));
             }
@@ -323,11 +323,9 @@ impl Journal {
     /// The stored chain head `(seq, hash)`.
     pub(super) fn head(&self) -> Result<Option<(u64, Vec<u8>)>> {
         match self.meta.get(AUDIT_HEAD).map_err(unavailable)? {
-            Some(v) => {
-                Ok(Some(decode_head(&v).ok_or_else(|| {
-                    Error::DataLoss("audit head is corrupt".into())
-                })?))
-            }
+            Some(v) => Ok(Some(
+                decode_head(&v).ok_or_else(|| corrupt("audit head is corrupt".into()))?,
+            )),
             None => Ok(None),
         }
     }
@@ -375,9 +373,7 @@ impl Journal {
         })
         .map_err(unavailable)?;
         if invalid {
-            return Err(Error::DataLoss(
-                "audit journal holds a corrupt frame".into(),
-            ));
+            return Err(corrupt("audit journal holds a corrupt frame".into()));
         }
         Ok(out)
     }
@@ -473,9 +469,7 @@ fn migrate(
         }
         for (seq, rec) in buckets::decode(&v)? {
             if seq <= last {
-                return Err(Error::DataLoss(
-                    "format 2 audit records are out of order".into(),
-                ));
+                return Err(corrupt("format 2 audit records are out of order".into()));
             }
             frames.push(seq, rec);
             (last, migrated) = (seq, migrated + 1);

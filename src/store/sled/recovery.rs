@@ -94,7 +94,7 @@ pub(super) fn recover(
             wal::End::Clean => {}
             // Damage, not a tear: acknowledged writes are unreadable.
             wal::End::Corrupt { at } => {
-                return Err(Error::DataLoss(format!(
+                return Err(corrupt(format!(
                     "write-ahead log segment {n} is corrupt at byte {at}: acknowledged writes there cannot be read; the log is kept as it is"
                 )));
             }
@@ -103,7 +103,7 @@ pub(super) fn recover(
             // Segments after it may exist but be empty: prepared ahead of
             // need (see `Preparer`), never written.
             wal::End::Torn if !later_segments_are_unused(disk, dir, &segs[i + 1..])? => {
-                return Err(Error::DataLoss(format!(
+                return Err(corrupt(format!(
                     "write-ahead log segment {n} is corrupt before its end"
                 )));
             }

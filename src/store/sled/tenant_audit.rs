@@ -56,9 +56,7 @@ pub(super) struct TenantIndex {
 }
 
 fn be_u64(v: &[u8]) -> Result<u64> {
-    v.try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| Error::DataLoss("tenant audit index is corrupt".into()))
+    v.try_into().map(u64::from_be_bytes).map_err(|_| corrupt())
 }
 
 fn head_key(tenant: &str) -> Vec<u8> {
@@ -78,7 +76,7 @@ fn bucket_key(tenant: &str, bucket: u64) -> Vec<u8> {
 }
 
 fn corrupt() -> Error {
-    Error::DataLoss("tenant audit index is corrupt".into())
+    super::corrupt("tenant audit index is corrupt".into())
 }
 
 impl TenantIndex {
