@@ -75,6 +75,15 @@ struct SimFile {
     pending: Vec<Pending>,
 }
 
+impl SimFile {
+    /// Makes every change so far durable (a sync).
+    fn make_durable(&mut self) {
+        for p in std::mem::take(&mut self.pending) {
+            apply(&mut self.durable, &p);
+        }
+    }
+}
+
 fn apply(buf: &mut Vec<u8>, p: &Pending) {
     match p {
         Pending::Write(off, bytes) => {
@@ -341,10 +350,7 @@ impl DiskFile for SimHandle {
         if self.direct {
             // O_DSYNC: a write is durable with everything before it that
             // reading it back needs (the file's earlier truncation).
-            let pending = std::mem::take(&mut f.pending);
-            for p in &pending {
-                apply(&mut f.durable, p);
-            }
+            f.make_durable();
         }
         if SimDisk::tick(&mut st) {
             // Torn: some of this write's sectors made it.
@@ -379,11 +385,7 @@ impl DiskFile for SimHandle {
             st.dead = true;
             return Err(crashed());
         }
-        let mut f = self.file.lock().unwrap();
-        let pending = std::mem::take(&mut f.pending);
-        for p in &pending {
-            apply(&mut f.durable, p);
-        }
+        self.file.lock().unwrap().make_durable();
         Ok(())
     }
 

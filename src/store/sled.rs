@@ -480,12 +480,7 @@ impl SledStore {
         }
         // Every check has passed: what the log held is in sled, flushed.
         if !replayed.is_empty() {
-            // Oldest first, each durable before the next (see
-            // `remove_segments`).
-            for f in &replayed {
-                disk.remove(f).map_err(unavailable)?;
-                disk.sync_dir(path).map_err(unavailable)?;
-            }
+            remove_in_order(&*disk, path, &replayed).map_err(unavailable)?;
             tracing::info!(segments = replayed.len(), "replayed the write-ahead log");
         }
         let segment = Segment::create_on(&*disk, path, next_segment).map_err(unavailable)?;

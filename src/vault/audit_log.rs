@@ -152,49 +152,29 @@ pub struct AuditHit {
 }
 
 impl Vault {
-    /// Feeds every audit record with seq > `after` to `f`, in chain order,
-    /// page by page, until the log ends or `f` breaks. Returns the seq of
-    /// the last record fed (or `after`).
+    /// Feeds every audit record after position `after` to `f`, in chain
+    /// order, page by page, until the log ends or `f` breaks. Returns the
+    /// position of the last record fed (or `after`). Positions are seqs, or
+    /// with `tenant` the numbers of that tenant's records, read through the
+    /// store's tenant index.
     async fn scan_audit(
         &self,
+        tenant: Option<&str>,
         after: u64,
         mut f: impl FnMut(u64, AuditRecord) -> ControlFlow<()>,
     ) -> Result<u64> {
         let mut cursor = after;
         loop {
-            let page = self.store.audit_records(cursor, PAGE).await?;
+            let page = match tenant {
+                None => self.store.audit_records(cursor, PAGE).await?,
+                Some(t) => self.store.tenant_audit_records(t, cursor, PAGE).await?,
+            };
             if page.is_empty() {
                 return Ok(cursor);
             }
-            for (seq, record) in page {
-                cursor = seq;
-                if f(seq, record).is_break() {
-                    return Ok(cursor);
-                }
-            }
-        }
-    }
-
-    /// Like [`Vault::scan_audit`] over `tenant`'s records only, by their
-    /// number among the tenant's records.
-    async fn scan_tenant_audit(
-        &self,
-        tenant: &str,
-        after: u64,
-        mut f: impl FnMut(u64, AuditRecord) -> ControlFlow<()>,
-    ) -> Result<u64> {
-        let mut cursor = after;
-        loop {
-            let page = self
-                .store
-                .tenant_audit_records(tenant, cursor, PAGE)
-                .await?;
-            if page.is_empty() {
-                return Ok(cursor);
-            }
-            for (n, record) in page {
-                cursor = n;
-                if f(n, record).is_break() {
+            for (position, record) in page {
+                cursor = position;
+                if f(position, record).is_break() {
                     return Ok(cursor);
                 }
             }
@@ -239,15 +219,12 @@ impl Vault {
         };
         // A query naming a tenant reads that tenant's index and is paged by
         // its numbering; any other reads the whole chain.
-        let cursor = if filter.tenant.is_empty() {
-            self.scan_audit(after_seq, |_, record| found(None, record))
-                .await?
-        } else {
-            self.scan_tenant_audit(&filter.tenant, after_seq, |n, record| {
-                found(Some(n), record)
+        let tenant = Some(filter.tenant.as_str()).filter(|t| !t.is_empty());
+        let cursor = self
+            .scan_audit(tenant, after_seq, |n, record| {
+                found(tenant.map(|_| n), record)
             })
-            .await?
-        };
+            .await?;
         // A digit token in the filter names no card this query read: masked
         // (it may be a mistyped card number, see `Token::recorded`).
         let token = match Token::parse(&filter.token) {
@@ -290,7 +267,7 @@ impl Vault {
             ..Default::default()
         };
         let mut radius = BlastRadius::default();
-        self.scan_audit(0, |_, record| {
+        self.scan_audit(None, 0, |_, record| {
             if let Some(body) = record.decode_body()
                 && filter.matches(&body)
             {
@@ -330,7 +307,7 @@ impl Vault {
         // Records appended after the head was read are the next verify's:
         // counting them here would make a busy log look truncated.
         let upto = head.as_ref().map_or(u64::MAX, |(seq, _)| *seq);
-        self.scan_audit(0, |seq, record| {
+        self.scan_audit(None, 0, |seq, record| {
             if seq > upto {
                 return ControlFlow::Break(());
             }

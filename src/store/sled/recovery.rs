@@ -171,11 +171,24 @@ pub(super) fn fill_filter(shared: &Shared) {
 /// ones changed would bring deleted records back, so a crash must never
 /// leave an older segment behind a deleted newer one.
 pub(super) fn remove_segments(disk: &dyn Disk, dir: &Path, upto: u64) -> std::io::Result<()> {
-    for s in wal::segments_on(disk, dir)? {
-        if s <= upto {
-            disk.remove(&wal::segment_path(dir, s))?;
-            disk.sync_dir(dir)?;
-        }
+    let retired: Vec<PathBuf> = wal::segments_on(disk, dir)?
+        .into_iter()
+        .filter(|&s| s <= upto)
+        .map(|s| wal::segment_path(dir, s))
+        .collect();
+    remove_in_order(disk, dir, &retired)
+}
+
+/// Deletes `files` of `dir` in the order given (oldest segment first),
+/// each deletion durable before the next (see [`remove_segments`]).
+pub(super) fn remove_in_order(
+    disk: &dyn Disk,
+    dir: &Path,
+    files: &[PathBuf],
+) -> std::io::Result<()> {
+    for f in files {
+        disk.remove(f)?;
+        disk.sync_dir(dir)?;
     }
     Ok(())
 }
