@@ -39,13 +39,13 @@ pub(crate) const SMALL_MESSAGE_LIMIT: usize = 256 << 10;
 /// at most a few hundred bytes.
 pub(crate) const TOKEN_MESSAGE_LIMIT: usize = 1 << 20;
 
-/// The most bytes a method's request body may hold (gRPC framing
-/// included), sized to its largest real request with room to spare:
-/// names are at most 100 characters, tokens 26, purposes 200, batches
-/// 1,000 items, an init 255 custodians.
-pub(crate) fn method_limit(path: &str) -> usize {
+/// The most bytes a request body for `method` (`None`: a path that is not
+/// one of ours) may hold, gRPC framing included, sized to its largest real
+/// request with room to spare: names are at most 100 characters, tokens
+/// 26, purposes 200, batches 1,000 items, an init 255 custodians.
+pub(crate) fn method_limit(method: Option<Action>) -> usize {
     const KIB: usize = 1 << 10;
-    match Action::of_path(path) {
+    match method {
         Some(Action::TokenizeBatch) => TOKEN_MESSAGE_LIMIT,
         Some(Action::DetokenizeBatch) => 256 * KIB,
         Some(Action::KeyInit | Action::StartRekey) => SMALL_MESSAGE_LIMIT,
@@ -154,11 +154,11 @@ pub(crate) struct Gate<S> {
     layer: GateLayer,
 }
 
-/// The action a refusal of the method at `path` is recorded under: the
-/// name its handler uses (`AuditQuery` for `/cardvault.v1.AuditService/Query`),
-/// or `OtherMethod` for any path that is not one of ours.
-fn action_of(path: &str) -> AuditAction {
-    Action::of_path(path).map_or(AuditAction::OtherMethod, AuditAction::from)
+/// The action a refusal of `method` is recorded under: the name its
+/// handler uses (`AuditQuery` for `/cardvault.v1.AuditService/Query`), or
+/// `OtherMethod` for any path that is not one of ours.
+fn action_of(method: Option<Action>) -> AuditAction {
+    method.map_or(AuditAction::OtherMethod, AuditAction::from)
 }
 
 /// tonic's refusal of a body, in the API's terms; `None` for anything else.
@@ -206,7 +206,10 @@ where
             req.extensions().get::<Peer>(),
             super::identity::new_request_id(),
         );
-        let action = action_of(req.uri().path());
+        // The path is parsed once: it names both the action refusals are
+        // recorded under and the body limit.
+        let method = Action::of_path(req.uri().path());
+        let action = action_of(method);
         let vault = self.layer.vault.clone();
         if let Err(e) = self.layer.auth.check_identity(&caller) {
             // The body is dropped unread with the request.
@@ -218,7 +221,7 @@ where
             });
         }
         let over = Arc::new(AtomicBool::new(false));
-        let limit = method_limit(req.uri().path());
+        let limit = method_limit(method);
         let req = req.map(|inner| Limited {
             inner,
             left: limit,
@@ -269,12 +272,12 @@ mod tests {
         assert!(body_refusal(&Status::internal("audit log down")).is_none());
         assert!(body_refusal(&Status::invalid_argument("pan: fails the Luhn check")).is_none());
         assert_eq!(
-            action_of("/cardvault.v1.TokenService/Tokenize"),
+            action_of(Action::of_path("/cardvault.v1.TokenService/Tokenize")),
             AuditAction::Tokenize
         );
         // Refusals at the gate go under the name the handler uses.
         assert_eq!(
-            action_of("/cardvault.v1.AuditService/Query"),
+            action_of(Action::of_path("/cardvault.v1.AuditService/Query")),
             AuditAction::AuditQuery
         );
         // A caller's own path is never recorded: it could hold anything.
@@ -284,21 +287,28 @@ mod tests {
             "/x/Tokenize",
             "",
         ] {
-            assert_eq!(action_of(path), AuditAction::OtherMethod, "{path}");
+            assert_eq!(
+                action_of(Action::of_path(path)),
+                AuditAction::OtherMethod,
+                "{path}"
+            );
         }
     }
 
     #[test]
     fn batches_get_their_service_limit_and_single_calls_far_less() {
         assert_eq!(
-            method_limit("/cardvault.v1.TokenService/TokenizeBatch"),
+            method_limit(Action::of_path("/cardvault.v1.TokenService/TokenizeBatch")),
             TOKEN_MESSAGE_LIMIT
         );
-        assert_eq!(method_limit("/cardvault.v1.TokenService/Tokenize"), 8 << 10);
         assert_eq!(
-            method_limit("/cardvault.v1.KeyService/Init"),
+            method_limit(Action::of_path("/cardvault.v1.TokenService/Tokenize")),
+            8 << 10
+        );
+        assert_eq!(
+            method_limit(Action::of_path("/cardvault.v1.KeyService/Init")),
             SMALL_MESSAGE_LIMIT
         );
-        assert!(method_limit("/grpc.health.v1.Health/Check") <= 64 << 10);
+        assert!(method_limit(Action::of_path("/grpc.health.v1.Health/Check")) <= 64 << 10);
     }
 }
