@@ -13,7 +13,7 @@ use cardvault::card::YearMonth;
 use cardvault::cli::{self, ClientOpts};
 use cardvault::server;
 use cardvault::server::config::{Config, LogFormat};
-use cardvault::server::pki::{DEV_CLIENTS, dev_principal, ensure_dev_pki};
+use cardvault::server::pki::{DEV_CLIENTS, dev_principal};
 
 /// mimalloc instead of glibc malloc: the request path makes many small,
 /// short-lived allocations across threads, and profiling detokenize showed
@@ -117,9 +117,6 @@ enum Command {
     Seal(Client<NoArgs>),
     /// Rotate, rewrap and retire keys (role: admin).
     Keys(ClientGroup<cli::keys::KeysCmd>),
-    /// Load-test a running vault over gRPC + mTLS (optionally against a
-    /// no-op baseline server in the same run).
-    Bench(Client<cli::bench::BenchCmd>),
 }
 
 /// The flags of [`ClientOpts`], which take a value.
@@ -265,19 +262,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             listen,
             config,
         } => {
-            let mut cfg = Config::load(config.as_deref())?;
-            cfg.data_dir = data_dir.clone();
-            cfg.listen = listen;
-            let pki = ensure_dev_pki(&data_dir.join("certs"))?;
-            cfg.tls.cert = Some(pki.server_cert());
-            cfg.tls.key = Some(pki.server_key());
-            cfg.tls.client_ca = Some(pki.ca());
-            let policy = data_dir.join("policy.toml");
-            if !policy.exists() {
-                std::fs::write(&policy, cardvault::server::pki::dev_policy_toml())
-                    .map_err(|e| format!("cannot write {}: {e}", policy.display()))?;
-            }
-            cfg.policy = Some(policy);
+            let cfg = server::dev_config(config.as_deref(), &data_dir, listen)?;
             init_logging(&cfg);
             server::harden(&cfg, false)?;
             let kek = server::dev_kek(&data_dir)?;
@@ -324,7 +309,6 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Shares(c) => cli::keys::shares(&c.client, &c.cmd.out_dir).await,
         Command::Seal(c) => cli::keys::seal(&c.client).await,
         Command::Keys(c) => cli::keys::keys(&c.client, c.cmd).await,
-        Command::Bench(c) => cli::bench::run(&c.client, c.cmd).await,
     }
 }
 

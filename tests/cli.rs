@@ -314,4 +314,12 @@ fn server_and_client_commands_take_only_their_own_flags() {
     assert!(err.contains("/nonexistent-dir/certs"), "{err}");
     let (_, _, err) = run(&["audit", "query", "--dev-dir", "/nonexistent-dir"]);
     assert!(err.contains("/nonexistent-dir/certs"), "{err}");
+    // The vault ships no load generator: that is `cardvault-bench`.
+    let (ok, help, _) = run(&["--help"]);
+    assert!(ok && !help.contains("bench"), "{help}");
+    let (ok, _, err) = run(&["bench", "--op", "tokenize"]);
+    assert!(
+        !ok && err.contains("unrecognized subcommand 'bench'"),
+        "{err}"
+    );
 }

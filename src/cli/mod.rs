@@ -2,7 +2,6 @@
 //! trying the vault out. They hold no key and do nothing the API does not.
 
 pub mod audit;
-pub mod bench;
 pub mod keys;
 pub mod token;
 

@@ -148,6 +148,30 @@ fn warn_if_shared(path: &Path, what: &str) {
     }
 }
 
+/// Dev mode's configuration: the file at `config` (or defaults and
+/// `CARDVAULT_*` variables), serving on `listen` from `data_dir`, with the
+/// dev certificates and policy there (created on first start).
+pub fn dev_config(
+    config: Option<&Path>,
+    data_dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<Config, StartError> {
+    let mut cfg = Config::load(config)?;
+    cfg.data_dir = data_dir.to_owned();
+    cfg.listen = listen;
+    let pki = pki::ensure_dev_pki(&data_dir.join("certs")).map_err(StartError::Tls)?;
+    cfg.tls.cert = Some(pki.server_cert());
+    cfg.tls.key = Some(pki.server_key());
+    cfg.tls.client_ca = Some(pki.ca());
+    let policy = data_dir.join("policy.toml");
+    if !policy.exists() {
+        std::fs::write(&policy, pki::dev_policy_toml())
+            .map_err(|e| StartError::Policy(format!("cannot write {}: {e}", policy.display())))?;
+    }
+    cfg.policy = Some(policy);
+    Ok(cfg)
+}
+
 /// Dev mode only: the KEK kept in `dev-kek.hex` in the data directory,
 /// created on first start. Anyone who can read the data directory can
 /// decrypt every card, which is why production never does this.

@@ -1,11 +1,11 @@
-//! `cardvault bench`: drives a running vault over gRPC + mTLS with many
+//! The load generator: drives a running vault over gRPC + mTLS with many
 //! concurrent clients and reports throughput and latency, optionally as a
 //! ratio of an in-process *baseline* server measured in the same run.
 //!
 //! The baseline implements the same `TokenService` with handlers that do
 //! nothing but return canned responses copied from real vault responses, so
 //! requests and responses have the same sizes; it is served with the same
-//! certificates, client CA and server builder ([`crate::server::grpc_server`])
+//! certificates, client CA and server builder ([`cardvault::server::grpc_server`])
 //! on `127.0.0.1:0`, on its own runtime with as many worker threads as the
 //! vault has. What the ratio leaves is the cost of the vault itself: parsing,
 //! crypto, storage, durable writes and logging.
@@ -52,10 +52,10 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::ClientOpts;
-use crate::card::YearMonth;
-use crate::proto::token_service_server::{TokenService, TokenServiceServer};
-use crate::proto::{self, token_service_client::TokenServiceClient};
+use cardvault::card::YearMonth;
+use cardvault::cli::{ClientOpts, status_text};
+use cardvault::proto::token_service_server::{TokenService, TokenServiceServer};
+use cardvault::proto::{self, token_service_client::TokenServiceClient};
 
 /// Test card numbers sent by tokenize (Luhn-valid test PANs; never printed).
 const TEST_PANS: [&str; 2] = ["4111111111111111", "5555555555554444"];
@@ -106,7 +106,7 @@ impl BenchOp {
     }
 }
 
-/// `cardvault bench`.
+/// What to measure, and how.
 #[derive(Debug, Clone, Args)]
 pub struct BenchCmd {
     /// Operation to measure.
@@ -177,12 +177,23 @@ pub struct BenchCmd {
     /// then also reports the vault's CPU time per request (from `/proc`).
     #[arg(long)]
     pub vault_pid: Option<u32>,
-    /// Check the throughput targets against the median rounds: tokenize
-    /// at least 50% of the baseline, detokenize at least 80%, p99 at most
-    /// 5 ms for both, no errors; exit non-zero if one is missed. Needs
-    /// --baseline and --op tokenize, detokenize or all.
+    /// Check the throughput targets against the median rounds (the
+    /// `--target-*` bounds, and no errors); exit non-zero if one is
+    /// missed. Needs --baseline and --op tokenize, detokenize or all.
     #[arg(long, requires = "baseline")]
     pub check_targets: bool,
+    /// Least tokenize throughput, as a fraction of the no-op baseline's,
+    /// that --check-targets accepts.
+    #[arg(long, default_value_t = targets::TOKENIZE_RATIO, value_name = "FRACTION")]
+    pub target_tokenize_ratio: f64,
+    /// Least detokenize throughput, as a fraction of the no-op baseline's,
+    /// that --check-targets accepts.
+    #[arg(long, default_value_t = targets::DETOKENIZE_RATIO, value_name = "FRACTION")]
+    pub target_detokenize_ratio: f64,
+    /// Most p99 latency in milliseconds of tokenize and detokenize that
+    /// --check-targets accepts.
+    #[arg(long, default_value_t = targets::P99_MAX_MS, value_name = "MS")]
+    pub target_p99_ms: f64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -293,7 +304,7 @@ impl Load {
 fn new_card(n: u64) -> String {
     let n = n % 1_000_000_000;
     let (low, mid, high) = (n % 100_000, n / 100_000 % 1000, n / 100_000_000);
-    crate::card::with_check_digit(&format!("{NEW_CARD_PREFIX}{low:05}{high:06}{mid:03}"))
+    cardvault::card::with_check_digit(&format!("{NEW_CARD_PREFIX}{low:05}{high:06}{mid:03}"))
 }
 
 /// Results of one measured run.
@@ -585,7 +596,7 @@ async fn setup(clients: &Clients, load: &mut Load, tokens: usize) -> Result<Cann
     let first = tok
         .tokenize(load.tokenize_request(0))
         .await
-        .map_err(|s| format!("setup tokenize failed: {}", super::status_text(&s)))?
+        .map_err(|s| format!("setup tokenize failed: {}", status_text(&s)))?
         .into_inner();
     load.tokens.push(first.token.clone());
     // The rest concurrently, 32 at a time.
@@ -598,7 +609,7 @@ async fn setup(clients: &Clients, load: &mut Load, tokens: usize) -> Result<Cann
             async move { c.tokenize(req).await }
         });
         for r in futures::future::join_all(calls).await {
-            let r = r.map_err(|s| format!("setup tokenize failed: {}", super::status_text(&s)))?;
+            let r = r.map_err(|s| format!("setup tokenize failed: {}", status_text(&s)))?;
             load.tokens.push(r.into_inner().token);
         }
         n += batch as u64;
@@ -611,7 +622,7 @@ async fn setup(clients: &Clients, load: &mut Load, tokens: usize) -> Result<Cann
             include_cvv: false,
         })
         .await
-        .map_err(|s| format!("setup detokenize failed: {}", super::status_text(&s)))?
+        .map_err(|s| format!("setup detokenize failed: {}", status_text(&s)))?
         .into_inner();
     let metadata = read
         .get_metadata(proto::GetMetadataRequest {
@@ -619,7 +630,7 @@ async fn setup(clients: &Clients, load: &mut Load, tokens: usize) -> Result<Cann
             token: first.token.clone(),
         })
         .await
-        .map_err(|s| format!("setup metadata failed: {}", super::status_text(&s)))?
+        .map_err(|s| format!("setup metadata failed: {}", status_text(&s)))?
         .into_inner();
     Ok(Canned {
         tokenize: first,
@@ -753,7 +764,7 @@ impl Baseline {
             .clone()
             .or_else(|| opts.ca.clone())
             .unwrap_or_else(|| certs.join("ca.pem"));
-        let tls = crate::server::tls::server_config(&cert, &key, &client_ca)?;
+        let tls = cardvault::server::tls::server_config(&cert, &key, &client_ca)?;
         // Its own worker threads, as many as a vault process gets by default,
         // so the client's runtime is shared with neither server.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -768,7 +779,7 @@ impl Baseline {
             .map_err(|e| format!("baseline listen: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let mut builder = crate::server::grpc_server();
+        let mut builder = cardvault::server::grpc_server();
         runtime.spawn(async move {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -783,11 +794,11 @@ impl Baseline {
                     durable: committer,
                 }))
                 .serve_with_incoming_shutdown(
-                    crate::server::tls::incoming(
+                    cardvault::server::tls::incoming(
                         listener,
                         tls,
                         Default::default(),
-                        crate::server::tls::Limits::default(),
+                        cardvault::server::tls::Limits::default(),
                         tokio_util::sync::CancellationToken::new(),
                     ),
                     async move {
@@ -853,6 +864,13 @@ fn check_args(cmd: &BenchCmd) -> Result<(), String> {
         return Err("--check-targets needs --op tokenize, detokenize or all \
                     (only they have targets)"
             .into());
+    }
+    let fraction_ok = |f: f64| f.is_finite() && (0.0..=1.0).contains(&f);
+    if !fraction_ok(cmd.target_tokenize_ratio) || !fraction_ok(cmd.target_detokenize_ratio) {
+        return Err("--target-tokenize-ratio and --target-detokenize-ratio must be 0-1".into());
+    }
+    if !(cmd.target_p99_ms.is_finite() && cmd.target_p99_ms > 0.0) {
+        return Err("--target-p99-ms must be above 0".into());
     }
     if let Some(pid) = cmd.vault_pid
         && !cpu::readable(pid)
@@ -1014,7 +1032,12 @@ async fn bench(opts: &ClientOpts, cmd: BenchCmd) -> Result<(), String> {
         targets: None,
     };
     if cmd.check_targets {
-        report.targets = Some(targets::Targets::check(&report));
+        let limits = targets::Limits {
+            tokenize_ratio: cmd.target_tokenize_ratio,
+            detokenize_ratio: cmd.target_detokenize_ratio,
+            p99_ms: cmd.target_p99_ms,
+        };
+        report.targets = Some(targets::Targets::check(&report, &limits));
     }
     if cmd.json {
         println!(
@@ -1334,7 +1357,7 @@ mod tests {
         for pan in &cards {
             assert_eq!(pan.len(), 16, "{}", pan.len());
             assert!(pan.starts_with(NEW_CARD_PREFIX));
-            assert!(crate::card::Pan::parse(pan).is_ok());
+            assert!(cardvault::card::Pan::parse(pan).is_ok());
         }
         let distinct: std::collections::HashSet<_> = cards.iter().collect();
         assert_eq!(distinct.len(), cards.len());

@@ -5,7 +5,7 @@
 //! This committer gives the baseline that one cost and nothing else: its
 //! tokenize and detokenize handlers each queue [`FRAME_BYTES`] and wait
 //! until a group commit has written them, with the vault's own
-//! write-ahead-log segment code ([`crate::store::wal::Segment`]:
+//! write-ahead-log segment code ([`cardvault::store::wal::Segment`]:
 //! `O_DIRECT | O_DSYNC` into preallocated space where the file system
 //! allows it) on one thread, every waiting request in one write. So the
 //! vault's ratio to it leaves what the vault does besides the durable
@@ -23,8 +23,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use crate::store::wal::Segment;
-use crate::sync::Recover;
+use cardvault::store::wal::Segment;
 
 /// Bytes each waiting request adds to a commit: about a detokenize's
 /// audit record as the vault logs it (a tokenize's record is a little
@@ -102,8 +101,10 @@ impl Committer {
         })
     }
 
+    /// The state, even if a handler panicked holding it: every update
+    /// leaves it whole.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().recover()
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes made so far.
@@ -140,7 +141,7 @@ impl Committer {
                 let mut st = self.lock();
                 while st.waiting.is_empty() && !st.closing {
                     st.sleeping = true;
-                    st = self.work.wait(st).recover();
+                    st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
                     st.sleeping = false;
                 }
                 if st.closing {
@@ -190,7 +191,7 @@ mod tests {
         let running = Committer::start_with(parent.path(), "durable-test", log_bytes).unwrap();
         let dir = running.dir.clone();
         assert!(dir.starts_with(parent.path()) && dir.is_dir());
-        let log = crate::store::wal::segment_path(&dir, 1);
+        let log = cardvault::store::wal::segment_path(&dir, 1);
         assert_eq!(std::fs::metadata(&log).unwrap().len(), log_bytes);
         // More frames than the log holds: the writes wrap around in it.
         let total = log_bytes as usize / FRAME_BYTES * 3;

@@ -1,5 +1,5 @@
 //! CPU time of processes and threads, read from `/proc` (Linux), so that
-//! `cardvault bench` can report the CPU each request cost the server and the
+//! `cardvault-bench` can report the CPU each request cost the server and the
 //! client: the split the project's profiling work otherwise reads by hand.
 //!
 //! Elsewhere (no `/proc`) every reading is `None` and the bench reports

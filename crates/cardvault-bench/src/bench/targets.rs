@@ -1,10 +1,11 @@
 //! The throughput targets, checked against a bench report
-//! (`bench --check-targets`).
+//! (`cardvault-bench --check-targets`).
 //!
 //! The targets hold on a 2-core machine with the client on it, 64
-//! concurrent clients, mTLS and durable writes: tokenize at least 50% of
-//! the no-op baseline's throughput, detokenize at least 80%, and the
-//! vault's p99 latency at most 5 ms for both. Each is judged on the
+//! concurrent clients, mTLS and durable writes. By default: tokenize at
+//! least 50% of the no-op baseline's throughput, detokenize at least 80%,
+//! and the vault's p99 latency at most 5 ms for both; each bound is a flag
+//! ([`Limits`]). Each is judged on the
 //! median round (so `--rounds 3` judges the middle round, not the best
 //! one), and a run with failed requests in any round misses, since errors
 //! can make a server look fast. A run under other conditions is still checked, but
@@ -15,16 +16,40 @@ use serde::Serialize;
 
 use super::{BenchOp, Report};
 
-/// Most milliseconds a tokenize or detokenize may take at the 99th
-/// percentile.
+/// Default `--target-p99-ms`: most milliseconds a tokenize or detokenize
+/// may take at the 99th percentile.
 pub(super) const P99_MAX_MS: f64 = 5.0;
-/// Least throughput, as a share of the no-op baseline's, per operation.
-pub(super) const MIN_RATIO: [(BenchOp, f64); 2] =
-    [(BenchOp::Tokenize, 0.5), (BenchOp::Detokenize, 0.8)];
+/// Default `--target-tokenize-ratio`: least tokenize throughput as a share
+/// of the no-op baseline's.
+pub(super) const TOKENIZE_RATIO: f64 = 0.5;
+/// Default `--target-detokenize-ratio`: the same for detokenize.
+pub(super) const DETOKENIZE_RATIO: f64 = 0.8;
 /// Concurrent clients the targets are defined for.
 pub(super) const CONCURRENCY: usize = 64;
 /// Cores of the machine the targets are defined for.
 pub(super) const CORES: usize = 2;
+
+/// The bounds checked (flags `--target-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Limits {
+    /// Least tokenize throughput as a share of the no-op baseline's.
+    pub tokenize_ratio: f64,
+    /// Least detokenize throughput as a share of the no-op baseline's.
+    pub detokenize_ratio: f64,
+    /// Most milliseconds at the 99th percentile, for both.
+    pub p99_ms: f64,
+}
+
+impl Limits {
+    /// The least ratio for `op`, if it has a target.
+    fn min_ratio(&self, op: BenchOp) -> Option<f64> {
+        match op {
+            BenchOp::Tokenize => Some(self.tokenize_ratio),
+            BenchOp::Detokenize => Some(self.detokenize_ratio),
+            BenchOp::Metadata | BenchOp::Mix | BenchOp::All => None,
+        }
+    }
+}
 
 /// What a check compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,11 +89,11 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Checks every target of the operations in `report`.
-    pub fn check(report: &Report) -> Targets {
+    /// Checks every target of the operations in `report` against `limits`.
+    pub fn check(report: &Report, limits: &Limits) -> Targets {
         let mut checks = Vec::new();
         for res in &report.results {
-            let Some(&(_, min)) = MIN_RATIO.iter().find(|(op, _)| *op == res.op) else {
+            let Some(min) = limits.min_ratio(res.op) else {
                 continue;
             };
             let mut check = |measure, value: f64, limit, met| {
@@ -84,7 +109,7 @@ impl Targets {
             let ratio = res.ratio.unwrap_or(0.0);
             check(Measure::Ratio, ratio, min, ratio >= min);
             let p99 = res.vault.p99_ms;
-            check(Measure::P99Ms, p99, P99_MAX_MS, p99 <= P99_MAX_MS);
+            check(Measure::P99Ms, p99, limits.p99_ms, p99 <= limits.p99_ms);
             // Every round's errors, not only the median round's.
             let errors: u64 = res
                 .rounds
@@ -178,16 +203,25 @@ mod tests {
         OpResult::of(op, vec![r])
     }
 
+    const DEFAULTS: Limits = Limits {
+        tokenize_ratio: TOKENIZE_RATIO,
+        detokenize_ratio: DETOKENIZE_RATIO,
+        p99_ms: P99_MAX_MS,
+    };
+
     fn verdicts(t: &Targets) -> Vec<(BenchOp, Measure, bool)> {
         t.checks.iter().map(|c| (c.op, c.measure, c.met)).collect()
     }
 
     #[test]
     fn each_target_is_met_at_its_bound_and_missed_beyond() {
-        let t = Targets::check(&report(vec![
-            op(BenchOp::Tokenize, 50.0, 100.0, 5.0),
-            op(BenchOp::Detokenize, 80.0, 100.0, 5.0),
-        ]));
+        let t = Targets::check(
+            &report(vec![
+                op(BenchOp::Tokenize, 50.0, 100.0, 5.0),
+                op(BenchOp::Detokenize, 80.0, 100.0, 5.0),
+            ]),
+            &DEFAULTS,
+        );
         use Measure::*;
         assert_eq!(
             verdicts(&t),
@@ -204,10 +238,13 @@ mod tests {
 
         // Just short of each bound: the detokenize ratio (79%) and the
         // tokenize p99 (5.01 ms) miss.
-        let t = Targets::check(&report(vec![
-            op(BenchOp::Tokenize, 60.0, 100.0, 5.01),
-            op(BenchOp::Detokenize, 79.0, 100.0, 1.0),
-        ]));
+        let t = Targets::check(
+            &report(vec![
+                op(BenchOp::Tokenize, 60.0, 100.0, 5.01),
+                op(BenchOp::Detokenize, 79.0, 100.0, 1.0),
+            ]),
+            &DEFAULTS,
+        );
         assert_eq!(t.missed(), ["tokenize p99", "detokenize ratio"]);
         let ratio = &t.checks[3];
         assert_eq!((ratio.value, ratio.limit), (0.79, 0.8));
@@ -217,14 +254,14 @@ mod tests {
     fn failed_requests_in_any_round_or_no_baseline_miss() {
         let mut detok = op(BenchOp::Detokenize, 90.0, 100.0, 1.0);
         detok.rounds[0].baseline.as_mut().unwrap().errors = 3;
-        let t = Targets::check(&report(vec![detok]));
+        let t = Targets::check(&report(vec![detok]), &DEFAULTS);
         assert_eq!(t.missed(), ["detokenize errors"]);
         assert_eq!(t.checks[2].value, 3.0);
 
         let mut tok = op(BenchOp::Tokenize, 90.0, 100.0, 1.0);
         tok.rounds[0].vault.errors = 1;
         assert_eq!(
-            Targets::check(&report(vec![tok])).missed(),
+            Targets::check(&report(vec![tok]), &DEFAULTS).missed(),
             ["tokenize errors"]
         );
 
@@ -237,22 +274,42 @@ mod tests {
         rounds[2].vault.errors = 2;
         let res = OpResult::of(BenchOp::Detokenize, rounds);
         assert_eq!(res.vault.errors, 0, "the median round had none");
-        let t = Targets::check(&report(vec![res]));
+        let t = Targets::check(&report(vec![res]), &DEFAULTS);
         assert_eq!(t.missed(), ["detokenize errors"]);
 
         let alone = OpResult::of(BenchOp::Tokenize, vec![round(90.0, None)]);
         assert_eq!(
-            Targets::check(&report(vec![alone])).missed(),
+            Targets::check(&report(vec![alone]), &DEFAULTS).missed(),
             ["tokenize ratio"]
         );
     }
 
     #[test]
+    fn the_bounds_are_the_limits_given() {
+        let res = vec![op(BenchOp::Tokenize, 40.0, 100.0, 8.0)];
+        assert_eq!(
+            Targets::check(&report(res.clone()), &DEFAULTS).missed(),
+            ["tokenize ratio", "tokenize p99"]
+        );
+        let looser = Limits {
+            tokenize_ratio: 0.4,
+            p99_ms: 8.0,
+            ..DEFAULTS
+        };
+        let t = Targets::check(&report(res), &looser);
+        assert!(t.missed().is_empty());
+        assert_eq!((t.checks[0].limit, t.checks[1].limit), (0.4, 8.0));
+    }
+
+    #[test]
     fn only_tokenize_and_detokenize_have_targets() {
-        let t = Targets::check(&report(vec![
-            op(BenchOp::Metadata, 1.0, 100.0, 50.0),
-            op(BenchOp::Mix, 1.0, 100.0, 50.0),
-        ]));
+        let t = Targets::check(
+            &report(vec![
+                op(BenchOp::Metadata, 1.0, 100.0, 50.0),
+                op(BenchOp::Mix, 1.0, 100.0, 50.0),
+            ]),
+            &DEFAULTS,
+        );
         assert!(t.checks.is_empty());
     }
 
@@ -265,7 +322,7 @@ mod tests {
             round(75.0, Some(100.0)),
         ];
         let res = OpResult::of(BenchOp::Detokenize, rounds);
-        let t = Targets::check(&report(vec![res]));
+        let t = Targets::check(&report(vec![res]), &DEFAULTS);
         assert_eq!(t.checks[0].value, 0.75);
         assert_eq!(t.missed(), ["detokenize ratio"]);
     }
@@ -275,7 +332,7 @@ mod tests {
         let mut r = report(vec![op(BenchOp::Tokenize, 60.0, 100.0, 1.0)]);
         r.concurrency = 32;
         r.cores = 8;
-        let t = Targets::check(&r);
+        let t = Targets::check(&r, &DEFAULTS);
         assert_eq!(
             t.conditions,
             ["32 concurrent clients, not 64", "8 cores, not 2"]

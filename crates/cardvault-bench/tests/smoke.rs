@@ -1,44 +1,72 @@
-//! Smoke test of `cardvault bench`: it runs for a second against a real dev
+//! Smoke test of `cardvault-bench`: it runs for a second against a real dev
 //! vault (and the in-process baselines, no-op and durable) and reports work
 //! done. No timing assertions: only that requests succeeded, that CPU time
 //! was counted and that the durable baseline's scratch log is removed.
+//!
+//! The vault is served in this test's process, from the library, exactly
+//! as `cardvault dev` serves it (the bench crate cannot run the other
+//! package's binary); `--vault-pid` is then this process.
 
-mod common;
-
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Opts, VaultProcess};
+use tokio::sync::oneshot;
 
-/// A dev vault and an empty directory for the durable baseline's scratch
-/// log, in one temporary directory.
+/// A dev vault served from a temporary directory, and an empty directory
+/// for the durable baseline's scratch log beside it.
 struct Setup {
     _dir: tempfile::TempDir,
-    vault: VaultProcess,
+    addr: SocketAddr,
+    data_dir: PathBuf,
     scratch: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<Result<(), cardvault::server::StartError>>,
 }
 
 impl Setup {
-    fn start() -> Setup {
+    async fn start() -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let vault = VaultProcess::start(&dir.path().join("vault"), &Opts::default());
+        let data_dir = dir.path().join("vault");
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let cfg = cardvault::server::dev_config(None, &data_dir, listen).unwrap();
+        let kek = cardvault::server::dev_kek(&data_dir).unwrap();
+        let (ready, addr) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            cardvault::server::serve(
+                &cfg,
+                cardvault::server::KeySource::Dev(kek),
+                move |addr| {
+                    let _ = ready.send(addr);
+                },
+                async move {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+        });
+        let addr = addr.await.expect("the vault starts");
         let scratch = dir.path().join("durable");
         std::fs::create_dir(&scratch).unwrap();
         Setup {
             _dir: dir,
-            vault,
+            addr,
+            data_dir,
             scratch,
+            stop: Some(stop),
+            served,
         }
     }
 
-    /// `cardvault bench` against the vault, with both baselines (the
+    /// `cardvault-bench` against the vault, with both baselines (the
     /// durable one's scratch log under `scratch`).
     fn bench(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardvault"));
-        cmd.args(["bench", "--addr"])
-            .arg(format!("https://{}", self.vault.addr))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardvault-bench"));
+        cmd.arg("--addr")
+            .arg(format!("https://{}", self.addr))
             .arg("--dev-dir")
-            .arg(&self.vault.data_dir)
+            .arg(&self.data_dir)
             .args(["--baseline", "--durable-baseline"])
             .arg(&self.scratch);
         cmd
@@ -49,11 +77,22 @@ impl Setup {
         let left: Vec<_> = std::fs::read_dir(&self.scratch).unwrap().collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
+
+    /// Shuts the vault down and checks that it served without error.
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let served = (&mut self.served).await.unwrap();
+        assert!(
+            served.is_ok(),
+            "the vault failed: {:?}",
+            served.err().map(|e| e.to_string())
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_runs_and_reports_ops() {
-    let setup = Setup::start();
+    let setup = Setup::start().await;
     let out = setup
         .bench()
         .args([
@@ -75,9 +114,9 @@ async fn bench_runs_and_reports_ops() {
             "--new-cards",
             "--vault-pid",
         ])
-        .arg(setup.vault.child.id().to_string())
+        .arg(std::process::id().to_string())
         .output()
-        .expect("run cardvault bench");
+        .expect("run cardvault-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {stderr}");
@@ -135,7 +174,7 @@ async fn bench_runs_and_reports_ops() {
         .args(["--concurrency", "4", "--connections", "1", "--tokens", "4"])
         .args(["--check-targets", "--json"])
         .output()
-        .expect("run cardvault bench --check-targets");
+        .expect("run cardvault-bench --check-targets");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("one JSON object, met or missed");
@@ -157,14 +196,14 @@ async fn bench_runs_and_reports_ops() {
     assert_eq!(out.status.success(), !missed, "{stderr}");
     assert_eq!(stderr.contains("targets missed: "), missed, "{stderr}");
     setup.assert_scratch_removed();
-    setup.vault.stop().await;
+    setup.stop().await;
 }
 
 /// Interrupted mid-run (Ctrl-C), the bench exits with an error, no report,
 /// and removes the durable baseline's scratch log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_bench_removes_its_scratch_log() {
-    let setup = Setup::start();
+    let setup = Setup::start().await;
     let mut bench = setup
         .bench()
         .args(["--op", "detokenize", "--duration", "600", "--warmup", "0"])
@@ -173,7 +212,7 @@ async fn an_interrupted_bench_removes_its_scratch_log() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("start cardvault bench");
+        .expect("start cardvault-bench");
     // The scratch log exists once the durable baseline has started.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_dir(&setup.scratch).unwrap().next().is_none() {
@@ -192,5 +231,5 @@ async fn an_interrupted_bench_removes_its_scratch_log() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(out.stdout.is_empty(), "no report when interrupted");
     setup.assert_scratch_removed();
-    setup.vault.stop().await;
+    setup.stop().await;
 }
