@@ -661,3 +661,82 @@ async fn a_locked_bucket_survives_a_restart_and_an_admin_clears_it() {
             .any(|e| e.outcome == "OK" && e.detail.contains(&bucket))
     );
 }
+
+/// A budget that admits everything and records what it was asked.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<bool>>);
+
+impl cardvault::vault::TokenizeBudget for Recorded {
+    fn admit(&self, collision: bool) -> cardvault::Result<()> {
+        self.0.lock().unwrap().push(collision);
+        Ok(())
+    }
+}
+
+/// A bucket's first card writes no guard state (its index entry marks the
+/// bucket), yet counts: the next card into the bucket is charged as a
+/// collision and the state written then starts from the first card, so
+/// the bucket still locks at the threshold, the first card included.
+#[tokio::test]
+async fn a_buckets_first_card_writes_no_state_and_still_counts() {
+    use cardvault::vault::{CallContext, NewCard, TokenizeOptions, Vault, VaultConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(common::flaky::Flaky::open(dir.path()));
+    let v = Vault::new(
+        store.clone() as std::sync::Arc<dyn cardvault::store::Store>,
+        VaultConfig::default(),
+    );
+    v.unseal(cardvault::crypto::keys::SecretKey::generate())
+        .await
+        .unwrap();
+    let (ctx, tenant) = (
+        CallContext::default(),
+        cardvault::fields::Tenant::parse("shop").unwrap(),
+    );
+    let budget = Recorded::default();
+    let swaps = || store.guard_swaps.load(std::sync::atomic::Ordering::SeqCst);
+    let tokenize = |pan: String, dedupe: bool| {
+        let opts = TokenizeOptions {
+            dedupe,
+            ..TokenizeOptions::default()
+        };
+        v.tokenize(&ctx, &tenant, NewCard::sample(&pan), opts, &budget)
+    };
+    let first = "4111111111111111".to_owned();
+    tokenize(first.clone(), false).await.unwrap();
+    assert_eq!(swaps(), 0, "a bucket's first card writes no guard state");
+    let again = tokenize(first.clone(), true).await.unwrap();
+    assert!(again.existing);
+    // A card of another bucket is a first card too.
+    tokenize("5555555555554444".to_owned(), false)
+        .await
+        .unwrap();
+    assert_eq!(swaps(), 0);
+    assert_eq!(*budget.0.lock().unwrap(), [false, false, false]);
+
+    // The second card into the first card's bucket is a collision, and
+    // the state is written from then on.
+    let mut rng = Rng::from_time();
+    let mut taken = vec![first.clone()];
+    let second = neighbour(&mut rng, &first, &taken);
+    taken.push(second.clone());
+    tokenize(second.clone(), false).await.unwrap();
+    assert_eq!(budget.0.lock().unwrap().last(), Some(&true));
+    assert_eq!(swaps(), 1);
+
+    // With the first card counted, 6 more cards reach the threshold of 8
+    // and the next one locks the bucket, for every card in it.
+    for _ in 0..6 {
+        let pan = neighbour(&mut rng, &first, &taken);
+        taken.push(pan.clone());
+        tokenize(pan, false).await.unwrap();
+    }
+    let ninth = neighbour(&mut rng, &first, &taken);
+    let refused = tokenize(ninth, false).await.unwrap_err();
+    assert!(
+        matches!(refused, cardvault::Error::ResourceExhausted(_)),
+        "{refused:?}"
+    );
+    let also = tokenize(first, true).await.unwrap_err();
+    assert_eq!(also, refused, "the first card gets the same refusal");
+}

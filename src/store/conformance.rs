@@ -25,6 +25,9 @@ pub fn sample(tenant: &str, token: &str, fingerprint: u8) -> StoredRecord {
         created_at_ms: 1_700_000_000_000,
         key_version: 1,
         envelope: vec![1, 2, 3, fingerprint],
+        // One bucket per card, so every check also runs the path of a
+        // bucket's first card; `bucket_index` puts several in one.
+        bucket: vec![fingerprint; 16],
     }
 }
 
@@ -193,6 +196,105 @@ pub async fn delete_removes_record_and_index(store: &dyn Store) {
     assert_eq!(store.get("acme", "tok_first").await.unwrap(), None);
     let next = sample("acme", "tok_next", 9);
     assert_inserted(store, &next, true).await;
+}
+
+/// Cards are found by bucket: a bucket's card, whichever of several; none
+/// for an empty bucket, another tenant's or a record without a bucket;
+/// dedupe and delete work for every card of a shared bucket, the first
+/// included, and for records without a bucket.
+pub async fn bucket_index(store: &dyn Store) {
+    let bucket = vec![0xb0; 16];
+    let in_bucket = |token: &str, fp: u8| StoredRecord {
+        bucket: bucket.clone(),
+        ..sample("acme", token, fp)
+    };
+    assert_eq!(store.bucket_card("acme", &bucket).await.unwrap(), None);
+    let (a, b, c) = (
+        in_bucket("tok_a", 1),
+        in_bucket("tok_b", 2),
+        in_bucket("tok_c", 3),
+    );
+    assert_inserted(store, &a, true).await;
+    assert_eq!(
+        store.bucket_card("acme", &bucket).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_inserted(store, &b, true).await;
+    assert_inserted(store, &c, false).await;
+    let card = store.bucket_card("acme", &bucket).await.unwrap().unwrap();
+    assert!([&a, &b, &c].contains(&&card), "{card:?}");
+    assert_eq!(store.bucket_card("other", &bucket).await.unwrap(), None);
+    assert_eq!(store.bucket_card("acme", &[0xb1; 16]).await.unwrap(), None);
+
+    // Each card of the bucket deduplicates to its own first token, with
+    // or without dedupe on its first insert.
+    for (first, fp) in [(&a, 1), (&b, 2), (&c, 3)] {
+        let again = in_bucket(&format!("{}_again", first.token), fp);
+        let out = store
+            .insert(&again, true, &audit_body("Tokenize"))
+            .await
+            .unwrap();
+        assert_eq!(out, InsertOutcome::Deduplicated(first.clone()));
+    }
+    // A second token without dedupe leaves the index on the first.
+    assert_inserted(store, &in_bucket("tok_a2", 1), false).await;
+    let out = store
+        .insert(&in_bucket("tok_a3", 1), true, &audit_body("Tokenize"))
+        .await
+        .unwrap();
+    assert_eq!(out, InsertOutcome::Deduplicated(a.clone()));
+
+    // Deleting a card frees its fingerprint, the bucket's first card's too.
+    for (gone, fp) in [(&a, 1), (&b, 2)] {
+        let body = audit_body("DeleteToken");
+        assert!(store.delete("acme", &gone.token, &body).await.unwrap().0);
+        let next = in_bucket(&format!("{}_next", gone.token), fp);
+        assert_inserted(store, &next, true).await;
+        assert_eq!(
+            store
+                .bucket_card("acme", &bucket)
+                .await
+                .unwrap()
+                .map(|r| r.bucket),
+            Some(bucket.clone())
+        );
+    }
+    // With every card of the bucket gone, none is found.
+    for token in ["tok_a_next", "tok_b_next", "tok_c", "tok_a2"] {
+        assert!(
+            store
+                .delete("acme", token, &audit_body("DeleteToken"))
+                .await
+                .unwrap()
+                .0
+        );
+    }
+    assert_eq!(store.bucket_card("acme", &bucket).await.unwrap(), None);
+
+    // A record without a bucket (written before buckets were indexed) is
+    // indexed and deduplicated by fingerprint alone.
+    let old = StoredRecord {
+        bucket: Vec::new(),
+        ..sample("acme", "tok_old", 4)
+    };
+    assert_inserted(store, &old, true).await;
+    let again = StoredRecord {
+        bucket: Vec::new(),
+        ..sample("acme", "tok_old_again", 4)
+    };
+    let out = store
+        .insert(&again, true, &audit_body("Tokenize"))
+        .await
+        .unwrap();
+    assert_eq!(out, InsertOutcome::Deduplicated(old.clone()));
+    assert!(
+        store
+            .delete("acme", "tok_old", &audit_body("DeleteToken"))
+            .await
+            .unwrap()
+            .0
+    );
+    assert_inserted(store, &again, true).await;
 }
 
 /// Update replaces a record that is still the one read, and refuses a
@@ -672,6 +774,14 @@ macro_rules! store_conformance_tests {
                     return;
                 };
                 c::delete_removes_record_and_index(&*s).await;
+            }
+            #[tokio::test]
+            async fn bucket_index() {
+                let Some((s, _g)) = ($factory)().await else {
+                    eprintln!("SKIPPED: store backend not available (see above)");
+                    return;
+                };
+                c::bucket_index(&*s).await;
             }
             #[tokio::test]
             async fn update_replaces() {

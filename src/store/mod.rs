@@ -64,6 +64,12 @@ pub struct StoredRecord {
     /// The record envelope (see `crypto::envelope`).
     #[prost(bytes = "vec", tag = "11")]
     pub envelope: Vec<u8>,
+    /// The card's enumeration-guard bucket (`vault::guard::BucketId`,
+    /// keyed, no digits): the store indexes the card by it, for
+    /// [`Store::bucket_card`]. Empty on records written before buckets
+    /// were indexed.
+    #[prost(bytes = "vec", tag = "12")]
+    pub bucket: Vec<u8>,
 }
 
 /// Result of [`Store::insert`].
@@ -105,6 +111,16 @@ pub trait Store: Send + Sync + 'static {
         dedupe: bool,
         audit: &AuditBody,
     ) -> Result<InsertOutcome>;
+
+    /// A live card of the tenant indexed under `bucket` (see
+    /// [`StoredRecord::bucket`]), or `None` if there is none. The
+    /// enumeration guard asks this when a bucket has no guard state, to
+    /// tell a bucket's first card (which then needs no state written:
+    /// its index entry marks the bucket) from a collision. A store may
+    /// answer `None` once the first card indexed in a bucket is deleted
+    /// even if later ones remain: that costs the guard one uncounted card,
+    /// never a wrong answer to a caller.
+    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>>;
 
     /// Reads one record.
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>>;

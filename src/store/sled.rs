@@ -96,7 +96,8 @@ type Pending = HashMap<(u8, Vec<u8>), (u64, Option<Vec<u8>>)>;
 struct Trees {
     /// Records by `tenant \0 token`.
     records: sled::Tree,
-    /// Fingerprint index: `tenant \0 fingerprint` -> token.
+    /// Fingerprint index: `tenant \0 fingerprint` -> token, and each
+    /// bucket's first card in its slot (see `slot_key`).
     fingerprints: sled::Tree,
     /// Wrapped keys and vault metadata by name.
     keys: sled::Tree,
@@ -390,6 +391,43 @@ fn fingerprint_key(tenant: &str, fp: &[u8]) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(fp);
     k
+}
+
+/// `tenant \0 b bucket`: the bucket's slot in the fingerprint index, which
+/// holds the entry of the first card indexed in the bucket instead of its
+/// `tenant \0 fingerprint` key. So the bucket is marked by a write the
+/// card needs anyway, and the enumeration guard needs none for it. Never
+/// as long as a fingerprint key (a 16-byte bucket against a 32-byte
+/// fingerprint), so the two cannot meet.
+fn slot_key(tenant: &str, bucket: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 2 + bucket.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.push(b'b');
+    k.extend_from_slice(bucket);
+    k
+}
+
+/// A slot's value: `fingerprint length (1) | fingerprint | token`.
+fn slot_value(fingerprint: &[u8], token: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + fingerprint.len() + token.len());
+    v.push(fingerprint.len() as u8);
+    v.extend_from_slice(fingerprint);
+    v.extend_from_slice(token.as_bytes());
+    v
+}
+
+/// The card in a slot: `(fingerprint, token)`; `None` if the value does
+/// not parse (only a database writer could make it so; it is then
+/// treated as an empty slot and overwritten).
+fn parse_slot(value: &[u8]) -> Option<(Vec<u8>, String)> {
+    let (&len, rest) = value.split_first()?;
+    let len = usize::from(len);
+    if rest.len() <= len {
+        return None;
+    }
+    let token = std::str::from_utf8(&rest[len..]).ok()?;
+    Some((rest[..len].to_vec(), token.to_owned()))
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredRecord> {
@@ -835,6 +873,7 @@ impl Store for SledStore {
     ) -> Result<InsertOutcome> {
         let rkey = record_key(&record.tenant, &record.token);
         let fkey = fingerprint_key(&record.tenant, &record.fingerprint);
+        let skey = (!record.bucket.is_empty()).then(|| slot_key(&record.tenant, &record.bucket));
         let value = record.encode_to_vec();
         let shared = &*self.shared;
         let mut pre = Prefetch::new(shared);
@@ -844,28 +883,46 @@ impl Store for SledStore {
             let key = record_key(&record.tenant, &String::from_utf8_lossy(&tok));
             pre.read(shared, RECORDS, &key)?;
         }
+        // A new bucket's slot is answered by the filter; an occupied one's
+        // card is read too (for dedupe, or to see whether it is live).
+        if let Some(skey) = &skey
+            && let Some((_, tok)) = pre
+                .read(shared, FINGERPRINTS, skey)?
+                .as_deref()
+                .and_then(parse_slot)
+        {
+            pre.read(shared, RECORDS, &record_key(&record.tenant, &tok))?;
+        }
         pre.read(shared, RECORDS, &rkey)?;
         let queued = {
             let mut st = self.shared.lock();
             let pre = Some(&pre);
-            let fp_token = self.lookup_pre(&st, pre, FINGERPRINTS, &fkey)?;
+            let own_entry = self.lookup_pre(&st, pre, FINGERPRINTS, &fkey)?;
+            let slot = match &skey {
+                Some(skey) => self
+                    .lookup_pre(&st, pre, FINGERPRINTS, skey)?
+                    .as_deref()
+                    .and_then(parse_slot),
+                None => None,
+            };
+            // The token the index gives this card: its own entry, else the
+            // bucket's slot if the slot holds this card.
+            let fp_token = match (&own_entry, &slot) {
+                (Some(tok), _) => Some(String::from_utf8_lossy(tok).into_owned()),
+                (None, Some((fp, tok))) if *fp == record.fingerprint => Some(tok.clone()),
+                _ => None,
+            };
             // The record the index points at, if live. Only dedupe needs it:
             // without dedupe an existing entry is simply kept (delete
             // removes entries pointing at the deleted token).
             let indexed = match &fp_token {
-                Some(tok) if dedupe => self.lookup_pre(
-                    &st,
-                    pre,
-                    RECORDS,
-                    &record_key(&record.tenant, &String::from_utf8_lossy(tok)),
-                )?,
+                Some(tok) if dedupe => {
+                    self.lookup_pre(&st, pre, RECORDS, &record_key(&record.tenant, tok))?
+                }
                 _ => None,
             };
             if dedupe && let Some(existing) = indexed.clone() {
-                let key = record_key(
-                    &record.tenant,
-                    &String::from_utf8_lossy(fp_token.as_deref().unwrap_or_default()),
-                );
+                let key = record_key(&record.tenant, fp_token.as_deref().unwrap_or_default());
                 let wait = self.until_durable(&mut st, RECORDS, &key)?;
                 Err(Skip::Deduplicated(existing, wait))
             } else if self.lookup_pre(&st, pre, RECORDS, &rkey)?.is_some() {
@@ -874,7 +931,31 @@ impl Store for SledStore {
                 let mut muts = vec![put(RECORDS, rkey, value)];
                 // A dangling entry (its record gone) is replaced under dedupe.
                 if fp_token.is_none() || (dedupe && indexed.is_none()) {
-                    muts.push(put(FINGERPRINTS, fkey, record.token.as_bytes()));
+                    let entry = match (&skey, &slot, &own_entry) {
+                        // An entry of its own is replaced where it is.
+                        (_, _, Some(_)) | (None, _, _) => None,
+                        // The bucket's first card, or this card's dangling slot.
+                        (Some(skey), None, _) => Some(skey),
+                        (Some(skey), Some((fp, _)), _) if *fp == record.fingerprint => Some(skey),
+                        // Another card's slot: taken over if that card is
+                        // gone, so a dangling slot never leaves the bucket
+                        // unmarked.
+                        (Some(skey), Some((_, tok)), _) => {
+                            let theirs = record_key(&record.tenant, tok);
+                            match self.lookup_pre(&st, pre, RECORDS, &theirs)? {
+                                Some(_) => None,
+                                None => Some(skey),
+                            }
+                        }
+                    };
+                    muts.push(match entry {
+                        Some(skey) => put(
+                            FINGERPRINTS,
+                            skey.clone(),
+                            slot_value(&record.fingerprint, &record.token),
+                        ),
+                        None => put(FINGERPRINTS, fkey, record.token.as_bytes()),
+                    });
                 }
                 let l = Self::chain(&mut st, audit, &mut muts);
                 Ok((self.enqueue(&mut st, muts, true)?, l))
@@ -890,6 +971,20 @@ impl Store for SledStore {
                 Self::durable(wait).await?;
                 Ok(InsertOutcome::Deduplicated(decode(&bytes)?))
             }
+        }
+    }
+
+    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>> {
+        // The slot only: a card indexed after the bucket's first one is
+        // under its fingerprint (see `slot_key`).
+        let skey = slot_key(tenant, bucket);
+        let value = match self.unapplied(FINGERPRINTS, &skey).await? {
+            Some(v) => v,
+            None => self.shared.read_filtered(FINGERPRINTS, &skey)?,
+        };
+        match value.as_deref().and_then(parse_slot) {
+            Some((_, token)) => self.get(tenant, &token).await,
+            None => Ok(None),
         }
     }
 
@@ -945,6 +1040,17 @@ impl Store for SledStore {
                             .is_some_and(|t| t == token.as_bytes())
                         {
                             muts.push(remove(FINGERPRINTS, fkey));
+                        }
+                        if !rec.bucket.is_empty() {
+                            let skey = slot_key(tenant, &rec.bucket);
+                            let slot = self.lookup(&st, FINGERPRINTS, &skey)?;
+                            if slot
+                                .as_deref()
+                                .and_then(parse_slot)
+                                .is_some_and(|(_, t)| t == token)
+                            {
+                                muts.push(remove(FINGERPRINTS, skey));
+                            }
                         }
                     }
                     muts.push(remove(RECORDS, rkey));

@@ -19,10 +19,13 @@
 //!   the caller's [`TokenizeBudget`].
 //!
 //! The state lives in the store ([`Store::guard_swap`]), so it holds across
-//! restarts and across replicas. Bucket ids are keyed (HMAC under the
+//! restarts and across replicas. A bucket's first card writes none: the
+//! store indexes each card under its bucket ([`Store::bucket_card`]), and
+//! the state is written from the second card on, starting from the first. Bucket ids are keyed (HMAC under the
 //! tenant's fingerprint key), so the store learns no digits from them.
 //!
 //! [`Store::guard_swap`]: crate::store::Store::guard_swap
+//! [`Store::bucket_card`]: crate::store::Store::bucket_card
 
 use crate::audit::AuditAction;
 use std::fmt;
@@ -221,6 +224,29 @@ pub(crate) fn decide(
     }
 }
 
+/// The state a bucket without stored state has when the store already
+/// holds `first`, a card of that bucket (see [`Store::bucket_card`]): a
+/// bucket's first card writes no state, its index entry is the mark. It
+/// is a resident, and in the window if it was stored within it.
+///
+/// [`Store::bucket_card`]: crate::store::Store::bucket_card
+pub(crate) fn first_card_state(
+    tag: &[u8; TAG_LEN],
+    created_at_ms: i64,
+    now_ms: i64,
+    cfg: &GuardConfig,
+) -> GuardState {
+    let window_ms = i64::try_from(cfg.window.as_millis()).unwrap_or(i64::MAX);
+    let recent = created_at_ms <= now_ms && now_ms - created_at_ms < window_ms;
+    GuardState {
+        window_start_ms: if recent { created_at_ms } else { now_ms },
+        window: if recent { tag.to_vec() } else { Vec::new() },
+        locked: false,
+        residents: tag.to_vec(),
+        crowded: false,
+    }
+}
+
 /// The refusal every tokenize into a locked bucket gets: the same text for
 /// every card in it, so it tells none of them apart.
 fn locked_error(bucket: &BucketId, until_ms: i64) -> Error {
@@ -233,7 +259,13 @@ fn locked_error(bucket: &BucketId, until_ms: i64) -> Error {
 impl Vault {
     /// Runs the guard for one card about to be tokenized: refuses it if
     /// its bucket is locked (or locks now), asks `budget` otherwise, and
-    /// records the card in the bucket.
+    /// records the card in the bucket. Returns the bucket, which the
+    /// record is indexed under.
+    ///
+    /// A bucket's first card writes no state: the store indexes it under
+    /// its bucket, and the next card into the bucket finds it there
+    /// ([`first_card_state`]). So the guard costs a card of an empty bucket
+    /// (most new cards) two lookups the key filter answers, and no write.
     pub(crate) async fn check_enumeration(
         &self,
         ctx: &CallContext,
@@ -242,36 +274,57 @@ impl Vault {
         pan: &Pan,
         fingerprint: &[u8],
         budget: &dyn TokenizeBudget,
-    ) -> Result<()> {
+    ) -> Result<BucketId> {
         let cfg = &self.config.guard;
         let bucket = BucketId::of(key, pan);
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&fingerprint[..TAG_LEN]);
         let mut admitted = false;
+        // The budget's refusal applies to every card alike (never its
+        // charge): a refusal must not depend on the card.
+        let admit = |admitted: bool, collision: bool| match admitted {
+            true => Ok(()),
+            false => budget.admit(collision),
+        };
         for _ in 0..SWAP_ATTEMPTS {
             let raw = self.store.guard_get(tenant.as_str(), &bucket.0).await?;
             // Undecodable state (only a database writer could make it) is
             // replaced as if absent: refusing the bucket for good would be
             // worse, and such a writer could delete it anyway.
-            let state = raw.as_deref().and_then(|r| GuardState::decode(r).ok());
-            match decide(state, &tag, now_ms(), cfg) {
-                // A card already seen in the window is still subject to the
-                // budget's refusal (never its charge): a refusal must not
-                // depend on the card.
-                Verdict::Seen if admitted => return Ok(()),
-                Verdict::Seen => return budget.admit(false),
-                Verdict::New { collision, next } => {
-                    if !admitted {
-                        budget.admit(collision)?;
-                        admitted = true;
+            let mut state = raw.as_deref().and_then(|r| GuardState::decode(r).ok());
+            if raw.is_none() {
+                match self.store.bucket_card(tenant.as_str(), &bucket.0).await? {
+                    // The bucket's first card, or the card that is its only
+                    // one: nothing to count or write.
+                    None => return admit(admitted, false).map(|()| bucket),
+                    Some(first) if first.fingerprint == fingerprint => {
+                        return admit(admitted, false).map(|()| bucket);
                     }
+                    Some(first) => {
+                        let mut first_tag = [0u8; TAG_LEN];
+                        let fp = first.fingerprint.get(..TAG_LEN).unwrap_or(&[0; TAG_LEN]);
+                        first_tag.copy_from_slice(fp);
+                        state = Some(first_card_state(
+                            &first_tag,
+                            first.created_at_ms,
+                            now_ms(),
+                            cfg,
+                        ));
+                    }
+                }
+            }
+            match decide(state, &tag, now_ms(), cfg) {
+                Verdict::Seen => return admit(admitted, false).map(|()| bucket),
+                Verdict::New { collision, next } => {
+                    admit(admitted, collision)?;
+                    admitted = true;
                     let value = next.encode_to_vec();
                     if self
                         .store
                         .guard_swap(tenant.as_str(), &bucket.0, raw.as_deref(), &value, false)
                         .await?
                     {
-                        return Ok(());
+                        return Ok(bucket);
                     }
                 }
                 Verdict::Locked { until_ms, lock } => {
@@ -411,6 +464,64 @@ mod tests {
             _ => {}
         }
         v
+    }
+
+    #[test]
+    fn a_first_card_found_in_the_store_is_a_resident_and_counts_while_recent() {
+        let first = [1; TAG_LEN];
+        // Stored 10 s ago: in the 60 s window, so two more cards reach
+        // the threshold of 3 and a fourth locks.
+        let mut st = Some(first_card_state(&first, 50_000, 60_000, &cfg()));
+        assert!(matches!(
+            step(&mut st, 2, 60_000),
+            Verdict::New {
+                collision: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            step(&mut st, 3, 60_000),
+            Verdict::New {
+                collision: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            step(&mut st, 4, 60_000),
+            Verdict::Locked { lock: Some(_), .. }
+        ));
+        // Stored 2 minutes ago: still a resident (a new card is a
+        // collision, the first card is not), but not in this window.
+        let mut st = Some(first_card_state(&first, 0, 120_000, &cfg()));
+        assert!(matches!(
+            step(&mut st, 1, 120_000),
+            Verdict::New {
+                collision: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            step(&mut st, 2, 120_000),
+            Verdict::New {
+                collision: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            step(&mut st, 3, 120_000),
+            Verdict::New {
+                collision: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            step(&mut st, 4, 120_000),
+            Verdict::Locked { lock: Some(_), .. }
+        ));
+        // A creation time in the future (a clock that went back) is not
+        // trusted to open the window.
+        let st = first_card_state(&first, 200_000, 120_000, &cfg());
+        assert!(st.window.is_empty() && st.window_start_ms == 120_000);
     }
 
     #[test]

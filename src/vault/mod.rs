@@ -696,15 +696,16 @@ impl Vault {
         let fingerprint = keys.fingerprint.fingerprint(card.pan.expose());
         // Before anything is encrypted, counted or looked up by
         // fingerprint: a refused card must leave no trace an answer shows.
-        self.check_enumeration(
-            ctx,
-            tenant,
-            &keys.fingerprint,
-            &card.pan,
-            &fingerprint,
-            budget,
-        )
-        .await?;
+        let bucket = self
+            .check_enumeration(
+                ctx,
+                tenant,
+                &keys.fingerprint,
+                &card.pan,
+                &fingerprint,
+                budget,
+            )
+            .await?;
         let keys = self.counted_keys(tenant.as_str(), keys).await?;
         let dek = keys
             .deks
@@ -743,6 +744,7 @@ impl Vault {
                 created_at_ms: now_ms(),
                 key_version: keys.active,
                 envelope: Vec::new(),
+                bucket: bucket.0.to_vec(),
             };
             record.envelope = envelope::seal(
                 dek,

@@ -28,6 +28,8 @@ pub struct Flaky {
     pub after_audit_head: std::sync::Mutex<Option<Hook>>,
     /// Pages of the whole audit chain read so far.
     pub chain_pages: AtomicU64,
+    /// Enumeration-guard state writes so far.
+    pub guard_swaps: AtomicU64,
 }
 
 impl Flaky {
@@ -41,6 +43,7 @@ impl Flaky {
             before_get: Default::default(),
             after_audit_head: Default::default(),
             chain_pages: Default::default(),
+            guard_swaps: Default::default(),
         }
     }
 
@@ -77,6 +80,9 @@ impl Store for Flaky {
     }
     async fn insert(&self, r: &StoredRecord, d: bool, a: &AuditBody) -> Result<InsertOutcome> {
         self.inner.insert(r, d, a).await
+    }
+    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>> {
+        self.inner.bucket_card(tenant, bucket).await
     }
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
         let hook = self.before_get.lock().unwrap().take();
@@ -163,6 +169,7 @@ impl Store for Flaky {
         value: &[u8],
         durable: bool,
     ) -> Result<bool> {
+        self.guard_swaps.fetch_add(1, Ordering::SeqCst);
         self.inner
             .guard_swap(tenant, bucket, expected, value, durable)
             .await
