@@ -359,8 +359,38 @@ async fn rewrap_survives_sigkill_and_resumes() {
     }
     let st = k.status(StatusRequest {}).await.unwrap().into_inner();
     let demo = st.tenants.iter().find(|t| t.tenant == "demo").unwrap();
-    assert_eq!(demo.versions.len(), 1);
-    assert_eq!((demo.active_version, demo.versions[0].records), (2, 3000));
+    assert_eq!((demo.active_version, demo.versions[1].records), (2, 3000));
+    // The retired version is still listed, with when it was retired, and
+    // retiring it again says so instead of "no such version".
+    let v1 = &demo.versions[0];
+    assert_eq!((v1.version, v1.records), (1, 0));
+    assert!(v1.retired_at.is_some() && v1.created_at.is_some() && !v1.active);
+    assert!(demo.versions[1].retired_at.is_none());
+    let e = k
+        .retire_key(RetireKeyRequest {
+            tenant: "demo".into(),
+            version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("version 1 was already retired at 20"),
+        "{}",
+        e.message()
+    );
+    let e = k
+        .retire_key(RetireKeyRequest {
+            tenant: "demo".into(),
+            version: 7,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("no such data key version"),
+        "{}",
+        e.message()
+    );
 }
 
 // ---- master key rotation against a faulty or concurrent world ----

@@ -358,6 +358,15 @@ pub async fn status(opts: &ClientOpts) -> Result<(), String> {
             time(&t.last_rotation)
         );
         for v in t.versions {
+            if v.retired_at.is_some() {
+                println!(
+                    "  v{:<4} retired={} (key destroyed) created={}",
+                    v.version,
+                    time(&v.retired_at),
+                    time(&v.created_at)
+                );
+                continue;
+            }
             println!(
                 "  v{:<4} records={:<8} encryptions>={:<10} created={}{}",
                 v.version,

@@ -98,8 +98,9 @@ impl KeyService for KeyServiceImpl {
             .tenants
             .into_iter()
             .map(|t| {
-                let active = t.versions.last().map_or(0, |v| v.version);
-                let last_rotation = t.versions.last().map_or(0, |v| v.created_at_ms);
+                let newest = t.versions.iter().rfind(|v| v.retired_at_ms.is_none());
+                let active = newest.map_or(0, |v| v.version);
+                let last_rotation = newest.map_or(0, |v| v.created_at_ms);
                 proto::TenantKeys {
                     tenant: t.tenant,
                     active_version: active,
@@ -113,6 +114,7 @@ impl KeyService for KeyServiceImpl {
                             created_at: ts(v.created_at_ms),
                             active: v.version == active,
                             encryptions: v.encryptions,
+                            retired_at: v.retired_at_ms.and_then(ts),
                         })
                         .collect(),
                 }

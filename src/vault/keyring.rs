@@ -9,6 +9,8 @@
 //! * `tenant/{tenant}/dekcount/{version:010}/{keyring id}`: encryptions
 //!   one keyring (one replica since its unseal) made with a data key
 //!   version; the sum over all keyrings is the version's use count.
+//! * `tenant/{tenant}/dekretired/{version:010}`: when a retired version
+//!   was created and retired (its key is gone).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
@@ -40,6 +42,17 @@ pub fn dek_name(tenant: &str, version: u32) -> String {
 /// Name of a data key version's metadata (creation time, use count).
 pub fn dek_meta_name(tenant: &str, version: u32) -> String {
     format!("tenant/{tenant}/dekmeta/{version:010}")
+}
+
+/// Name of the record that a data key version was retired (its key
+/// destroyed): kept so that `status` and a second retire can say when.
+pub fn dek_retired_name(tenant: &str, version: u32) -> String {
+    format!("tenant/{tenant}/dekretired/{version:010}")
+}
+
+/// Prefix of a tenant's retired-version records.
+pub fn dek_retired_prefix(tenant: &str) -> String {
+    format!("tenant/{tenant}/dekretired/")
 }
 
 /// Prefix of the use counts of one data key version, one per keyring.
@@ -117,6 +130,17 @@ pub struct DekMeta {
     /// still added to the use count).
     #[prost(uint64, tag = "2")]
     pub encryptions: u64,
+}
+
+/// What is kept of a retired data key version (no key material).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RetiredDek {
+    /// When the version was created, ms since the epoch (0 if unknown).
+    #[prost(int64, tag = "1")]
+    pub created_at_ms: i64,
+    /// When it was retired and its key destroyed, ms since the epoch.
+    #[prost(int64, tag = "2")]
+    pub retired_at_ms: i64,
 }
 
 /// The metadata of a tenant's data key version, as the key paths use it.

@@ -11,7 +11,8 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::keyring::{
-    DekMeta, KEK_CHECK_NAME, dek_count_prefix, dek_meta_name, dek_name, version_meta, version_of,
+    DekMeta, KEK_CHECK_NAME, RetiredDek, dek_count_prefix, dek_meta_name, dek_name,
+    dek_retired_name, version_meta, version_of,
 };
 use super::{CallContext, Vault, audit_body, now_ms};
 use crate::crypto::envelope;
@@ -71,6 +72,8 @@ pub struct VersionStatus {
     pub created_at_ms: i64,
     /// Encryptions (persisted lower bound).
     pub encryptions: u64,
+    /// When it was retired (its key destroyed), ms; `None` while live.
+    pub retired_at_ms: Option<i64>,
 }
 
 /// One tenant in a status report.
@@ -476,10 +479,18 @@ impl Vault {
         keyring.invalidate(tenant.as_str());
         let keys = keyring.tenant(&*self.store, tenant.as_str(), false).await?;
         if !keys.deks.contains_key(&version) {
-            return Err(Error::invalid(
-                "version",
-                "no such data key version for this tenant",
-            ));
+            let retired = self
+                .store
+                .get_key(&dek_retired_name(tenant.as_str(), version))
+                .await?
+                .and_then(|b| RetiredDek::decode(b.as_slice()).ok());
+            return Err(match retired {
+                Some(r) => Error::FailedPrecondition(format!(
+                    "version {version} was already retired at {}; its key is destroyed",
+                    crate::time::rfc3339(r.retired_at_ms)
+                )),
+                None => Error::invalid("version", "no such data key version for this tenant"),
+            });
         }
         if version == keys.active {
             return Err(Error::FailedPrecondition(format!(
@@ -514,6 +525,25 @@ impl Vault {
                 )));
             }
         }
+        // The record of the retirement first: a crash before the key is
+        // deleted leaves a live key (retired again next time), never a
+        // version that vanished without a word.
+        let created_at_ms = self
+            .store
+            .get_key(&dek_meta_name(tenant.as_str(), version))
+            .await?
+            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
+            .map_or(0, |m| m.created_at_ms);
+        let retired = RetiredDek {
+            created_at_ms,
+            retired_at_ms: now_ms(),
+        };
+        self.store
+            .put_keys(&[(
+                dek_retired_name(tenant.as_str(), version),
+                retired.encode_to_vec(),
+            )])
+            .await?;
         self.store
             .delete_key(&dek_name(tenant.as_str(), version))
             .await?;
@@ -562,8 +592,35 @@ impl Vault {
                     records: counts.get(&(t.clone(), v)).copied().unwrap_or(0),
                     created_at_ms: meta.created_at_ms,
                     encryptions,
+                    retired_at_ms: None,
                 });
             }
+            // Retired versions stay listed, with when, so that a version
+            // does not vanish without a word. A live key wins over a
+            // record of its retirement (a retire that crashed midway).
+            for (name, value) in self
+                .store
+                .list_keys(&super::keyring::dek_retired_prefix(&t))
+                .await?
+            {
+                let Some(v) = name.rsplit('/').next().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Ok(r) = RetiredDek::decode(value.as_slice()) else {
+                    continue;
+                };
+                if versions.iter().any(|x| x.version == v) {
+                    continue;
+                }
+                versions.push(VersionStatus {
+                    version: v,
+                    records: 0,
+                    created_at_ms: r.created_at_ms,
+                    encryptions: 0,
+                    retired_at_ms: Some(r.retired_at_ms),
+                });
+            }
+            versions.sort_by_key(|x| x.version);
             tenants.push(TenantStatus {
                 tenant: t,
                 versions,
