@@ -1,7 +1,7 @@
 //! `cardvault status | init | unseal | seal | rekey | shares | keys ...`:
 //! admin commands, and the custodians' own (`unseal`, `rekey submit`).
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -467,31 +467,18 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCmd) -> Result<(), String> {
                 .map_err(|e| status_text(&e))?
                 .into_inner();
             let mut last = proto::RewrapProgress::default();
+            // Hidden by indicatif when stderr is not a terminal.
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("[{bar:40}] {pos}/{len} ({percent}%)")
+                    .map_err(|e| e.to_string())?
+                    .progress_chars("#>."),
+            );
             while let Some(p) = stream.message().await.map_err(|e| status_text(&e))? {
-                let width = 40usize;
-                let frac = if p.total == 0 {
-                    1.0
-                } else {
-                    (p.done + p.skipped) as f64 / p.total as f64
-                };
-                let filled = ((frac * width as f64) as usize).min(width);
-                // Redrawn in place on a terminal; a line per update in a log.
-                let end = if std::io::stderr().is_terminal() {
-                    "\r"
-                } else {
-                    "\n"
-                };
-                eprint!(
-                    "{end}[{}{}] {}/{} ({:.0}%)",
-                    "#".repeat(filled),
-                    ".".repeat(width - filled),
-                    p.done + p.skipped,
-                    p.total,
-                    frac * 100.0
-                );
+                bar.set_length(p.total);
+                bar.set_position(p.done + p.skipped);
                 last = p;
             }
-            eprintln!();
+            bar.finish_and_clear();
             if !last.finished {
                 return Err("rewrap stream ended early; run it again to resume".into());
             }
