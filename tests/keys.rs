@@ -1077,3 +1077,33 @@ async fn a_rekey_that_times_out_leaves_the_old_shares_valid() {
     unseal_with(&v, &old).await;
     assert_eq!(reads(&v, "demo", &token).await.unwrap(), "4111111111111111");
 }
+
+/// `init` and `rekey` on a vault whose KEK was given at start (dev mode,
+/// a KEK file) say what they are for and what to run instead, not "the
+/// vault is already initialised".
+#[tokio::test]
+async fn init_and_rekey_on_a_vault_started_with_a_kek_say_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = Vault::new(
+        Arc::new(SledStore::open(dir.path()).unwrap()) as Arc<dyn Store>,
+        VaultConfig::default(),
+    );
+    v.unseal(SecretKey::generate()).await.unwrap();
+    let holders = keyholders();
+    let said = |e: Error| match e {
+        Error::FailedPrecondition(m) => m,
+        other => panic!("{other:?}"),
+    };
+    let init = said(v.init(&ctx(), 2, &custodians(&holders)).await.unwrap_err());
+    let rekey = said(
+        v.start_rekey(&ctx(), 2, &custodians(&holders))
+            .await
+            .unwrap_err(),
+    );
+    for m in [init, rekey] {
+        assert!(
+            m.contains("given at start") && m.contains("cardvault serve"),
+            "{m}"
+        );
+    }
+}

@@ -7,8 +7,8 @@ use cardvault::proto::audit_service_client::AuditServiceClient;
 use cardvault::proto::key_service_client::KeyServiceClient;
 use cardvault::proto::token_service_client::TokenServiceClient;
 use cardvault::proto::{
-    CvvStatus, DetokenizeRequest, GetMetadataRequest, RotateDataKeyRequest, TokenizeRequest,
-    VerifyAuditRequest,
+    AuditQueryRequest, CvvStatus, DetokenizeRequest, GetMetadataRequest, RotateDataKeyRequest,
+    TokenizeRequest, VerifyAuditRequest,
 };
 use common::{Opts, VaultProcess, exp_year};
 use tonic::transport::Channel;
@@ -51,8 +51,14 @@ async fn two_replicas_share_tokens_keys_and_one_audit_chain() {
         ],
         ..Default::default()
     };
-    let a = VaultProcess::start_serve(&dir.path().join("a"), &opts);
-    let b = VaultProcess::start_serve(&dir.path().join("b"), &opts);
+    // Each names itself in the audit records it writes.
+    let named = |id: &str| {
+        let mut o = opts.clone();
+        o.env.push(("CARDVAULT_AUDIT_REPLICA_ID".into(), id.into()));
+        o
+    };
+    let a = VaultProcess::start_serve(&dir.path().join("a"), &named("replica-a"));
+    let b = VaultProcess::start_serve(&dir.path().join("b"), &named("replica-b"));
 
     // A token made through A reads through B.
     let mut ma = a.client("merchant").await;
@@ -84,6 +90,28 @@ async fn two_replicas_share_tokens_keys_and_one_audit_chain() {
         c.cvv.as_deref(),
         Some("321"),
         "the node that holds the CVV returns it"
+    );
+    // The audit records of that token say which replica served each call.
+    let events = AuditServiceClient::new(b.channel("auditor").await)
+        .query(AuditQueryRequest {
+            token: t.token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let served: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.action.as_str(), e.replica.as_str()))
+        .collect();
+    assert_eq!(
+        served,
+        [
+            ("Tokenize", "replica-a"),
+            ("Detokenize", "replica-b"),
+            ("Detokenize", "replica-a")
+        ]
     );
 
     // A rotation made on A: B decrypts A's new records at once and uses the

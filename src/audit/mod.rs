@@ -63,6 +63,11 @@ pub struct AuditBody {
     /// Extra detail for key operations (e.g. `tenant demo: v1 -> v2`).
     #[prost(string, tag = "12")]
     pub detail: String,
+    /// The vault replica that served the call (config `audit.replica_id`,
+    /// by default the host name): with several replicas on one database,
+    /// which one to look at. Empty on records from before.
+    #[prost(string, tag = "13")]
+    pub replica: String,
 }
 
 /// One link of the chain as stored.

@@ -159,12 +159,12 @@ fn print_event(e: &proto::AuditEvent, json: bool, by_tenant: bool) {
                 "seq": some(e.seq), "tenant_seq": some(e.tenant_seq), "time": rfc3339(&e.time), "principal": e.principal, "roles": e.roles,
                 "tenant": e.tenant, "action": e.action, "token": e.token, "purpose": e.purpose,
                 "outcome": e.outcome, "error": e.error, "request_id": e.request_id,
-                "peer": e.peer, "detail": e.detail, "hash": e.hash,
+                "peer": e.peer, "detail": e.detail, "hash": e.hash, "replica": e.replica,
             })
         );
     } else {
         println!(
-            "{:>8}  {:<20}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {}",
+            "{:>8}  {:<20}  {:<16}  {:<8}  {:<26}  {:<18}  {:<40}  {:<16}  {}",
             if by_tenant { e.tenant_seq } else { e.seq },
             rfc3339(&e.time),
             e.action,
@@ -172,7 +172,8 @@ fn print_event(e: &proto::AuditEvent, json: bool, by_tenant: bool) {
             e.token,
             e.outcome,
             e.principal,
-            e.purpose
+            e.purpose,
+            e.replica
         );
     }
 }

@@ -81,6 +81,7 @@ fn event(hit: AuditHit, global: bool) -> proto::AuditEvent {
         peer: b.peer,
         detail: b.detail,
         hash: hex::encode(&hit.record.hash),
+        replica: b.replica,
     }
 }
 

@@ -285,6 +285,10 @@ pub struct AuditConfig {
     /// Append every record as a JSON line to this file, or `-` for stdout
     /// (`CARDVAULT_AUDIT_SIEM_FILE`). Off by default.
     pub siem_file: Option<PathBuf>,
+    /// This replica's name in every audit record it writes
+    /// (`CARDVAULT_AUDIT_REPLICA_ID`; default: the host name, which is
+    /// the pod name under Kubernetes).
+    pub replica_id: Option<String>,
 }
 
 impl Default for AuditConfig {
@@ -293,6 +297,7 @@ impl Default for AuditConfig {
             checkpoint_every: 1000,
             checkpoint_secs: 60,
             siem_file: None,
+            replica_id: None,
         }
     }
 }
@@ -570,6 +575,9 @@ impl Config {
         if let Some(v) = get("CARDVAULT_AUDIT_SIEM_FILE") {
             self.audit.siem_file = Some(v.into());
         }
+        if let Some(v) = get("CARDVAULT_AUDIT_REPLICA_ID") {
+            self.audit.replica_id = Some(v);
+        }
         if let Some(v) = get("CARDVAULT_STORE_BACKEND") {
             self.store.backend = match v.as_str() {
                 "sled" => Backend::Sled,
@@ -600,6 +608,23 @@ impl Config {
         Ok(())
     }
 
+    /// The name this replica writes into audit records: `audit.replica_id`,
+    /// else the host name (checked like the setting; a host name that
+    /// fails the check, or none, leaves records unnamed).
+    pub fn replica_id(&self) -> String {
+        if let Some(id) = &self.audit.replica_id {
+            return id.clone();
+        }
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        match crate::fields::check_free_text("host name", &host, 64) {
+            Ok(()) => host,
+            Err(_) => String::new(),
+        }
+    }
+
     /// Checks ranges that the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=3600).contains(&self.cvv.ttl_secs) {
@@ -621,6 +646,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 "audit.checkpoint_every and audit.checkpoint_secs",
                 "must be at least 1",
+            ));
+        }
+        if let Some(id) = &self.audit.replica_id
+            && (id.is_empty()
+                || crate::fields::check_free_text("audit.replica_id", id, 64).is_err())
+        {
+            return Err(ConfigError::invalid(
+                "audit.replica_id",
+                "must be 1 to 64 characters, no control characters and no card number",
             ));
         }
         if self.store.backend == Backend::Postgres && self.store.url.is_none() {
@@ -732,6 +766,7 @@ impl Config {
             }
         };
         Ok(VaultConfig {
+            replica: self.replica_id(),
             cvv_ttl: Duration::from_secs(self.cvv.ttl_secs),
             cvv_max_entries: self.cvv.max_entries,
             // Past the holder's own size it is no limit.
@@ -828,6 +863,22 @@ mod tests {
                 "enumeration_guard.threshold",
             ),
             (|c| c.cvv.max_per_tenant = 0, "cvv.max_per_tenant"),
+            (
+                |c| c.audit.replica_id = Some(String::new()),
+                "audit.replica_id",
+            ),
+            (
+                |c| c.audit.replica_id = Some("r".repeat(65)),
+                "audit.replica_id",
+            ),
+            (
+                |c| c.audit.replica_id = Some("a\nb".into()),
+                "audit.replica_id",
+            ),
+            (
+                |c| c.audit.replica_id = Some("node-4111111111111111".into()),
+                "audit.replica_id",
+            ),
         ] {
             let mut c = Config::default();
             edit(&mut c);
@@ -837,6 +888,14 @@ mod tests {
                 "{err}"
             );
         }
+        // The replica's name: the setting, else the host name.
+        let mut c = Config::default();
+        let host = c.replica_id();
+        assert!(!host.is_empty(), "the host name names the replica");
+        c.apply_env(&|k: &str| (k == "CARDVAULT_AUDIT_REPLICA_ID").then(|| "vault-7".to_owned()))
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.vault_config().unwrap().replica, "vault-7");
         // The guard and the quotas take their settings from the file and
         // the environment, and pass them to the vault.
         let mut c = Config::from_toml(

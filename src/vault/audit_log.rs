@@ -97,6 +97,7 @@ impl AuditSink {
             "request_id": b.request_id,
             "peer": b.peer,
             "detail": b.detail,
+            "replica": b.replica,
         })
         .to_string();
         let tx = self.tx.lock().recover();

@@ -40,6 +40,13 @@ use crate::crypto::shamir::{self, Binding, ShareText, derived_key};
 use crate::error::{Error, Result};
 use crate::sync::Recover;
 
+/// The answer to `init` or `rekey` on a vault whose KEK was given at start:
+/// such a vault has no key shares, and a user trying the ceremony on
+/// `cardvault dev` should learn what to run instead.
+const KEK_GIVEN_AT_START: &str = "this vault's key-encrypting key was given at start \
+     (dev mode, keys.kek_file or CARDVAULT_KEK), so it has no key shares: init and rekey \
+     are for a vault started with neither (cardvault serve; see docs/key-custody.md)";
+
 /// Default time a rekey may take, from its start to its last share.
 pub const DEFAULT_REKEY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Purpose of the key the seal configuration's MAC is made under.
@@ -284,9 +291,10 @@ impl Vault {
     ) -> Result<SealConfig> {
         let (t, list) = check_custodians(threshold, custodians)?;
         if self.is_initialized().await? {
-            return Err(Error::FailedPrecondition(
-                "the vault is already initialised".into(),
-            ));
+            return Err(match self.seal_config().await? {
+                Some(_) => Error::FailedPrecondition("the vault is already initialised".into()),
+                None => Error::FailedPrecondition(KEK_GIVEN_AT_START.into()),
+            });
         }
         // Audited before anything is written: an audit log that fails now
         // refuses the init and changes nothing.
@@ -527,11 +535,10 @@ impl Vault {
         custodians: &[Custodian],
     ) -> Result<RekeyView> {
         self.check_unsealed()?;
-        let cfg = self.seal_config().await?.ok_or_else(|| {
-            Error::FailedPrecondition(
-                "rekey needs a vault initialised with key shares (cardvault init)".into(),
-            )
-        })?;
+        let cfg = self
+            .seal_config()
+            .await?
+            .ok_or_else(|| Error::FailedPrecondition(KEK_GIVEN_AT_START.into()))?;
         let (t, list) = check_custodians(threshold, custodians)?;
         let mut rekey = self.rekey.lock().recover();
         if let Some(r) = rekey.as_ref()

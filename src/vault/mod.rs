@@ -58,6 +58,8 @@ const MAX_ROTATIONS_SEEN_PER_CALL: usize = 1024;
 /// Vault tunables.
 #[derive(Clone)]
 pub struct VaultConfig {
+    /// This replica's name in audit records (`AuditBody::replica`).
+    pub replica: String,
     /// How long a CVV stays readable (capped at one hour).
     pub cvv_ttl: Duration,
     /// Most CVVs held at once.
@@ -92,6 +94,7 @@ pub struct VaultConfig {
 impl Default for VaultConfig {
     fn default() -> Self {
         VaultConfig {
+            replica: String::new(),
             cvv_ttl: Duration::from_secs(300),
             cvv_max_entries: 100_000,
             cvv_max_per_tenant: 50_000,
@@ -362,6 +365,8 @@ pub fn audit_body(
         request_id: ctx.request_id.clone(),
         peer: ctx.peer.clone(),
         detail: String::new(),
+        // Set when the record is written (`Vault::stamp`).
+        replica: String::new(),
     }
 }
 
@@ -507,7 +512,8 @@ impl Vault {
 
     /// Appends an audit record; `durable` says whether to wait for it to
     /// reach disk (always for anything that returns card data).
-    async fn record_with(&self, body: AuditBody, durable: bool) -> Result<AuditLink> {
+    async fn record_with(&self, mut body: AuditBody, durable: bool) -> Result<AuditLink> {
+        self.stamp(&mut body);
         let appended = if durable {
             self.store.append_audit(&body).await
         } else {
@@ -518,6 +524,12 @@ impl Vault {
         })?;
         self.after_append(&link, &body).await;
         Ok(link)
+    }
+
+    /// Names this replica in an audit record about to be written (every
+    /// write of one goes through `record_with`, `insert` or `delete`).
+    fn stamp(&self, body: &mut AuditBody) {
+        body.replica.clone_from(&self.config.replica);
     }
 
     /// Records a call refused before it reached the vault (authorisation or
@@ -761,6 +773,7 @@ impl Vault {
                 (false, true) => format!("{detail}; cvv held"),
                 (false, false) => detail.to_owned(),
             };
+            self.stamp(&mut body);
             let outcome = self.store.insert(&record, opts.dedupe, &body).await;
             let (rec, existing) = match outcome {
                 Ok(InsertOutcome::Inserted(link)) => {
@@ -1093,13 +1106,14 @@ impl Vault {
                 .await?
                 .is_some();
         let recorded = token.recorded(found);
-        let body = audit_body(
+        let mut body = audit_body(
             ctx,
             AuditAction::DeleteToken,
             tenant.as_str(),
             &recorded,
             Ok(()),
         );
+        self.stamp(&mut body);
         let (deleted, link) = self
             .store
             .delete(tenant.as_str(), token.as_str(), &body)
