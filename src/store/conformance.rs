@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{InsertOutcome, Store, StoredRecord};
+use super::{BucketCard, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, Verifier};
 
 /// A record with recognisable, non-secret contents.
@@ -204,6 +204,10 @@ pub async fn delete_removes_record_and_index(store: &dyn Store) {
 /// included, and for records without a bucket.
 pub async fn bucket_index(store: &dyn Store) {
     let bucket = vec![0xb0; 16];
+    let card = |r: &StoredRecord| BucketCard {
+        fingerprint: r.fingerprint.clone(),
+        created_at_ms: r.created_at_ms,
+    };
     let in_bucket = |token: &str, fp: u8| StoredRecord {
         bucket: bucket.clone(),
         ..sample("acme", token, fp)
@@ -217,12 +221,12 @@ pub async fn bucket_index(store: &dyn Store) {
     assert_inserted(store, &a, true).await;
     assert_eq!(
         store.bucket_card("acme", &bucket).await.unwrap(),
-        Some(a.clone())
+        Some(card(&a))
     );
     assert_inserted(store, &b, true).await;
     assert_inserted(store, &c, false).await;
-    let card = store.bucket_card("acme", &bucket).await.unwrap().unwrap();
-    assert!([&a, &b, &c].contains(&&card), "{card:?}");
+    let found = store.bucket_card("acme", &bucket).await.unwrap().unwrap();
+    assert!([&a, &b, &c].iter().any(|r| card(r) == found), "{found:?}");
     assert_eq!(store.bucket_card("other", &bucket).await.unwrap(), None);
     assert_eq!(store.bucket_card("acme", &[0xb1; 16]).await.unwrap(), None);
 
@@ -250,14 +254,8 @@ pub async fn bucket_index(store: &dyn Store) {
         assert!(store.delete("acme", &gone.token, &body).await.unwrap().0);
         let next = in_bucket(&format!("{}_next", gone.token), fp);
         assert_inserted(store, &next, true).await;
-        assert_eq!(
-            store
-                .bucket_card("acme", &bucket)
-                .await
-                .unwrap()
-                .map(|r| r.bucket),
-            Some(bucket.clone())
-        );
+        let found = store.bucket_card("acme", &bucket).await.unwrap();
+        assert!(found.is_some(), "the bucket still holds cards");
     }
     // With every card of the bucket gone, none is found.
     for token in ["tok_a_next", "tok_b_next", "tok_c", "tok_a2"] {

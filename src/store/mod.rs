@@ -72,6 +72,16 @@ pub struct StoredRecord {
     pub bucket: Vec<u8>,
 }
 
+/// What [`Store::bucket_card`] tells of a card in a bucket: what the
+/// enumeration guard needs to count it, nothing more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketCard {
+    /// The card's keyed fingerprint.
+    pub fingerprint: Vec<u8>,
+    /// When its record was created, ms since the epoch.
+    pub created_at_ms: i64,
+}
+
 /// Result of [`Store::insert`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum InsertOutcome {
@@ -120,7 +130,7 @@ pub trait Store: Send + Sync + 'static {
     /// answer `None` once the first card indexed in a bucket is deleted
     /// even if later ones remain: that costs the guard one uncounted card,
     /// never a wrong answer to a caller.
-    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>>;
+    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<BucketCard>>;
 
     /// Reads one record.
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>>;

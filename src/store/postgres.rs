@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use super::{AuditLink, InsertOutcome, Store, StoredRecord};
+use super::{AuditLink, BucketCard, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint};
 use crate::error::{Error, Result};
 
@@ -825,7 +825,7 @@ impl Store for PostgresStore {
         }
     }
 
-    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>> {
+    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<BucketCard>> {
         let client = self.pool.get().await.map_err(pool)?;
         let select = client
             .prepare_cached(
@@ -839,7 +839,12 @@ impl Store for PostgresStore {
             .query_opt(&select, &[&tenant, &bucket])
             .await
             .map_err(pg)?;
-        row.map(|r| decode(&r.get::<_, Vec<u8>>(0))).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let rec = decode(&row.get::<_, Vec<u8>>(0))?;
+        Ok(Some(BucketCard {
+            fingerprint: rec.fingerprint,
+            created_at_ms: rec.created_at_ms,
+        }))
     }
 
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {

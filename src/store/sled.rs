@@ -55,7 +55,7 @@ mod filter;
 mod journal;
 mod tenant_audit;
 pub mod wal;
-use super::{AuditLink, InsertOutcome, Store, StoredRecord};
+use super::{AuditLink, BucketCard, InsertOutcome, Store, StoredRecord};
 use crate::audit::{AuditBody, AuditRecord, Checkpoint, GENESIS};
 use crate::error::{Error, Result};
 pub use journal::FILE as AUDIT_FILE;
@@ -408,26 +408,41 @@ fn slot_key(tenant: &str, bucket: &[u8]) -> Vec<u8> {
     k
 }
 
-/// A slot's value: `fingerprint length (1) | fingerprint | token`.
-fn slot_value(fingerprint: &[u8], token: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + fingerprint.len() + token.len());
-    v.push(fingerprint.len() as u8);
-    v.extend_from_slice(fingerprint);
-    v.extend_from_slice(token.as_bytes());
+/// A slot's value: `fingerprint length (1) | fingerprint | created at
+/// (ms, 8 bytes big endian) | token`, so that the guard learns what it
+/// needs of the bucket's card without reading its record.
+fn slot_value(record: &StoredRecord) -> Vec<u8> {
+    let fp = &record.fingerprint;
+    let mut v = Vec::with_capacity(1 + fp.len() + 8 + record.token.len());
+    v.push(fp.len() as u8);
+    v.extend_from_slice(fp);
+    v.extend_from_slice(&record.created_at_ms.to_be_bytes());
+    v.extend_from_slice(record.token.as_bytes());
     v
 }
 
-/// The card in a slot: `(fingerprint, token)`; `None` if the value does
-/// not parse (only a database writer could make it so; it is then
-/// treated as an empty slot and overwritten).
-fn parse_slot(value: &[u8]) -> Option<(Vec<u8>, String)> {
+/// The card in a slot; `None` if the value does not parse (only a
+/// database writer could make it so; it is then treated as an empty slot
+/// and overwritten).
+struct Slot {
+    fingerprint: Vec<u8>,
+    created_at_ms: i64,
+    token: String,
+}
+
+fn parse_slot(value: &[u8]) -> Option<Slot> {
     let (&len, rest) = value.split_first()?;
     let len = usize::from(len);
-    if rest.len() <= len {
+    if rest.len() <= len + 8 {
         return None;
     }
-    let token = std::str::from_utf8(&rest[len..]).ok()?;
-    Some((rest[..len].to_vec(), token.to_owned()))
+    let (fingerprint, rest) = rest.split_at(len);
+    let (created, token) = rest.split_at(8);
+    Some(Slot {
+        fingerprint: fingerprint.to_vec(),
+        created_at_ms: i64::from_be_bytes(created.try_into().ok()?),
+        token: std::str::from_utf8(token).ok()?.to_owned(),
+    })
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredRecord> {
@@ -886,12 +901,12 @@ impl Store for SledStore {
         // A new bucket's slot is answered by the filter; an occupied one's
         // card is read too (for dedupe, or to see whether it is live).
         if let Some(skey) = &skey
-            && let Some((_, tok)) = pre
+            && let Some(slot) = pre
                 .read(shared, FINGERPRINTS, skey)?
                 .as_deref()
                 .and_then(parse_slot)
         {
-            pre.read(shared, RECORDS, &record_key(&record.tenant, &tok))?;
+            pre.read(shared, RECORDS, &record_key(&record.tenant, &slot.token))?;
         }
         pre.read(shared, RECORDS, &rkey)?;
         let queued = {
@@ -909,7 +924,9 @@ impl Store for SledStore {
             // bucket's slot if the slot holds this card.
             let fp_token = match (&own_entry, &slot) {
                 (Some(tok), _) => Some(String::from_utf8_lossy(tok).into_owned()),
-                (None, Some((fp, tok))) if *fp == record.fingerprint => Some(tok.clone()),
+                (None, Some(slot)) if slot.fingerprint == record.fingerprint => {
+                    Some(slot.token.clone())
+                }
                 _ => None,
             };
             // The record the index points at, if live. Only dedupe needs it:
@@ -936,12 +953,14 @@ impl Store for SledStore {
                         (_, _, Some(_)) | (None, _, _) => None,
                         // The bucket's first card, or this card's dangling slot.
                         (Some(skey), None, _) => Some(skey),
-                        (Some(skey), Some((fp, _)), _) if *fp == record.fingerprint => Some(skey),
+                        (Some(skey), Some(slot), _) if slot.fingerprint == record.fingerprint => {
+                            Some(skey)
+                        }
                         // Another card's slot: taken over if that card is
                         // gone, so a dangling slot never leaves the bucket
                         // unmarked.
-                        (Some(skey), Some((_, tok)), _) => {
-                            let theirs = record_key(&record.tenant, tok);
+                        (Some(skey), Some(slot), _) => {
+                            let theirs = record_key(&record.tenant, &slot.token);
                             match self.lookup_pre(&st, pre, RECORDS, &theirs)? {
                                 Some(_) => None,
                                 None => Some(skey),
@@ -949,11 +968,7 @@ impl Store for SledStore {
                         }
                     };
                     muts.push(match entry {
-                        Some(skey) => put(
-                            FINGERPRINTS,
-                            skey.clone(),
-                            slot_value(&record.fingerprint, &record.token),
-                        ),
+                        Some(skey) => put(FINGERPRINTS, skey.clone(), slot_value(record)),
                         None => put(FINGERPRINTS, fkey, record.token.as_bytes()),
                     });
                 }
@@ -974,18 +989,19 @@ impl Store for SledStore {
         }
     }
 
-    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>> {
+    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<BucketCard>> {
         // The slot only: a card indexed after the bucket's first one is
-        // under its fingerprint (see `slot_key`).
+        // under its fingerprint (see `slot_key`). A slot names a live card:
+        // a delete of that card removes it.
         let skey = slot_key(tenant, bucket);
         let value = match self.unapplied(FINGERPRINTS, &skey).await? {
             Some(v) => v,
             None => self.shared.read_filtered(FINGERPRINTS, &skey)?,
         };
-        match value.as_deref().and_then(parse_slot) {
-            Some((_, token)) => self.get(tenant, &token).await,
-            None => Ok(None),
-        }
+        Ok(value.as_deref().and_then(parse_slot).map(|s| BucketCard {
+            fingerprint: s.fingerprint,
+            created_at_ms: s.created_at_ms,
+        }))
     }
 
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
@@ -1047,7 +1063,7 @@ impl Store for SledStore {
                             if slot
                                 .as_deref()
                                 .and_then(parse_slot)
-                                .is_some_and(|(_, t)| t == token)
+                                .is_some_and(|s| s.token == token)
                             {
                                 muts.push(remove(FINGERPRINTS, skey));
                             }

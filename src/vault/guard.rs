@@ -225,7 +225,7 @@ pub(crate) fn decide(
 }
 
 /// The state a bucket without stored state has when the store already
-/// holds `first`, a card of that bucket (see [`Store::bucket_card`]): a
+/// holds a card of that bucket, tagged `tag` (see [`Store::bucket_card`]): a
 /// bucket's first card writes no state, its index entry is the mark. It
 /// is a resident, and in the window if it was stored within it.
 ///

@@ -81,7 +81,11 @@ impl Store for Flaky {
     async fn insert(&self, r: &StoredRecord, d: bool, a: &AuditBody) -> Result<InsertOutcome> {
         self.inner.insert(r, d, a).await
     }
-    async fn bucket_card(&self, tenant: &str, bucket: &[u8]) -> Result<Option<StoredRecord>> {
+    async fn bucket_card(
+        &self,
+        tenant: &str,
+        bucket: &[u8],
+    ) -> Result<Option<cardvault::store::BucketCard>> {
         self.inner.bucket_card(tenant, bucket).await
     }
     async fn get(&self, tenant: &str, token: &str) -> Result<Option<StoredRecord>> {
