@@ -297,7 +297,7 @@ fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()>
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// The gRPC server builder of the vault: per-call timeout and a bound on
-/// concurrent calls per connection. Shared with the benchmark's baseline
+/// concurrent calls per connection. Shared with `cardvault-bench`'s baseline
 /// server so both are set up alike; TLS, and the connection bounds and
 /// idle timeout, are applied by [`crate::server::tls::incoming`]. No server
 /// keepalive pings: a peer's answer to a ping would count as activity and

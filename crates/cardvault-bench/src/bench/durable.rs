@@ -1,4 +1,4 @@
-//! The durable baseline's group commit (`bench --durable-baseline DIR`).
+//! The durable baseline's group commit (`cardvault-bench --durable-baseline DIR`).
 //!
 //! The no-op baseline answers at once, but a vault cannot: a tokenize's
 //! record and a detokenize's audit record are on disk before the answer.
