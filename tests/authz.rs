@@ -807,3 +807,20 @@ async fn a_refused_path_never_carries_its_text_into_the_audit_log() {
         assert!(!format!("{e:?}").contains(pan), "{e:?}");
     }
 }
+
+/// A SIGHUP as soon as the vault says it is listening reloads the policy:
+/// the handler is in place by then. (It was installed by a task that might
+/// not have run yet, and a SIGHUP before it terminated the vault.)
+#[tokio::test]
+async fn a_sighup_right_after_start_reloads_and_does_not_kill_the_vault() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        write_policy(&data, BASE_POLICY);
+        let mut v = VaultProcess::start(&data, &Opts::default());
+        v.signal("HUP");
+        v.wait_for_log("policy reloaded", 1).await;
+        assert!(v.child.try_wait().unwrap().is_none(), "the vault died");
+        v.stop().await;
+    }
+}

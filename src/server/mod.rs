@@ -273,9 +273,13 @@ fn authorizer(cfg: &Config) -> Result<Arc<Authorizer>, StartError> {
 
 /// Reloads the policy on every SIGHUP; a bad file keeps the old policy.
 fn reload_policy_on_sighup(auth: Arc<Authorizer>) -> tokio::task::JoinHandle<()> {
+    // Installed here, before the vault says it is listening, not in the
+    // task: until the handler is in place a SIGHUP takes its default
+    // action and terminates the process (a test that reloaded the policy
+    // right after start lost the vault that way).
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tokio::spawn(async move {
-        let kind = tokio::signal::unix::SignalKind::hangup();
-        let Ok(mut hup) = tokio::signal::unix::signal(kind) else {
+        let Ok(mut hup) = hup else {
             tracing::warn!("cannot listen for SIGHUP; policy reload disabled");
             return;
         };

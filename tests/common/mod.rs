@@ -302,8 +302,7 @@ impl VaultProcess {
     }
 
     /// Waits until the logs contain `needle` `count` times (polling, up to
-    /// 20 s: a loaded 2-core machine running CI beside other tests took
-    /// more than 5 s to log a policy reload).
+    /// 20 s, generous for a loaded 2-core machine).
     pub async fn wait_for_log(&self, needle: &str, count: usize) {
         for _ in 0..400 {
             if self.logs().matches(needle).count() >= count {
