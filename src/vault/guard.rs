@@ -148,6 +148,16 @@ pub(crate) struct GuardState {
     pub crowded: bool,
 }
 
+/// A card's tag: the first bytes of its keyed fingerprint (zeroes for
+/// a stored fingerprint too short, which only a database writer makes).
+fn tag_of(fingerprint: &[u8]) -> [u8; TAG_LEN] {
+    let mut tag = [0u8; TAG_LEN];
+    if let Some(head) = fingerprint.get(..TAG_LEN) {
+        tag.copy_from_slice(head);
+    }
+    tag
+}
+
 fn holds(tags: &[u8], tag: &[u8; TAG_LEN]) -> bool {
     tags.chunks_exact(TAG_LEN).any(|t| t == tag)
 }
@@ -277,8 +287,7 @@ impl Vault {
     ) -> Result<BucketId> {
         let cfg = &self.config.guard;
         let bucket = BucketId::of(key, pan);
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&fingerprint[..TAG_LEN]);
+        let tag = tag_of(fingerprint);
         let mut admitted = false;
         // The budget's refusal applies to every card alike (never its
         // charge): a refusal must not depend on the card.
@@ -294,16 +303,8 @@ impl Vault {
             let mut state = raw.as_deref().and_then(|r| GuardState::decode(r).ok());
             if raw.is_none() {
                 match self.store.bucket_card(tenant.as_str(), &bucket.0).await? {
-                    // The bucket's first card, or the card that is its only
-                    // one: nothing to count or write.
-                    None => return admit(admitted, false).map(|()| bucket),
-                    Some(first) if first.fingerprint == fingerprint => {
-                        return admit(admitted, false).map(|()| bucket);
-                    }
-                    Some(first) => {
-                        let mut first_tag = [0u8; TAG_LEN];
-                        let fp = first.fingerprint.get(..TAG_LEN).unwrap_or(&[0; TAG_LEN]);
-                        first_tag.copy_from_slice(fp);
+                    Some(first) if first.fingerprint != fingerprint => {
+                        let first_tag = tag_of(&first.fingerprint);
                         state = Some(first_card_state(
                             &first_tag,
                             first.created_at_ms,
@@ -311,6 +312,9 @@ impl Vault {
                             cfg,
                         ));
                     }
+                    // The bucket's first card, or its only card again:
+                    // nothing to count or write.
+                    _ => return admit(admitted, false).map(|()| bucket),
                 }
             }
             match decide(state, &tag, now_ms(), cfg) {
