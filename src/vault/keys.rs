@@ -529,11 +529,9 @@ impl Vault {
         // deleted leaves a live key (retired again next time), never a
         // version that vanished without a word.
         let created_at_ms = self
-            .store
-            .get_key(&dek_meta_name(tenant.as_str(), version))
+            .stored_meta(tenant.as_str(), version)
             .await?
-            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
-            .map_or(0, |m| m.created_at_ms);
+            .created_at_ms;
         let retired = RetiredDek {
             created_at_ms,
             retired_at_ms: now_ms(),
@@ -562,6 +560,17 @@ impl Vault {
         Ok(())
     }
 
+    /// A data key version's metadata as stored, for reports (default if
+    /// missing or unreadable; unlike `version_meta`, nothing is repaired).
+    async fn stored_meta(&self, tenant: &str, version: u32) -> Result<DekMeta> {
+        Ok(self
+            .store
+            .get_key(&dek_meta_name(tenant, version))
+            .await?
+            .and_then(|b| DekMeta::decode(b.as_slice()).ok())
+            .unwrap_or_default())
+    }
+
     /// The vault's key state. Works sealed (nothing here needs a key).
     pub async fn status(&self) -> Result<VaultStatus> {
         let counts = self.version_counts().await?;
@@ -574,12 +583,7 @@ impl Vault {
                 .await?
             {
                 let Some(v) = version_of(&name) else { continue };
-                let meta = self
-                    .store
-                    .get_key(&dek_meta_name(&t, v))
-                    .await?
-                    .and_then(|b| DekMeta::decode(b.as_slice()).ok())
-                    .unwrap_or_default();
+                let meta = self.stored_meta(&t, v).await?;
                 // Written counts of every keyring (what is not written yet,
                 // at most `count_every` each, is not included).
                 let mut encryptions = meta.encryptions;
