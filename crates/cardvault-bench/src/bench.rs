@@ -1327,6 +1327,27 @@ mod tests {
     }
 
     #[test]
+    fn target_bounds_out_of_range_are_refused() {
+        for arg in [
+            "--target-tokenize-ratio=1.5",
+            "--target-detokenize-ratio=-0.1",
+            "--target-tokenize-ratio=NaN",
+        ] {
+            let err = check_args(&parse(&[arg])).unwrap_err();
+            assert!(err.contains("must be 0-1"), "{err}");
+        }
+        for arg in [
+            "--target-p99-ms=0",
+            "--target-p99-ms=-1",
+            "--target-p99-ms=inf",
+        ] {
+            let err = check_args(&parse(&[arg])).unwrap_err();
+            assert_eq!(err, "--target-p99-ms must be above 0");
+        }
+        assert_eq!(check_args(&parse(&["--target-p99-ms", "8"])), Ok(()));
+    }
+
+    #[test]
     fn rounds_out_of_range_are_refused_with_the_bound() {
         for bad in ["0", "51"] {
             assert_eq!(
