@@ -607,9 +607,7 @@ impl Vault {
                 .list_keys(&super::keyring::dek_retired_prefix(&t))
                 .await?
             {
-                let Some(v) = name.rsplit('/').next().and_then(|n| n.parse::<u32>().ok()) else {
-                    continue;
-                };
+                let Some(v) = version_of(&name) else { continue };
                 let Ok(r) = RetiredDek::decode(value.as_slice()) else {
                     continue;
                 };
