@@ -69,6 +69,13 @@ pub struct GuardConfig {
     pub threshold: u32,
 }
 
+impl GuardConfig {
+    /// The window in ms, saturating (the config bounds it far below).
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
 impl Default for GuardConfig {
     fn default() -> Self {
         GuardConfig {
@@ -193,7 +200,7 @@ pub(crate) fn decide(
     now_ms: i64,
     cfg: &GuardConfig,
 ) -> Verdict {
-    let window_ms = i64::try_from(cfg.window.as_millis()).unwrap_or(i64::MAX);
+    let window_ms = cfg.window_ms();
     let mut st = state.unwrap_or_default();
     if now_ms >= st.window_start_ms.saturating_add(window_ms) || now_ms < st.window_start_ms {
         // A new window (or a clock that went back): counting starts over.
@@ -246,7 +253,7 @@ pub(crate) fn first_card_state(
     now_ms: i64,
     cfg: &GuardConfig,
 ) -> GuardState {
-    let window_ms = i64::try_from(cfg.window.as_millis()).unwrap_or(i64::MAX);
+    let window_ms = cfg.window_ms();
     let recent = created_at_ms <= now_ms && now_ms - created_at_ms < window_ms;
     GuardState {
         window_start_ms: if recent { created_at_ms } else { now_ms },
